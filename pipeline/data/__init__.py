@@ -1,0 +1,1 @@
+"""Data plane: shard manifest, shard writer, dataset sources and the streaming loader."""
