@@ -8,10 +8,12 @@ writer's job, so every adapter gets them the same way.
 from __future__ import annotations
 
 import io
+import logging
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -30,6 +32,7 @@ PROBLEM_KINDS = (
 )
 
 _KEY_OK = re.compile(r"[^A-Za-z0-9_-]+")
+_log = logging.getLogger(__name__)
 
 
 def sanitize_key(text: str) -> str:
@@ -171,3 +174,36 @@ def pair_by_stem(split: str, primary: Iterable[tuple[str, Path]],
             problems.append(Problem(split, key, "missing_partner", str(table[key]),
                                     f"{stem} file without a matching image"))
     return items, problems
+
+
+def unique_keys(entries: Iterable[tuple[str, Path]]) -> list[tuple[str, Path]]:
+    """``(text, path)`` pairs -> ``(key, path)`` with sanitized keys unique within the list.
+
+    Entries are taken in the order given (pass them sorted): the first one keeps its plain key; a
+    later one whose text sanitizes to a key already used gets ``_2``, ``_3``, ... (never the plain
+    key of another entry), and the rename is logged with both paths. A name that yields no key at
+    all is a ``SourceError`` naming the file.
+    """
+    entries = list(entries)
+    keys = []
+    for text, path in entries:
+        try:
+            keys.append(sanitize_key(text))
+        except ValueError as exc:
+            raise SourceError(f"cannot make a sample key from the file name: {path}") from exc
+    taken = set(keys)
+    first: dict[str, Path] = {}
+    out: list[tuple[str, Path]] = []
+    for key, (_, path) in zip(keys, entries):
+        if key not in first:
+            first[key] = path
+            out.append((key, path))
+            continue
+        n = 2
+        while f"{key}_{n}" in taken:
+            n += 1
+        renamed = f"{key}_{n}"
+        taken.add(renamed)
+        _log.warning("sample key %r of %s is taken by %s; using %r", key, path, first[key], renamed)
+        out.append((renamed, path))
+    return out

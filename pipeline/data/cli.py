@@ -1,0 +1,161 @@
+"""The sharding CLI (``gan-shard`` / ``python launch/shard.py``): write, verify and inspect
+WebDataset shards on any fsspec URL. Every failure is one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import shlex
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class CliError(Exception):
+    pass
+
+
+def _size(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)[xX](\d+)", text)
+    if not m or 0 in (int(m[1]), int(m[2])):
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 256x128, got {text!r}")
+    return int(m[1]), int(m[2])
+
+
+def _bytes(text: str) -> int:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)B?", text.strip().upper())
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected a byte count such as 500000000 or 512MB, got {text!r}")
+    return int(float(m[1]) * 1000 ** " KMGT".index(m[2] or " "))
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _counts(text: str) -> tuple[str, int]:
+    split, _, n = text.partition("=")
+    if not split or not n.isdigit():
+        raise argparse.ArgumentTypeError(f"expected SPLIT=N such as val=128, got {text!r}")
+    return split, int(n)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gan-shard", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    w = sub.add_parser("write", help="convert a dataset layout into shards + manifest.json")
+    w.add_argument("source", help="cityscapes | ade20k | aligned | paired | unpaired | folder | demo")
+    w.add_argument("--root", help="the dataset's folder (not needed for demo)")
+    w.add_argument("--out", required=True, help="output URL: a path, file://..., s3://bucket/prefix")
+    w.add_argument("--splits", help="comma-separated splits (default: the source's usual ones)")
+    w.add_argument("--samples-per-shard", type=_positive, default=1000)
+    w.add_argument("--max-shard-bytes", type=_bytes, default=1 << 30, help="e.g. 512MB (default 1 GiB)")
+    w.add_argument("--resize", type=_size, help="store every sample at WxH (images bicubic, maps nearest)")
+    w.add_argument("--workers", type=_positive, default=min(8, os.cpu_count() or 1))
+    w.add_argument("--seed", type=int, default=0, help="seed of the sample order inside a split")
+    w.add_argument("--no-shuffle", action="store_true", help="keep samples in key order")
+    w.add_argument("--strict", action="store_true", help="any skipped sample is a failure")
+    w.add_argument("--direction", default="AtoB", help="aligned/paired: AtoB or BtoA")
+    w.add_argument("--dataset", help="dataset name recorded in the manifest (default: the source)")
+    w.add_argument("--demo-size", type=_size, default=(256, 128), help="demo: sample size WxH")
+    w.add_argument("--demo-count", type=_counts, action="append", default=[],
+                   help="demo: samples in a split, e.g. --demo-count train=384 --demo-count val=128")
+    w.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    v = sub.add_parser("verify", help="re-check every checksum and decode every sample")
+    v.add_argument("url", help="the shard directory or its manifest.json")
+    v.add_argument("--splits", help="only these splits")
+
+    i = sub.add_parser("inspect", help="print the manifest summary and write a contact sheet")
+    i.add_argument("url")
+    i.add_argument("--split", help="split to show (default: the first)")
+    i.add_argument("--samples", type=_positive, default=8)
+    i.add_argument("--sheet", help="PNG path (default: ./<dataset>-<split>-sheet.png)")
+    return p
+
+
+def _source_options(args) -> dict:
+    if args.source in ("aligned", "paired"):
+        return {"direction": args.direction}
+    if args.source == "demo":
+        options = {"size": args.demo_size, "seed": args.seed}
+        if args.demo_count:
+            options["counts"] = dict(args.demo_count)
+        return options
+    return {}
+
+
+def cmd_write(args) -> int:
+    from .shards import ShardWriteError, WriteOptions, write_dataset
+    from .sources import SOURCES, SourceError, make_source
+
+    if args.source not in SOURCES:
+        raise CliError(f"unknown source {args.source!r}; choose one of: {', '.join(SOURCES)}")
+    root = None
+    if args.source != "demo":
+        if not args.root:
+            raise CliError(f"source {args.source!r} needs --root DIR")
+        root = Path(args.root)
+        if not root.is_dir():
+            raise CliError(f"--root {root} is not a directory")
+    try:
+        source = make_source(args.source, root, **_source_options(args))
+        splits = args.splits.split(",") if args.splits else list(source.info.default_splits)
+        opts = WriteOptions(samples_per_shard=args.samples_per_shard, max_shard_bytes=args.max_shard_bytes,
+                            resize=args.resize, workers=args.workers, seed=args.seed,
+                            shuffle=not args.no_shuffle, strict=args.strict)
+        command = shlex.join(["gan-shard", *sys.argv[1:]])
+        manifest = write_dataset(source, args.out, splits, opts, dataset=args.dataset, command=command,
+                                 extra={"source_options": _source_options(args)}, progress=not args.quiet)
+    except (SourceError, ShardWriteError) as exc:
+        raise CliError(str(exc)) from exc
+    t = manifest["totals"]
+    print(f"wrote {t['samples']} samples in {t['shards']} shards ({t['bytes'] / 1e6:.1f} MB) to {args.out}; "
+          f"{t['skipped']} skipped")
+    return EXIT_OK
+
+
+def cmd_verify(args) -> int:
+    from .manifest import load_manifest
+    from .verify import verify
+
+    manifest = load_manifest(args.url)
+    report = verify(manifest, splits=args.splits.split(",") if args.splits else None)
+    for err in report.errors:
+        print(f"error: {err}", file=sys.stderr)
+    status = "OK" if report.ok else f"FAILED ({len(report.errors)} problems)"
+    print(f"verify {status}: {report.shards} shards, {report.samples} samples")
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def cmd_inspect(args) -> int:
+    from .manifest import load_manifest
+    from .verify import contact_sheet, summary
+
+    manifest = load_manifest(args.url)
+    print(summary(manifest))
+    split = args.split or manifest.splits[0]
+    sheet = contact_sheet(manifest, split, args.samples)
+    path = args.sheet or f"{manifest.data['dataset']}-{split}-sheet.png"
+    sheet.save(path)
+    print(f"contact sheet of {args.samples} {split} samples: {path}")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    from .manifest import ManifestError
+
+    try:
+        return {"write": cmd_write, "verify": cmd_verify, "inspect": cmd_inspect}[args.command](args)
+    except (CliError, ManifestError, ValueError) as exc:
+        print(f"gan-shard: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, CliError) else EXIT_FAILED

@@ -1,0 +1,69 @@
+"""Unconditional image folders (FFHQ's ``images1024x1024/00000/00000.png``, or any nested tree):
+every image file found recursively is one sample with one ``image`` field, passed through.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import (
+    FieldSpec,
+    Item,
+    Problem,
+    SourceError,
+    SourceInfo,
+    find_images,
+    read_file_field,
+    require_dir,
+    unique_keys,
+)
+
+# Folder names that mark a tree as already split: using the whole root as "train" would then
+# mix their images into it.
+SPLIT_FOLDER_NAMES = ("train", "val", "valid", "validation", "test")
+
+
+class FolderSource:
+    """Images under ``ROOT/<split>/`` when that folder exists; otherwise split ``train`` is every
+    image under ``ROOT`` (unless ``ROOT`` has split folders such as ``val/``: a ``SourceError``),
+    and any other split is a ``SourceError``.
+
+    Keys are the path relative to the split folder without its suffix, sanitized
+    (``00000/00000.png`` -> ``00000_00000``). Files whose keys collide (``a.png`` and ``a.jpg``,
+    ``a b.png`` and ``a_b.png``) all stay: in sorted path order the first keeps the key and the
+    next ones get ``_2``, ``_3``, ..., logged as a warning (``base.unique_keys``).
+    """
+
+    info = SourceInfo(
+        name="folder",
+        task="unconditional",
+        fields=(FieldSpec("image", "image"),),
+        default_splits=("train",),
+    )
+
+    def __init__(self, root: Path | None) -> None:
+        if root is None:
+            raise SourceError("folder needs a dataset root (the folder holding the images)")
+        self.root = require_dir(Path(root), "image folder root")
+
+    def _split_folder(self, split: str) -> Path:
+        folder = self.root / split
+        if folder.is_dir():
+            return folder
+        if split != "train":
+            raise SourceError(f"split folder not found: {folder} (only 'train' may be the whole root)")
+        split_dirs = [name for name in SPLIT_FOLDER_NAMES if (self.root / name).is_dir()]
+        if split_dirs:
+            raise SourceError(f"no train/ folder in {self.root}, but it has split folders "
+                              f"({', '.join(split_dirs)}): add train/ or point ROOT at one split")
+        return self.root
+
+    def list_items(self, split: str) -> tuple[list[Item], list[Problem]]:
+        folder = self._split_folder(split)
+        keyed = unique_keys((p.relative_to(folder).with_suffix("").as_posix(), p)
+                            for p in find_images(folder, recursive=True))
+        return [Item(key=key, paths={"image": str(path)}) for key, path in keyed], []
+
+    def read(self, item: Item) -> dict[str, bytes]:
+        name, data = read_file_field("image", item.paths["image"])
+        return {name: data}

@@ -1,0 +1,277 @@
+"""The streaming loader: shards named by a manifest, read through fsspec, split over ranks and
+DataLoader workers ("slots"), decoded and augmented, with the position needed to resume.
+
+Every slot's sample sequence is a pure function of ``(seed, epoch, slot)``. Per epoch the shard
+order is permuted (training) or kept (evaluation), the concatenated samples are cut into one
+contiguous range per slot, and a slot reads only the shards that overlap its range, skipping tar
+members before its start without decoding them.
+
+- training: endless; every slot gets exactly ``N // slots`` positions per epoch, so ranks stay
+  in step; positions are shuffled within a slot through a seeded buffer.
+- evaluation: one pass; slot ranges partition ``[0, N)``, so every sample is seen exactly once
+  across all ranks and workers, with no padding.
+
+Each sample carries ``__slot__``, ``__epoch__`` and ``__index__`` (its position in the slot's
+epoch) and ``__bad__`` (bad samples the slot has skipped so far). A consumer that records, per
+slot, the last ``(epoch, index + 1)`` it consumed can restart the stream exactly there with
+``start=``; the skipped positions are re-read but not decoded.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import tarfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .. import io
+from .manifest import Manifest, ShardInfo, load_manifest
+from .sources.base import sanitize_key
+from .transforms import Augment, DecodeError, augment, decode_field
+
+log = logging.getLogger(__name__)
+
+# Member suffixes whose content would be unpickled by generic decoders: refused outright.
+FORBIDDEN_SUFFIXES = ("pyd", "pickle", "pkl", "pth", "pt", "npz")
+
+
+class BadDataBudgetExceeded(RuntimeError):
+    """More bad samples than ``max_bad_samples`` were met by one slot."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Samples ``[start, stop)`` (positions inside the tar) of one shard."""
+
+    shard: ShardInfo
+    start: int
+    stop: int
+
+
+def epoch_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    if not shuffle:
+        return list(range(num_shards))
+    return np.random.default_rng([seed, epoch, 0xD0]).permutation(num_shards).tolist()
+
+
+def slot_range(total: int, slot: int, num_slots: int, train: bool) -> tuple[int, int]:
+    """The slot's share ``[lo, hi)`` of an epoch's ``total`` concatenated samples."""
+    if train:
+        quota = total // num_slots
+        return slot * quota, (slot + 1) * quota
+    return slot * total // num_slots, (slot + 1) * total // num_slots
+
+
+def plan_segments(shards: list[ShardInfo], *, slot: int, num_slots: int, seed: int, epoch: int,
+                  train: bool) -> list[Segment]:
+    """The shard segments slot ``slot`` reads in ``epoch`` (a pure function of its arguments)."""
+    order = epoch_order(len(shards), seed, epoch, shuffle=train)
+    total = sum(s.samples for s in shards)
+    lo, hi = slot_range(total, slot, num_slots, train)
+    segments, offset = [], 0
+    for i in order:
+        shard = shards[i]
+        a, b = max(lo, offset), min(hi, offset + shard.samples)
+        if a < b:
+            segments.append(Segment(shard, a - offset, b - offset))
+        offset += shard.samples
+    return segments
+
+
+@dataclass
+class SlotStats:
+    bad: int = 0
+    budget: int = 0
+    last_problem: str = ""
+
+    def record(self, where: str, reason: str, count: int = 1) -> None:
+        self.bad += count
+        self.last_problem = f"{where}: {reason}"
+        log.warning("skipped %d bad sample(s) at %s: %s", count, where, reason)
+        if self.bad > self.budget:
+            raise BadDataBudgetExceeded(
+                f"{self.bad} bad samples exceed the budget data.max_bad_samples={self.budget}; "
+                f"last at {where}: {reason}")
+
+
+def _member_groups(fileobj, url: str) -> Iterator[dict]:
+    """Raw samples of one tar stream, in order: ``{"__key__": ..., "<field>": bytes, ...}``.
+
+    Members are grouped by WebDataset's rule (key = name up to the first dot of the basename).
+    Nothing is decoded here.
+    """
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    def files():
+        for f in tar_file_iterator(fileobj):
+            f["__url__"] = url
+            yield f
+
+    yield from group_by_keys(files())
+
+
+def read_segment(seg: Segment, stats: SlotStats, storage_options: dict | None = None) -> Iterator[dict]:
+    """Raw samples of one segment; a truncated or unreadable shard costs its remaining samples."""
+    seen = 0  # samples of this tar read so far
+    try:
+        with io.open_url(seg.shard.url, "rb", storage_options) as f:
+            for raw in _member_groups(f, seg.shard.url):
+                if seen >= seg.stop:
+                    break
+                if seen >= seg.start:
+                    raw["__where__"] = f"{seg.shard.url}#{raw['__key__']}"
+                    yield raw
+                seen += 1
+    except (OSError, EOFError, tarfile.TarError, ValueError) as exc:
+        stats.record(f"{seg.shard.url} after sample {seen}", f"unreadable shard ({exc})",
+                     seg.stop - max(seen, seg.start))
+        return
+    if seen < seg.stop:
+        stats.record(seg.shard.url, f"shard ends after {seen} samples; the manifest says {seg.shard.samples}",
+                     seg.stop - max(seen, seg.start))
+
+
+def check_member_names(raw: dict) -> str | None:
+    """Why a raw sample must be refused, or None. Keys are checked for path tricks, members for
+    pickled content (never unpickled: a shard is data, not code)."""
+    key = raw["__key__"]
+    if key.startswith("/") or ".." in key.split("/") or "\\" in key:
+        return f"unsafe key {key!r}"
+    for name in raw:
+        if not name.startswith("__") and name.rsplit(".", 1)[-1].lower() in FORBIDDEN_SUFFIXES:
+            return f"refusing member {key}.{name}: pickled content is never loaded"
+    return None
+
+
+@dataclass
+class StreamSpec:
+    """Everything a worker needs to rebuild its slot's stream (picklable)."""
+
+    manifest: Manifest
+    split: str
+    train: bool
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    augment: Augment = field(default_factory=Augment)
+    fields: tuple[str, ...] | None = None
+    shuffle_buffer: int = 256
+    max_bad_samples: int = 100
+    storage_options: dict | None = None
+    start: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+
+def _slot_rng(seed: int, slot: int, epoch: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, slot, epoch, index, 0xA6])
+
+
+def _decode(raw: dict, spec: StreamSpec, kinds: dict[str, str], rng: np.random.Generator) -> dict:
+    reason = check_member_names(raw)
+    if reason:
+        raise DecodeError(reason)
+    images = {}
+    for name, kind in kinds.items():
+        member = next((k for k in raw if k.split(".", 1)[0] == name and not k.startswith("__")), None)
+        if member is None:
+            if spec.manifest.fields[name].get("required", True):
+                raise DecodeError(f"missing field {name!r}")
+            continue
+        images[name] = decode_field(kind, raw[member])
+    return augment(images, kinds, spec.augment, rng, spec.train)
+
+
+def iterate_slot(spec: StreamSpec, slot: int, num_slots: int) -> Iterator[dict]:
+    """The decoded sample stream of one slot (endless in training, one pass in evaluation)."""
+    shards = spec.manifest.shards(spec.split)
+    total = sum(s.samples for s in shards)
+    if spec.train and total < num_slots:
+        raise ValueError(f"split {spec.split!r} has {total} samples, fewer than the {num_slots} "
+                         f"reading slots (ranks x workers); use fewer workers")
+    wanted = spec.fields or tuple(spec.manifest.fields)
+    kinds = {name: spec.manifest.fields[name]["kind"] for name in wanted}
+    stats = SlotStats(budget=spec.max_bad_samples)
+    epoch, skip = spec.start.get(slot, (0, 0))
+    while True:
+        segments = plan_segments(shards, slot=slot, num_slots=num_slots, seed=spec.seed, epoch=epoch,
+                                 train=spec.train)
+        raws = (raw for seg in segments for raw in read_segment(seg, stats, spec.storage_options))
+        if spec.train:
+            from webdataset.filters import _shuffle
+
+            rng = random.Random(zlib.crc32(f"{spec.seed}/{epoch}/{slot}".encode()))
+            raws = _shuffle(iter(raws), bufsize=spec.shuffle_buffer, initial=spec.shuffle_buffer, rng=rng)
+        for index, raw in enumerate(raws):
+            if index < skip:
+                continue  # consumed before the resume: re-read, never decoded
+            try:
+                sample = _decode(raw, spec, kinds, _slot_rng(spec.seed, slot, epoch, index))
+            except (DecodeError, ValueError, OSError) as exc:
+                stats.record(raw.get("__where__", "?"), str(exc))
+                continue
+            sample.update(__key__=sanitize_key(raw["__key__"]), __slot__=slot, __epoch__=epoch,
+                          __index__=index, __bad__=stats.bad)
+            yield sample
+        if not spec.train:
+            return
+        epoch, skip = epoch + 1, 0
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """A stream over one split of a manifest; see the module docstring.
+
+    Use with ``torch.utils.data.DataLoader(stream, batch_size=..., num_workers=W)`` and build it
+    with the same ``num_workers=W`` (every rank must use the same ``W``). ``len()`` is the number
+    of positions this rank yields per epoch.
+    """
+
+    def __init__(self, spec: StreamSpec, num_workers: int = 0):
+        super().__init__()
+        self.spec = spec
+        self.num_workers = num_workers
+
+    def slots(self) -> tuple[list[int], int]:
+        """This rank's slot ids and the total number of slots."""
+        per_rank = max(1, self.num_workers)
+        first = self.spec.rank * per_rank
+        return list(range(first, first + per_rank)), self.spec.world_size * per_rank
+
+    def __len__(self) -> int:
+        own, num_slots = self.slots()
+        total = self.spec.manifest.num_samples(self.spec.split)
+        spans = (slot_range(total, s, num_slots, self.spec.train) for s in own)
+        return sum(hi - lo for lo, hi in spans)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        workers = info.num_workers if info is not None else 1
+        if workers != max(1, self.num_workers):
+            raise ValueError(f"ShardStream was built for num_workers={self.num_workers} but runs in "
+                             f"{workers} worker(s); pass the DataLoader's num_workers to make_stream")
+        worker = info.id if info is not None else 0
+        slot = self.spec.rank * workers + worker
+        return iterate_slot(self.spec, slot, self.spec.world_size * workers)
+
+
+def make_stream(url: str, split: str, *, train: bool, rank: int = 0, world_size: int = 1,
+                num_workers: int = 0, seed: int = 0, augment: Augment | None = None,
+                fields: tuple[str, ...] | None = None, shuffle_buffer: int = 256,
+                max_bad_samples: int = 100, storage_options: dict | None = None,
+                start: dict[int, tuple[int, int]] | None = None):
+    """A ``ShardStream`` over ``split`` of the manifest at ``url`` (a directory or the JSON)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    manifest = load_manifest(url, storage_options)
+    manifest.split(split)  # a clear error for an unknown split, before any worker starts
+    for name in fields or ():
+        if name not in manifest.fields:
+            raise ValueError(f"field {name!r} is not in {manifest.url}; it has {', '.join(manifest.fields)}")
+    spec = StreamSpec(manifest=manifest, split=split, train=train, rank=rank, world_size=world_size,
+                      seed=seed, augment=augment or Augment(), fields=fields, shuffle_buffer=shuffle_buffer,
+                      max_bad_samples=max_bad_samples, storage_options=storage_options,
+                      start=dict(start or {}))
+    return ShardStream(spec, num_workers=num_workers)
