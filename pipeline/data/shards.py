@@ -13,6 +13,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import tarfile
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -58,6 +59,16 @@ class Encoded:
     @property
     def nbytes(self) -> int:
         return sum(len(v) for v in self.fields.values())
+
+    @property
+    def tar_bytes(self) -> int:
+        """Bytes the sample takes in a tar: a 512-byte header per member, data padded to 512."""
+        return sum(512 + -(-len(v) // 512) * 512 for v in self.fields.values())
+
+
+def tar_file_size(member_bytes: int) -> int:
+    """Size of a tar holding members of ``member_bytes``: end marker, then whole 10 KiB records."""
+    return -(-(member_bytes + 1024) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
 
 
 # ---------------------------------------------------------------- one sample: read, check, encode
@@ -211,7 +222,7 @@ class _SplitWriter:
             self._open(index)
         elif isinstance(sample, Encoded) and self._count and (
                 self._count >= self.opts.samples_per_shard
-                or self._bytes + sample.nbytes + 1024 * (1 + len(sample.fields)) > self.opts.max_shard_bytes):
+                or tar_file_size(self._bytes + sample.tar_bytes) > self.opts.max_shard_bytes):
             self.commit(index)
             self._open(index)
         if isinstance(sample, Problem):
@@ -220,7 +231,7 @@ class _SplitWriter:
         self._tar.write({"__key__": sample.key, **sample.fields})
         self._count += 1
         self._fields.update(sample.fields)
-        self._bytes += sample.nbytes
+        self._bytes += sample.tar_bytes
         self._sizes.append(sample.size)
         if sample.hist is not None:
             self._hist = sample.hist if self._hist is None else self._hist + sample.hist
