@@ -1,0 +1,269 @@
+"""The streaming loader: slot planning, exactly-once evaluation over real processes, equal
+training batches over real gloo ranks, paired augmentation, resume, and bad data."""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import socket
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from synthetic_data import NUM_CLASSES, SyntheticSource, render
+
+from pipeline.data.manifest import ShardInfo
+from pipeline.data.shards import WriteOptions, write_dataset
+from pipeline.data.sources.base import encode_png
+from pipeline.data.stream import BadDataBudgetExceeded, make_stream, plan_segments
+from pipeline.data.transforms import Augment
+
+REPO = Path(__file__).resolve().parent.parent
+RANK_SCRIPT = REPO / "tests" / "workers" / "stream_rank.py"
+
+
+def write(out: Path, counts: dict[str, int], per_shard: int) -> list[str]:
+    write_dataset(SyntheticSource(counts=counts), str(out), list(counts),
+                  WriteOptions(samples_per_shard=per_shard), progress=False)
+    return [f"{split}_{k:04d}" for split, n in counts.items() for k in range(n)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(world: int, *args: str, timeout: float = 120) -> list[dict]:
+    """Start ``world`` rank processes together; on failure show every rank's output."""
+    procs = [subprocess.Popen([sys.executable, str(RANK_SCRIPT), "--rank", str(r), "--world", str(world), *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(world)]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=timeout))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        outputs = [p.communicate() for p in procs]
+        pytest.fail("ranks timed out (hang?):\n" + "\n".join(f"rank {r}: {o[1][-3000:]}" for r, o in
+                                                            enumerate(outputs)))
+    for r, (p, (out, err)) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"rank {r} failed:\n{err[-4000:]}"
+    return [json.loads(out) for out, _ in outputs]
+
+
+# ---------------------------------------------------------------- planning (pure functions)
+
+
+def shard_list(sizes: list[int]) -> list[ShardInfo]:
+    return [ShardInfo(f"s{i}", f"s{i}", n, 0, "") for i, n in enumerate(sizes)]
+
+
+@pytest.mark.parametrize("sizes, slots", [([7, 3, 11], 4), ([5], 3), ([2, 2, 2, 2, 9], 8), ([1, 1], 1)])
+def test_eval_plan_partitions_every_sample_exactly_once(sizes, slots):
+    shards = shard_list(sizes)
+    seen = collections.Counter()
+    for slot in range(slots):
+        for seg in plan_segments(shards, slot=slot, num_slots=slots, seed=3, epoch=0, train=False):
+            seen.update((seg.shard.name, i) for i in range(seg.start, seg.stop))
+    assert sorted(seen) == sorted((f"s{i}", j) for i, n in enumerate(sizes) for j in range(n))
+    assert set(seen.values()) == {1}
+
+
+def test_train_plan_gives_equal_disjoint_quotas_that_reshuffle_per_epoch():
+    shards = shard_list([7, 3, 11, 4])
+    plans = {}
+    for epoch in range(3):
+        seen = []
+        for slot in range(4):
+            segs = plan_segments(shards, slot=slot, num_slots=4, seed=3, epoch=epoch, train=True)
+            positions = [(s.shard.name, i) for s in segs for i in range(s.start, s.stop)]
+            assert len(positions) == 25 // 4
+            seen += positions
+        assert len(set(seen)) == len(seen)  # no sample twice in an epoch
+        plans[epoch] = seen
+    assert plans[0] != plans[1] != plans[2]
+    again = [(s.shard.name, i) for slot in range(4)
+             for s in plan_segments(shards, slot=slot, num_slots=4, seed=3, epoch=1, train=True)
+             for i in range(s.start, s.stop)]
+    assert again == plans[1]  # a pure function of (seed, epoch, slot)
+
+
+# ---------------------------------------------------------------- real processes
+
+
+@pytest.mark.multiprocess
+def test_eval_mode_two_ranks_two_workers_sees_every_sample_once(tmp_path):
+    keys = write(tmp_path, {"val": 23}, per_shard=5)
+    ranks = run_ranks(2, "--url", str(tmp_path), "--split", "val", "--workers", "2", "--batch", "3")
+    got = collections.Counter(k for r in ranks for b in r["batches"] for k in b["__key__"])
+    assert got == collections.Counter(keys)
+    assert [r["len"] for r in ranks] == [11, 12]
+    assert sum(len(b["__key__"]) for b in ranks[0]["batches"]) == 11
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("damage", [None, "truncate"])
+def test_training_with_uneven_shards_keeps_ranks_in_step(tmp_path, damage):
+    write(tmp_path, {"train": 23}, per_shard=8)  # 3 shards (8, 8, 7) over 2 ranks x 2 workers
+    if damage:
+        # A truncated shard must cost samples on the rank that reads it, never a hang of the other.
+        shard = tmp_path / "train-000001.tar"
+        shard.write_bytes(shard.read_bytes()[:5000])
+    steps = 14
+    ranks = run_ranks(2, "--url", str(tmp_path), "--workers", "2", "--train", "--batch", "2",
+                      "--steps", str(steps), "--dist", f"tcp://127.0.0.1:{free_port()}")
+    assert [len(r["batches"]) for r in ranks] == [steps, steps]
+    per_epoch = collections.Counter((r["rank"], e) for r in ranks for b in r["batches"] for e in b["__epoch__"])
+    first = {r["rank"]: len({k for b in r["batches"] for k, e in zip(b["__key__"], b["__epoch__"]) if e == 0})
+             for r in ranks}
+    epoch0 = [k for r in ranks for b in r["batches"] for k, e in zip(b["__key__"], b["__epoch__"]) if e == 0]
+    assert len(epoch0) == len(set(epoch0))  # within an epoch no sample is read twice
+    if damage is None:
+        assert per_epoch[(0, 0)] == per_epoch[(1, 0)] == 10  # 23 // 4 slots = 5 each, 2 slots per rank
+        assert first == {0: 10, 1: 10}
+    else:
+        bad = [max(b["__bad__"]) for r in ranks for b in r["batches"]]
+        assert max(bad) > 0  # the loss was counted by some slot
+
+
+# ---------------------------------------------------------------- augmentation and tensors
+
+
+def check_rule(sample: dict) -> None:
+    """The synthetic pixel rule survives any paired transform (see synthetic_data)."""
+    image = ((sample["image"] + 1) * 127.5).round().to(torch.int64)
+    label, instance = sample["label"], sample["instance"]
+    k = int(image[2, 0, 0])
+    assert torch.equal(image[0], label * 20)
+    assert torch.equal(instance.to(torch.int64), label * 1000 + k)
+
+
+def test_paired_augmentation_applies_one_crop_and_flip_to_every_field(tmp_path):
+    write(tmp_path, {"train": 12}, per_shard=12)
+    stream = make_stream(str(tmp_path), "train", train=True, augment=Augment(crop=(16, 12), flip=True))
+    flips = set()
+    for n, sample in enumerate(stream):
+        if n == 40:
+            break
+        assert sample["image"].dtype == torch.float32 and sample["image"].shape == (3, 12, 16)
+        assert sample["label"].dtype == torch.int64 and sample["label"].shape == (12, 16)
+        assert sample["instance"].dtype == torch.int32
+        assert -1 <= sample["image"].min() and sample["image"].max() <= 1
+        check_rule(sample)
+        green = ((sample["image"][1, 0] + 1) * 127.5).round()
+        flips.add(bool(green[0] > green[-1]))  # the column ramp runs backwards after a flip
+    assert flips == {True, False}
+
+
+def test_resize_keeps_label_ids_and_eval_is_deterministic(tmp_path):
+    write(tmp_path, {"val": 4}, per_shard=4)
+    aug = Augment(resize=(48, 32), crop=(40, 24))
+    a = list(make_stream(str(tmp_path), "val", train=False, augment=aug))
+    b = list(make_stream(str(tmp_path), "val", train=False, augment=aug))
+    assert len(a) == 4
+    for x, y in zip(a, b):
+        assert torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"])
+        assert x["label"].shape == (24, 40) and int(x["label"].max()) < NUM_CLASSES
+        assert torch.equal(x["instance"].to(torch.int64) // 1000, x["label"])
+
+
+def test_resume_from_consumed_positions_continues_exactly(tmp_path):
+    write(tmp_path, {"train": 21}, per_shard=6)
+    make = lambda start=None: torch.utils.data.DataLoader(  # noqa: E731
+        make_stream(str(tmp_path), "train", train=True, num_workers=2, seed=5, shuffle_buffer=8,
+                    augment=Augment(crop=(16, 12)), start=start), batch_size=3, num_workers=2)
+    full = [b for _, b in zip(range(12), make())]
+    # Consume 6 batches (a multiple of the worker count), note the position of every slot.
+    positions = {}
+    for batch in full[:6]:
+        for slot, epoch, index in zip(batch["__slot__"], batch["__epoch__"], batch["__index__"]):
+            positions[int(slot)] = max(positions.get(int(slot), (0, 0)), (int(epoch), int(index) + 1))
+    resumed = [b for _, b in zip(range(6), make(start=positions))]
+    assert any(int(e) > 0 for b in full for e in b["__epoch__"])  # the run crossed an epoch boundary
+    for a, b in zip(full[6:], resumed):
+        assert a["__key__"] == b["__key__"]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+
+
+# ---------------------------------------------------------------- bad data
+
+
+def tar_with(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> int:
+    with tarfile.open(path, "w") as tar:
+        for key, fields in samples:
+            for name, data in fields.items():
+                info = tarfile.TarInfo(f"{key}.{name}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return len(samples)
+
+
+def good(k: int) -> dict[str, bytes]:
+    return {f"{name}.png": encode_png(arr) for name, arr in render(k).items()}
+
+
+def hand_made_dataset(tmp_path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> str:
+    """Write a valid dataset, then replace its only shard with hand-made tar content."""
+    write(tmp_path, {"val": 1}, per_shard=1)
+    n = tar_with(tmp_path / "val-000000.tar", samples)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["splits"]["val"]["shards"][0]["samples"] = n
+    manifest["splits"]["val"]["samples"] = n
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    return str(tmp_path)
+
+
+def test_corrupt_pickled_and_unsafe_samples_are_skipped_counted_and_named(tmp_path, caplog):
+    url = hand_made_dataset(tmp_path, [
+        ("s0", good(0)),
+        ("s1", {**good(1), "image.png": b"garbage"}),
+        ("s2", {**good(2), "meta.pyd": b"cos\nsystem\n(S'echo owned'\ntR."}),
+        ("../s3", good(3)),
+        ("s4", {k: v for k, v in good(4).items() if k != "label.png"}),
+        ("s5", good(5)),
+    ])
+    out = list(make_stream(url, "val", train=False))
+    assert [s["__key__"] for s in out] == ["s0", "s5"]
+    assert out[-1]["__bad__"] == 4
+    text = caplog.text
+    assert "val-000000.tar#s1" in text and "cannot decode" in text
+    assert "refusing member s2.meta.pyd" in text
+    assert "unsafe key '../s3'" in text
+    assert "missing field 'label'" in text
+
+
+def test_truncated_shard_is_reported_and_the_rest_still_streams(tmp_path, caplog):
+    write(tmp_path, {"val": 12}, per_shard=4)
+    shard = tmp_path / "val-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:3000])
+    out = list(make_stream(str(tmp_path), "val", train=False))
+    assert 8 <= len(out) < 12
+    assert out[-1]["__bad__"] == 12 - len(out)
+    assert str(shard) in caplog.text
+
+
+def test_bad_sample_budget_stops_with_a_clear_message(tmp_path):
+    url = hand_made_dataset(tmp_path, [("s0", {**good(0), "image.png": b"x"}), ("s1", {**good(1), "label.png": b"y"}),
+                                       ("s2", good(2))])
+    with pytest.raises(BadDataBudgetExceeded, match=r"2 bad samples exceed the budget data.max_bad_samples=1"):
+        list(make_stream(url, "val", train=False, max_bad_samples=1))
+
+
+def test_stream_argument_errors_are_clear(tmp_path):
+    write(tmp_path, {"val": 3}, per_shard=3)
+    with pytest.raises(Exception, match="split 'train' is not in .*; it has: val"):
+        make_stream(str(tmp_path), "train", train=True)
+    with pytest.raises(ValueError, match="rank 2 is outside world size 2"):
+        make_stream(str(tmp_path), "val", train=False, rank=2, world_size=2)
+    stream = make_stream(str(tmp_path), "val", train=True, world_size=2, num_workers=2)
+    with pytest.raises(ValueError, match="3 samples, fewer than the 4 reading slots"):
+        next(iter(torch.utils.data.DataLoader(stream, num_workers=2)))
+    assert np.all(np.array([1]))  # keeps numpy imported for the synthetic helpers' dtypes
