@@ -12,7 +12,6 @@ import sys
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from synthetic_data import NUM_CLASSES, SyntheticSource, render
@@ -54,7 +53,7 @@ def run_ranks(world: int, *args: str, timeout: float = 120) -> list[dict]:
         outputs = [p.communicate() for p in procs]
         pytest.fail("ranks timed out (hang?):\n" + "\n".join(f"rank {r}: {o[1][-3000:]}" for r, o in
                                                             enumerate(outputs)))
-    for r, (p, (out, err)) in enumerate(zip(procs, outputs)):
+    for r, (p, (_, err)) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, f"rank {r} failed:\n{err[-4000:]}"
     return [json.loads(out) for out, _ in outputs]
 
@@ -266,4 +265,3 @@ def test_stream_argument_errors_are_clear(tmp_path):
     stream = make_stream(str(tmp_path), "val", train=True, world_size=2, num_workers=2)
     with pytest.raises(ValueError, match="3 samples, fewer than the 4 reading slots"):
         next(iter(torch.utils.data.DataLoader(stream, num_workers=2)))
-    assert np.all(np.array([1]))  # keeps numpy imported for the synthetic helpers' dtypes
