@@ -18,6 +18,8 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 CHUNK = 1 << 20
+# fsspec protocols whose "directories" are key prefixes inside a bucket (or container).
+OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 
 
 def fs_for(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -28,6 +30,11 @@ def fs_for(url: str, storage_options: dict | None = None) -> tuple[fsspec.Abstra
 def is_local(url: str) -> bool:
     fs, _ = fs_for(url)
     return isinstance(fs, LocalFileSystem)
+
+
+def _is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,)
+    return not OBJECT_STORE_PROTOCOLS.isdisjoint(protocols)
 
 
 def join(url: str, *parts: str) -> str:
@@ -68,7 +75,12 @@ def list_fresh(url: str, storage_options: dict | None = None) -> list[str]:
 
 
 def makedirs(url: str, storage_options: dict | None = None) -> None:
+    """Create the directory ``url`` and its parents; nothing to do on an object store."""
     fs, path = fs_for(url, storage_options)
+    if _is_object_store(fs):
+        # Prefixes need no creating, and fsspec's makedirs there creates a missing *bucket*: a
+        # typo in a bucket name would silently become a new bucket instead of an error.
+        return
     fs.makedirs(path, exist_ok=True)
 
 

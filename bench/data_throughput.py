@@ -1,0 +1,438 @@
+"""Data-loading throughput: the streaming loader against the baselines, measured in one run.
+
+What runs. The embedded demo dataset (photo + label map + instance map, PNG) is rendered once
+and written as WebDataset shards. The same encoded bytes are then read six ways, each a pass over
+every sample:
+
+- ``decode-only``: bytes already in memory, ``decode_field`` per field; no I/O, no augment. The
+  upper bound.
+- ``decode+augment``: in memory, ``decode_field`` then the paired ``augment`` (random crop +
+  flip, tensors out). Not a target; it tells the loader's own overhead apart from augment cost.
+- ``map-style folder``: a plain ``torch.utils.data.Dataset`` over one file per field in a folder,
+  read in a shuffled order, decoded and augmented with the same functions. The baseline users know.
+- ``stream local (train)`` / ``(eval)``: ``make_stream`` over the local shards (train: shuffle
+  buffer, random crop + flip; eval: centre crop, no flip).
+- ``stream S3 (train)``: the same shards uploaded to a real S3-compatible server on loopback
+  (moto's ``ThreadedMotoServer`` in a *separate* process), read through s3fs.
+
+How it is measured. ``torch.set_num_threads(1)``; everything runs in this process
+(``num_workers=0``) and samples are taken straight from the dataset (no DataLoader, no collate),
+so ``time.process_time()`` is the CPU cost of the work. Each case gets one warm-up pass, then the
+cases take turns (round-robin, so drifting machine load hits them alike) for ``--repeats`` passes;
+the median pass is reported. Ratios use CPU time except where marked. For S3, process CPU time
+counts this process only (the client, including s3fs's event-loop thread) because the server runs
+elsewhere; wall time also includes the server's work and the loopback round trips, on the same
+cores, so the S3/local *wall* ratio (the one held to the target) is a pessimistic stand-in for a
+remote store. An extra 2-worker DataLoader wall-time section runs only when the 1-minute load
+average is below 0.5.
+
+    .venv/bin/python bench/data_throughput.py            # default: 300 samples x 5 repeats
+    .venv/bin/python bench/data_throughput.py --quick    # < 60 s
+    .venv/bin/python bench/data_throughput.py --profile stream   # cProfile of one case
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import itertools
+import json
+import os
+import platform
+import pstats
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline import io  # noqa: E402
+from pipeline.data.manifest import MANIFEST_NAME, load_manifest  # noqa: E402
+from pipeline.data.shards import WriteOptions, write_dataset  # noqa: E402
+from pipeline.data.sources import make_source  # noqa: E402
+from pipeline.data.stream import make_stream  # noqa: E402
+from pipeline.data.transforms import Augment, augment, decode_field  # noqa: E402
+
+TARGET_STREAM_VS_DECODE = 0.9
+TARGET_S3_VS_LOCAL = 0.8
+LOW_LOAD = 0.5
+SPLIT = "train"
+
+
+# ----------------------------------------------------------------------------- the data
+
+
+def write_shards(root: Path, n: int, size: tuple[int, int], per_shard: int) -> Path:
+    """Render ``n`` demo samples into local shards under ``root/shards`` (reused when a previous
+    run with the same parameters left them there)."""
+    out = root / "shards"
+    params = {"n": n, "size": list(size), "per_shard": per_shard}
+    stamp = root / "bench-params.json"
+    if (out / MANIFEST_NAME).exists() and stamp.exists() and json.loads(stamp.read_text()) == params:
+        return out
+    source = make_source("demo", None, size=size, counts={SPLIT: n}, seed=0)
+    opts = WriteOptions(samples_per_shard=per_shard, workers=min(2, os.cpu_count() or 1), seed=0)
+    write_dataset(source, str(out), [SPLIT], opts, progress=False)
+    stamp.write_text(json.dumps(params))
+    return out
+
+
+def read_raw_samples(shard_dir: Path) -> list[tuple[str, dict[str, bytes]]]:
+    """Every sample of the split as ``(key, {"image.png": bytes, ...})``, in shard order, read with
+    plain ``tarfile`` (independent of the loader under test)."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for shard in load_manifest(str(shard_dir)).shards(SPLIT):
+        with tarfile.open(shard.url) as tar:
+            for member in tar:
+                if member.isfile():
+                    key, _, name = member.name.partition(".")
+                    samples.setdefault(key, {})[name] = tar.extractfile(member).read()
+    return list(samples.items())
+
+
+def write_folder(root: Path, raws: list[tuple[str, dict[str, bytes]]]) -> Path:
+    """The same bytes as one file per field: ``root/folder/<field>/<key>.<ext>``."""
+    folder = root / "folder"
+    for key, fields in raws:
+        for name, data in fields.items():
+            stem, ext = name.split(".", 1)
+            path = folder / stem / f"{key}.{ext}"
+            if not path.exists() or path.stat().st_size != len(data):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+    return folder
+
+
+class FolderPairs(torch.utils.data.Dataset):
+    """The map-style baseline: sample ``i`` is ``<field>/<key_i>.<ext>`` for every field, decoded
+    with ``decode_field`` and augmented with ``augment`` (one rng per index, as a user would)."""
+
+    def __init__(self, folder: Path, kinds: dict[str, str], aug: Augment, seed: int = 0, train: bool = True):
+        self.folder, self.kinds, self.aug, self.seed, self.train = folder, kinds, aug, seed, train
+        lead = next(iter(kinds))
+        self.files = {stem: {} for stem in kinds}
+        for stem in kinds:
+            for path in (folder / stem).iterdir():
+                self.files[stem][path.name.split(".", 1)[0]] = path
+        self.keys = sorted(self.files[lead])
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> dict:
+        key = self.keys[i]
+        images = {}
+        for stem, kind in self.kinds.items():
+            with open(self.files[stem][key], "rb") as f:
+                images[stem] = decode_field(kind, f.read())
+        out = augment(images, self.kinds, self.aug, np.random.default_rng([self.seed, i]), self.train)
+        out["__key__"] = key
+        return out
+
+
+# ----------------------------------------------------------------------------- the S3 server
+
+
+class MotoProcess:
+    """moto's S3 server in its own process, so this process's CPU time is the client's alone."""
+
+    CODE = ("import sys\nfrom moto.server import ThreadedMotoServer\n"
+            "s = ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False)\ns.start()\n"
+            "print(s.get_host_and_port()[1], flush=True)\nsys.stdin.read()\ns.stop()\n")
+
+    def __init__(self, log_path: Path):
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-c", self.CODE], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self._log, text=True)
+        line = self.proc.stdout.readline()
+        if not line.strip().isdigit():
+            self.close()
+            raise RuntimeError(f"moto server did not start; see {log_path}")
+        self.port = int(line)
+
+    def requests(self) -> int:
+        """Requests served so far (werkzeug logs one line per request)."""
+        self._log.flush()
+        return sum(1 for line in open(self.log_path) if '" 200 ' in line or '" 206 ' in line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def upload_shards(shard_dir: Path, url: str) -> None:
+    """Copy the local shards and their manifest to ``url`` (manifest last, as the writer does)."""
+    manifest = load_manifest(str(shard_dir))
+    for shard in manifest.shards(SPLIT):
+        io.atomic_upload(shard.url, io.join(url, shard.name))
+    io.atomic_upload(shard_dir / MANIFEST_NAME, io.join(url, MANIFEST_NAME))
+
+
+# ----------------------------------------------------------------------------- the cases
+
+
+@dataclass
+class Case:
+    name: str
+    run: Callable[[], list[str]]  # one pass; returns the keys it produced
+    cpu: list[float] = field(default_factory=list)
+    wall: list[float] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+
+    def measure(self) -> None:
+        gc.collect()
+        c0, w0 = time.process_time(), time.perf_counter()
+        self.keys = self.run()
+        self.cpu.append(time.process_time() - c0)
+        self.wall.append(time.perf_counter() - w0)
+
+
+def stream_pass(stream, n: int) -> Callable[[], list[str]]:
+    def run() -> list[str]:
+        return [s["__key__"] for s in itertools.islice(iter(stream), n)]
+    return run
+
+
+def build_cases(raws, kinds: dict[str, str], aug: Augment, folder: Path, shard_dir: Path,
+                s3_url: str | None) -> list[Case]:
+    n = len(raws)
+
+    def decode_only() -> list[str]:
+        for _, fields in raws:
+            for name, data in fields.items():
+                decode_field(kinds[name.split(".", 1)[0]], data)
+        return [key for key, _ in raws]
+
+    def decode_augment() -> list[str]:
+        for i, (_, fields) in enumerate(raws):
+            images = {name.split(".", 1)[0]: decode_field(kinds[name.split(".", 1)[0]], data)
+                      for name, data in fields.items()}
+            augment(images, kinds, aug, np.random.default_rng([0, i]), True)
+        return [key for key, _ in raws]
+
+    dataset = FolderPairs(folder, kinds, aug)
+    passes = itertools.count()
+
+    def map_style() -> list[str]:
+        order = np.random.default_rng([1, next(passes)]).permutation(len(dataset))
+        return [dataset[int(i)]["__key__"] for i in order]
+
+    cases = [Case("decode-only (in memory)", decode_only),
+             Case("decode+augment (in memory)", decode_augment),
+             Case("map-style folder Dataset", map_style),
+             Case("stream local (train)", stream_pass(make_stream(str(shard_dir), SPLIT, train=True, augment=aug), n)),
+             Case("stream local (eval)", stream_pass(make_stream(str(shard_dir), SPLIT, train=False, augment=aug), n))]
+    if s3_url:
+        cases.append(Case("stream S3 (train)", stream_pass(make_stream(s3_url, SPLIT, train=True, augment=aug), n)))
+    return cases
+
+
+def run_rounds(cases: list[Case], repeats: int) -> None:
+    for case in cases:  # warm-up: page cache, imports, s3fs session, allocator
+        case.run()
+    for r in range(repeats):
+        k = r % len(cases)
+        for case in cases[k:] + cases[:k]:
+            case.measure()
+
+
+def two_worker_lines(folder: Path, shard_dir: Path, kinds, aug: Augment, n: int, repeats: int) -> list[str]:
+    """Wall time of a real 2-worker DataLoader (batch 16) for the map-style and streaming loaders."""
+    ctx = "spawn"  # s3fs may have an event-loop thread in this process: never fork it
+    loaders = {
+        "map-style folder, 2 workers": torch.utils.data.DataLoader(
+            FolderPairs(folder, kinds, aug), batch_size=16, shuffle=True, num_workers=2,
+            persistent_workers=True, multiprocessing_context=ctx),
+        "stream local (train), 2 workers": torch.utils.data.DataLoader(
+            make_stream(str(shard_dir), SPLIT, train=True, augment=aug, num_workers=2), batch_size=16,
+            num_workers=2, persistent_workers=True, multiprocessing_context=ctx),
+    }
+    lines = []
+    for name, loader in loaders.items():
+        batches = -(-n // 16)
+        walls = []
+        for r in range(repeats + 1):
+            w0 = time.perf_counter()
+            for _ in itertools.islice(iter(loader), batches):
+                pass
+            if r:  # pass 0 starts the workers
+                walls.append(time.perf_counter() - w0)
+        rate = batches * 16 / statistics.median(walls)
+        lines.append(f"  {name:<34} {rate:>9.1f} samples/s (wall)")
+    return lines
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def rate(case: Case, clock: str) -> float:
+    return len(case.keys) / statistics.median(case.cpu if clock == "cpu" else case.wall)
+
+
+def report(cases: list[Case], notes: list[str]) -> None:
+    by = {c.name: c for c in cases}
+    print(f"\n{'case':<30} {'samples/s':>10} {'samples/s':>10} {'CPU ms':>8} {'CPU/wall':>9} {'spread':>7}")
+    print(f"{'':<30} {'(CPU)':>10} {'(wall)':>10} {'/sample':>8} {'':>9} {'(CPU)':>7}")
+    for c in cases:
+        med_cpu, med_wall = statistics.median(c.cpu), statistics.median(c.wall)
+        spread = (max(c.cpu) - min(c.cpu)) / med_cpu
+        print(f"{c.name:<30} {rate(c, 'cpu'):>10.1f} {rate(c, 'wall'):>10.1f} "
+              f"{1000 * med_cpu / len(c.keys):>8.2f} {med_cpu / med_wall:>9.2f} {spread:>6.0%}")
+
+    def ratio(num: str, den: str, clock: str, target: float | None = None) -> None:
+        if num not in by or den not in by:
+            return
+        value = rate(by[num], clock) / rate(by[den], clock)
+        verdict = "" if target is None else f"  target >= {target:.2f}: {'OK' if value >= target else 'BELOW'}"
+        print(f"  {num} / {den} [{clock}]".ljust(72) + f"{value:6.3f}{verdict}")
+
+    print("\nratios (same run):")
+    ratio("stream local (train)", "decode-only (in memory)", "cpu", TARGET_STREAM_VS_DECODE)
+    ratio("stream local (eval)", "decode-only (in memory)", "cpu", TARGET_STREAM_VS_DECODE)
+    ratio("stream local (train)", "decode+augment (in memory)", "cpu")
+    ratio("stream local (train)", "map-style folder Dataset", "cpu")
+    ratio("map-style folder Dataset", "decode-only (in memory)", "cpu")
+    ratio("decode+augment (in memory)", "decode-only (in memory)", "cpu")
+    ratio("stream S3 (train)", "stream local (train)", "wall", TARGET_S3_VS_LOCAL)
+    ratio("stream S3 (train)", "stream local (train)", "cpu")
+    for line in notes:
+        print(line)
+
+
+def header(args, n_samples: int, shard_dir: Path, raws) -> None:
+    load = os.getloadavg()
+    manifest = load_manifest(str(shard_dir))
+    per_sample = {name: statistics.mean(len(f[name]) for _, f in raws) for name in raws[0][1]}
+    print("data throughput benchmark (bench/data_throughput.py)")
+    print(f"load average: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}   cpus: {os.cpu_count()}   "
+          f"torch {torch.__version__} (threads: {torch.get_num_threads()})   python {platform.python_version()}")
+    print(f"data: demo {args.size[0]}x{args.size[1]}, {n_samples} samples in {len(manifest.shards(SPLIT))} "
+          f"shards; bytes/sample: " + ", ".join(f"{k} {v / 1e3:.1f} kB" for k, v in per_sample.items()))
+    print(f"augment: random crop {args.crop[0]}x{args.crop[1]} + h-flip (eval: centre crop); "
+          f"num_workers=0, no collate; {args.repeats} repeats after 1 warm-up, median; interleaved")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    w, _, h = text.lower().partition("x")
+    return int(w), int(h)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--samples", type=int, default=300, help="samples in the dataset = one pass")
+    p.add_argument("--repeats", type=int, default=5, help="measured passes per case")
+    p.add_argument("--size", type=parse_size, default=(256, 128), help="demo sample size WxH")
+    p.add_argument("--crop", type=parse_size, default=(224, 112), help="random crop WxH")
+    p.add_argument("--samples-per-shard", type=int, default=100)
+    p.add_argument("--quick", action="store_true", help="96 samples, 3 repeats (< 60 s)")
+    p.add_argument("--no-s3", action="store_true", help="skip the S3 case")
+    p.add_argument("--workdir", type=Path, help="keep data here and reuse it (default: a temp dir)")
+    p.add_argument("--profile", choices=("decode", "decode_aug", "map", "stream", "stream_eval", "s3"),
+                   help="instead of the table, cProfile --repeats passes of one case")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.samples, args.repeats, args.samples_per_shard = 96, 3, 32
+    return args
+
+
+def profile(case: Case, repeats: int) -> None:
+    case.run()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(repeats):
+        case.run()
+    prof.disable()
+    print(f"\ncProfile of {repeats} passes of '{case.name}'")
+    stats = pstats.Stats(prof).strip_dirs()
+    stats.sort_stats("cumulative").print_stats(30)
+    stats.sort_stats("tottime").print_stats(20)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
+        root = args.workdir or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        shard_dir = write_shards(root, args.samples, args.size, args.samples_per_shard)
+        raws = read_raw_samples(shard_dir)
+        folder = write_folder(root, raws)
+        manifest = load_manifest(str(shard_dir))
+        kinds = {name: spec["kind"] for name, spec in manifest.fields.items()}
+        aug = Augment(crop=args.crop, flip=True)
+        server = None
+        try:
+            s3_url = None
+            if not args.no_s3:
+                server = MotoProcess(Path(tmp) / "moto.log")
+                os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{server.port}", AWS_ACCESS_KEY_ID="bench",
+                                  AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+                bucket = f"bench-{os.getpid()}"
+                io.fs_for(f"s3://{bucket}")[0].mkdir(bucket)
+                s3_url = f"s3://{bucket}/shards"
+                upload_shards(shard_dir, s3_url)
+            cases = build_cases(raws, kinds, aug, folder, shard_dir, s3_url)
+            if args.profile:
+                names = ("decode", "decode_aug", "map", "stream", "stream_eval", "s3")
+                profile(cases[names.index(args.profile)], args.repeats)
+                return 0
+            header(args, len(raws), shard_dir, raws)
+            print(f"setup (render, shard, extract, upload): {time.perf_counter() - start:.1f} s")
+            requests_before = server.requests() if server else 0
+            run_rounds(cases, args.repeats)
+            notes = check_keys(cases, len(raws))
+            if server:
+                per_pass = (server.requests() - requests_before) / (args.repeats + 1)
+                notes.append(f"S3: {per_pass:.0f} requests per pass (moto server in a separate process; "
+                             f"CPU = this process only, wall includes the server on the same cores)")
+        finally:
+            if server:
+                server.close()
+        report(cases, notes)
+        load = os.getloadavg()[0]
+        if load < LOW_LOAD:
+            print(f"\n2-worker DataLoader, wall time only (load average {load:.2f} < {LOW_LOAD}):")
+            print("\n".join(two_worker_lines(folder, shard_dir, kinds, aug, len(raws), args.repeats)))
+        else:
+            print(f"\n2-worker DataLoader lines skipped: load average {load:.2f} >= {LOW_LOAD}")
+        print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+              f"total {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def check_keys(cases: list[Case], n: int) -> list[str]:
+    """Every case must have produced every sample once; local and S3 streams the same order."""
+    expected = None
+    for case in cases:
+        if len(case.keys) != n or len(set(case.keys)) != n:
+            raise SystemExit(f"{case.name} produced {len(case.keys)} samples ({len(set(case.keys))} distinct), "
+                             f"expected {n}")
+        expected = expected or sorted(case.keys)
+        if sorted(case.keys) != expected:
+            raise SystemExit(f"{case.name} produced a different set of samples")
+    by = {c.name: c for c in cases}
+    if "stream S3 (train)" in by and by["stream S3 (train)"].keys != by["stream local (train)"].keys:
+        raise SystemExit("the S3 stream and the local stream disagree on the sample order")
+    return [f"checked: every case yields the same {n} samples per pass; S3 and local streams in the same order"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

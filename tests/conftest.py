@@ -1,0 +1,99 @@
+"""Shared test fixtures. One section per resource; keep each fixture self-contained so new
+sections can be added without touching the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+# ----------------------------------------------------------------------------- S3 (moto server)
+
+# Fake credentials for the loopback server. The secret is distinctive so tests can assert it
+# never shows up in logs, CLI output or manifests.
+S3_ACCESS_KEY_ID = "gan-pipeline-test-key"
+S3_SECRET_ACCESS_KEY = "gan-pipeline-test-secret-never-logged"
+S3_REGION = "us-east-1"
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A bucket on a real S3-compatible server (moto) on loopback, reached through the standard
+    AWS environment variables, which are set while the test runs."""
+
+    endpoint: str
+    bucket: str
+    access_key_id: str = S3_ACCESS_KEY_ID
+    secret_access_key: str = S3_SECRET_ACCESS_KEY
+    region: str = S3_REGION
+
+    def url(self, prefix: str = "") -> str:
+        """``s3://<bucket>/<prefix>``."""
+        return f"s3://{self.bucket}/{prefix.strip('/')}".rstrip("/")
+
+    def env(self) -> dict[str, str]:
+        """The environment a subprocess needs to reach this server (merge into ``os.environ``)."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
+            "AWS_DEFAULT_REGION": self.region,
+        }
+
+    def client(self):
+        """A boto3 client: an independent second client, for checking what is really stored."""
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name=self.region,
+                            aws_access_key_id=self.access_key_id, aws_secret_access_key=self.secret_access_key)
+
+
+def _clear_fsspec_s3_cache() -> None:
+    # fsspec caches filesystem instances by constructor arguments, and the endpoint taken from
+    # the environment is not among them: a cached client would keep talking to an old server.
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """One moto server for the whole session (starting it is the expensive part)."""
+    from moto.server import ThreadedMotoServer
+
+    # Port 0: the OS picks a free port at bind time, so there is no race with other processes.
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    werkzeug_log = logging.getLogger("werkzeug")
+    old_level = werkzeug_log.level
+    werkzeug_log.setLevel(logging.WARNING)  # one access-log line per request drowns failure output
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+        werkzeug_log.setLevel(old_level)
+
+
+@pytest.fixture
+def s3_server(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
+    """A fresh, empty bucket per test (tests never see each other's objects), with the standard
+    AWS environment pointing at the server for the test's duration (restored afterwards)."""
+    server = S3Server(endpoint=moto_endpoint, bucket=f"test-{uuid.uuid4().hex[:16]}")
+    # A developer's own AWS setup (profiles, config files, a service-specific endpoint) must not
+    # leak in: it could outrank the variables below.
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.setenv(name, os.devnull)
+    for name, value in server.env().items():
+        monkeypatch.setenv(name, value)
+    server.client().create_bucket(Bucket=server.bucket)
+    _clear_fsspec_s3_cache()
+    yield server
+    _clear_fsspec_s3_cache()
