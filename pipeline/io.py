@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import IO, Any
@@ -30,6 +31,21 @@ def fs_for(url: str, storage_options: dict | None = None) -> tuple[fsspec.Abstra
 def is_local(url: str) -> bool:
     fs, _ = fs_for(url)
     return isinstance(fs, LocalFileSystem)
+
+
+def storage_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that mean "the store failed", for ``except io.storage_errors():``.
+
+    fsspec backends raise ``OSError`` subclasses for what a server answers (missing, denied), but
+    s3fs re-raises botocore's and aiohttp's transport errors (endpoint unreachable, connection
+    closed mid-body) unchanged once its retries are spent, and those are not ``OSError``. A module
+    that was never imported cannot have raised, so nothing is imported here.
+    """
+    errors: list[type[BaseException]] = [OSError, EOFError]
+    for module, name in (("botocore.exceptions", "BotoCoreError"), ("aiohttp", "ClientError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
 
 
 def _is_object_store(fs: fsspec.AbstractFileSystem) -> bool:

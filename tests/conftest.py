@@ -4,10 +4,13 @@ sections can be added without touching the others.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import urllib.request
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -44,6 +47,38 @@ class S3Server:
             "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
             "AWS_DEFAULT_REGION": self.region,
         }
+
+    @contextmanager
+    def read_only_env(self) -> Iterator[dict[str, str]]:
+        """The environment of a principal that may read this bucket but not write to it.
+
+        moto checks credentials and IAM policies only while its auth switch is on, which is
+        server-wide: it is on inside this block only.
+        """
+        import boto3
+
+        iam = boto3.client("iam", endpoint_url=self.endpoint, region_name=self.region,
+                           aws_access_key_id=self.access_key_id, aws_secret_access_key=self.secret_access_key)
+        user = f"reader-{self.bucket}"
+        iam.create_user(UserName=user)
+        policy = {"Version": "2012-10-17", "Statement": [{
+            "Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"],
+            "Resource": [f"arn:aws:s3:::{self.bucket}", f"arn:aws:s3:::{self.bucket}/*"]}]}
+        iam.put_user_policy(UserName=user, PolicyName="read-only", PolicyDocument=json.dumps(policy))
+        key = iam.create_access_key(UserName=user)["AccessKey"]
+        self._set_auth("0")  # every request from now on is authenticated
+        try:
+            yield {**self.env(), "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+                   "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+        finally:
+            self._set_auth("inf")
+
+    def _set_auth(self, initial_no_auth_action_count: str) -> None:
+        request = urllib.request.Request(f"{self.endpoint}/moto-api/reset-auth", method="POST",
+                                         data=initial_no_auth_action_count.encode(),
+                                         headers={"Content-Type": "text/plain"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200
 
     def client(self):
         """A boto3 client: an independent second client, for checking what is really stored."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -44,16 +45,21 @@ def make_folder_dataset(root: Path, count: int = 11) -> dict[str, tuple[int, int
     return expected
 
 
-def run(args: list[str], timeout: float = PROCESS_TIMEOUT_SEC) -> subprocess.CompletedProcess:
-    """A subprocess in the repo with the test's environment (which carries the S3 settings)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+def run(args: list[str], timeout: float = PROCESS_TIMEOUT_SEC,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """A subprocess in the repo with the test's environment (which carries the S3 settings),
+    updated with ``env``."""
+    env = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO)}
+    try:
+        return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{' '.join(args)} timed out after {timeout} s\n--- stdout\n{exc.stdout}\n--- stderr\n{exc.stderr}")
 
 
-def shard_write(root: Path, out: str, *extra: str) -> subprocess.CompletedProcess:
+def shard_write(root: Path, out: str, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return run([SHARD_CLI, "write", "folder", "--root", str(root), "--out", out, "--samples-per-shard", "3",
-                "--seed", "7", "--quiet", *extra])
+                "--seed", "7", "--quiet", *extra], env=env)
 
 
 def explain(proc: subprocess.CompletedProcess) -> str:
@@ -126,7 +132,7 @@ def test_cli_write_verify_and_stream_two_ranks_two_workers(s3_server, tmp_path: 
 
     written = shard_write(tmp_path / "photos", out, "--workers", "2")
     assert written.returncode == 0, explain(written)
-    assert f"wrote 11 samples in 4 shards" in written.stdout, explain(written)
+    assert "wrote 11 samples in 4 shards" in written.stdout, explain(written)
 
     stored = objects(s3_server, "datasets/photos")
     assert sorted(k for k in stored if not k.startswith("_journal/")) == [
@@ -188,12 +194,14 @@ def test_atomic_write_json_and_read_json(s3_server):
 def test_list_fresh_sees_objects_written_by_another_client(s3_server):
     url = s3_server.url("run/checkpoints")
     client = s3_server.client()
+    client.put_object(Bucket=s3_server.bucket, Key="run/config.json", Body=b"{}")
+    fs, path = io.fs_for(url)
+    assert [p.rsplit("/", 1)[-1] for p in fs.ls(path.rsplit("/", 1)[0])] == ["config.json"]  # parent cached
     # The poller looks before anything exists, as a watcher started with the trainer does.
     assert io.list_fresh(url) == []
     client.put_object(Bucket=s3_server.bucket, Key="run/checkpoints/step-000100/commit.json", Body=b"{}")
     assert io.list_fresh(url) == ["step-000100"]
 
-    fs, path = io.fs_for(url)
     assert [p.rsplit("/", 1)[-1] for p in fs.ls(path)] == ["step-000100"]  # now in s3fs's listing cache
     client.put_object(Bucket=s3_server.bucket, Key="run/checkpoints/step-000200/commit.json", Body=b"{}")
     assert [p.rsplit("/", 1)[-1] for p in fs.ls(path)] == ["step-000100"], \
@@ -216,6 +224,23 @@ def test_exists_and_remove(s3_server):
     assert not io.exists(url)
     assert objects(s3_server, "a") == {}, "removed on the server, not only in a cache"
     io.remove(url)  # removing what is gone is not an error
+
+
+def test_atomic_upload_of_a_large_shard_goes_multipart(s3_server, tmp_path: Path):
+    """Shards of the default size (1 GiB) are uploaded in parts; the object must be whole."""
+    big = tmp_path / "big.tar"
+    block = hashlib.sha256(b"seed").digest() * (1 << 15)  # 1 MiB
+    with open(big, "wb") as f:
+        for i in range(101):  # s3fs goes multipart from 2 x 50 MiB
+            f.write(i.to_bytes(4, "big") + block[4:])
+    with open(big, "rb") as f:
+        local = io.sha256_stream(f)
+    io.atomic_upload(big, s3_server.url("ds/train-000000.tar"))
+    head = s3_server.client().head_object(Bucket=s3_server.bucket, Key="ds/train-000000.tar")
+    assert head["ETag"].strip('"').endswith("-3"), "three parts: a multipart upload"
+    assert io.sha256_url(s3_server.url("ds/train-000000.tar")) == local
+    assert not s3_server.client().list_multipart_uploads(Bucket=s3_server.bucket).get("Uploads"), \
+        "no unfinished upload left behind"
 
 
 def test_makedirs_never_creates_a_bucket(s3_server):
@@ -267,15 +292,40 @@ def test_rewrite_resumes_and_is_byte_identical(s3_server, tmp_path: Path):
         {k: v["ETag"] for k, v in after.items() if k.endswith(".tar")}
 
 
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    assert proc.returncode != 0, explain(proc)
+    assert "Traceback" not in proc.stderr, explain(proc)
+    return [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+
+
 def test_write_to_missing_bucket_fails_in_one_line(s3_server, tmp_path: Path):
     make_folder_dataset(tmp_path / "photos", count=2)
     missing = f"{s3_server.bucket}-missing"
     proc = shard_write(tmp_path / "photos", f"s3://{missing}/ds", "--workers", "1")
-    assert proc.returncode != 0, explain(proc)
-    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
-    assert errors == [f"gan-shard: error: cannot write to s3://{missing}/ds: The specified bucket does not exist"], \
-        explain(proc)
-    assert "Traceback" not in proc.stderr, explain(proc)
+    assert error_lines(proc) == [
+        f"gan-shard: error: cannot write to s3://{missing}/ds: The specified bucket does not exist"], explain(proc)
     # A typo in the bucket name must not create a new bucket.
-    names = [b["Name"] for b in s3_server.client().list_buckets()["Buckets"]]
-    assert missing not in names
+    assert missing not in [b["Name"] for b in s3_server.client().list_buckets()["Buckets"]]
+
+
+def test_write_to_read_only_bucket_fails_in_one_line(s3_server, tmp_path: Path):
+    make_folder_dataset(tmp_path / "photos", count=2)
+    with s3_server.read_only_env() as env:
+        proc = shard_write(tmp_path / "photos", s3_server.url("ds"), "--workers", "1", env=env)
+    assert error_lines(proc) == [f"gan-shard: error: cannot write to {s3_server.url('ds')}: Access Denied"], \
+        explain(proc)
+    assert objects(s3_server, "ds") == {}
+    assert env["AWS_SECRET_ACCESS_KEY"] not in proc.stdout + proc.stderr
+
+
+def test_write_to_unreachable_endpoint_fails_in_one_line(s3_server, tmp_path: Path):
+    make_folder_dataset(tmp_path / "photos", count=2)
+    with socket.socket() as closed:
+        # Bound but not listening: connections are refused, and no other process can take the port.
+        closed.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        proc = shard_write(tmp_path / "photos", s3_server.url("ds"), "--workers", "1",
+                           env={"AWS_ENDPOINT_URL": endpoint, "AWS_MAX_ATTEMPTS": "1"})
+    lines = error_lines(proc)
+    assert len(lines) == 1 and lines[0].startswith(f"gan-shard: error: cannot write to {s3_server.url('ds')}: "
+                                                   f"Could not connect to the endpoint URL"), explain(proc)

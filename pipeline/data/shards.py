@@ -339,8 +339,8 @@ def check_writable(out: str, storage_options: dict | None = None) -> None:
         io.makedirs(out, storage_options)
         io.atomic_write_bytes(probe, b"", storage_options)
         io.remove(probe, storage_options)
-    except (OSError, PermissionError) as exc:
-        raise ShardWriteError(f"cannot write to {out}: {exc.strerror or exc}") from exc
+    except io.storage_errors() as exc:  # also an unreachable endpoint, which is not an OSError
+        raise ShardWriteError(f"cannot write to {out}: {getattr(exc, 'strerror', None) or exc}") from exc
 
 
 def write_dataset(source: Source, out: str, splits: list[str], opts: WriteOptions, *,

@@ -1,0 +1,286 @@
+"""Typed run configuration: the only place where field names, defaults and allowed values live.
+
+A named config (``configs/<name>.yaml``) holds only what differs from these defaults;
+``key=value`` overrides follow. Loading is strict: an unknown key, a bad type or a value out of
+range fails before any process starts, naming the key and the allowed keys or values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and what is allowed."""
+
+
+def choice(default, *allowed, doc: str = ""):
+    return field(default=default, metadata={"choices": allowed, "doc": doc})
+
+
+def bounded(default, lo=None, hi=None, doc: str = ""):
+    return field(default=default, metadata={"min": lo, "max": hi, "doc": doc})
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/{config}"  # any fsspec URL; {config} is the config's name
+    seed: int = bounded(0, 0)
+
+
+@dataclass
+class DataConfig:
+    url: str = "shards/demo"  # shard directory or manifest URL
+    split: str = "train"
+    val_split: str = "val"
+    workers: int = bounded(2, 0, 64)  # DataLoader workers per rank
+    load_size: tuple[int, int] | None = None  # (W, H) resize before crop; None keeps the stored size
+    crop_size: tuple[int, int] | None = None  # (W, H) random crop in training, centred in evaluation
+    flip: bool = True
+    shuffle_buffer: int = bounded(256, 1)
+    max_bad_samples: int = bounded(100, 0)
+    storage_options: dict = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    family: str = choice("pix2pix", "pix2pix", "dcgan")
+    generator: str = choice("unet_256", "unet_256", "unet_128", "dcgan")
+    ngf: int = bounded(64, 1)
+    ndf: int = bounded(64, 1)
+    n_layers_D: int = bounded(3, 1, 8)
+    norm: str = choice("batch", "batch", "instance", "none")
+    norm_D: str = choice("batch", "batch", "instance", "layer", "none")
+    dropout: bool = True
+    spectral_norm: bool = False
+    z_dim: int = bounded(100, 1)
+    image_size: int = choice(64, 32, 64, 128)
+    init_gain: float = bounded(0.02, 0.0)
+
+
+@dataclass
+class LossConfig:
+    gan: str = choice("vanilla", "vanilla", "lsgan", "hinge", "wgan")
+    l1_weight: float = bounded(100.0, 0.0)
+    gp_weight: float = bounded(0.0, 0.0)  # WGAN-GP: 10
+    weight_clip: float = bounded(0.0, 0.0)  # original WGAN: 0.01; 0 disables
+    instance_noise: float = bounded(0.0, 0.0)  # sigma at kimg 0, decays linearly to 0
+    instance_noise_kimg: float = bounded(0.0, 0.0)
+
+
+@dataclass
+class OptimConfig:
+    lr_G: float = bounded(2e-4, 0.0)
+    lr_D: float = bounded(2e-4, 0.0)
+    beta1: float = bounded(0.5, 0.0, 1.0)
+    beta2: float = bounded(0.999, 0.0, 1.0)
+    schedule: str = choice("constant", "constant", "linear")
+    decay_start_kimg: float = bounded(0.0, 0.0)  # linear: constant until here, then to 0 at total_kimg
+    n_critic: int = bounded(1, 1)  # D steps per G step
+    grad_clip: float = bounded(0.0, 0.0)  # max grad norm; 0 disables
+    foreach: bool = True
+
+
+@dataclass
+class TrainConfig:
+    total_kimg: float = bounded(100.0, 0.0)
+    batch_size: int = bounded(1, 1)  # global, over all ranks and accumulation steps
+    batch_per_device: int | None = None  # None: batch_size / world size (no accumulation)
+    precision: str = choice("auto", "auto", "fp32", "bf16", "fp16",
+                            doc="auto: bf16 on GPUs that support it, else fp32")
+    channels_last: bool = False
+    compile: bool = False
+    ema_halflife_kimg: float = bounded(10.0, 0.0)  # 0 disables EMA (G_ema = G)
+    ema_rampup: float | None = 0.05  # halflife <= rampup * kimg seen, as in StyleGAN2-ADA
+    log_every_kimg: float = bounded(1.0, 0.0)
+    image_every_kimg: float = bounded(10.0, 0.0)
+    num_images: int = bounded(8, 1)
+    histograms: bool = False
+    max_bad_steps: int = bounded(5, 1)  # consecutive skipped steps before a rollback
+    max_rollbacks: int = bounded(2, 0)
+    progress: bool = True
+    debug_nan_step: int | None = None  # testing aid: rank 0 injects a NaN loss at this step
+    debug_nan_rank: int = 0
+
+
+@dataclass
+class CheckpointConfig:
+    every_kimg: float = bounded(10.0, 0.0)
+    keep_last: int = bounded(2, 2)
+    init_from: str | None = None
+
+
+@dataclass
+class EvalConfig:
+    sidecar: bool = False
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    name: str = "unnamed"
+
+
+# ---------------------------------------------------------------- parsing and validation
+
+def _article(tp: type) -> str:
+    return {"int": "an int", "float": "a number"}.get(tp.__name__, tp.__name__)
+
+
+def _parse_scalar(key: str, tp: Any, value: Any) -> Any:
+    """Convert ``value`` (from YAML or a ``key=value`` string) to the annotated type ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _parse_scalar(key, args[0], value)
+    if origin is tuple:
+        parts = value.replace("x", ",").split(",") if isinstance(value, str) else list(value)
+        args = typing.get_args(tp)
+        if len(parts) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values such as 256,128, got {value!r}")
+        return tuple(_parse_scalar(key, a, p) for a, p in zip(args, parts))
+    if tp is dict or origin is dict:
+        if isinstance(value, str):
+            value = json.loads(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected {_article(tp)}, got {value!r}")
+        try:
+            number = tp(value) if not isinstance(value, str) else tp(float(value) if tp is float else value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {_article(tp)}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and value != int(value):
+            raise ConfigError(f"{key}: expected an int, got {value!r}")
+        return number
+    if tp is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _check_field(key: str, f: dataclasses.Field, value: Any) -> None:
+    meta = f.metadata
+    if "choices" in meta and value not in meta["choices"]:
+        allowed = ", ".join(str(c) for c in meta["choices"])
+        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of: {allowed}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if value is not None and lo is not None and value < lo:
+        raise ConfigError(f"{key}: {value!r} is below the minimum {lo}")
+    if value is not None and hi is not None and value > hi:
+        raise ConfigError(f"{key}: {value!r} is above the maximum {hi}")
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    section_name, _, name = key.partition(".")
+    sections = {f.name: f for f in dataclasses.fields(Config) if f.name != "name"}
+    if section_name not in sections or not name:
+        raise ConfigError(f"unknown key {key!r}; keys are <section>.<name> with sections: {', '.join(sections)}")
+    section = getattr(cfg, section_name)
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    if name not in fields:
+        raise ConfigError(f"unknown key {key!r}; {section_name} has: {', '.join(fields)}")
+    hints = typing.get_type_hints(type(section))
+    parsed = _parse_scalar(key, hints[name], value)
+    _check_field(key, fields[name], parsed)
+    setattr(section, name, parsed)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and prefix == "":
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def resolve_config_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    candidate = CONFIG_DIR / f"{name}.yaml"
+    if candidate.exists():
+        return candidate
+    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"unknown config {name!r}; shipped configs: {', '.join(known)} (or give a .yaml path)")
+
+
+def load_config(name: str | None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the named config's differences, then ``key=value`` overrides."""
+    import yaml
+
+    cfg = Config()
+    if name:
+        path = resolve_config_path(name)
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections")
+        for key, value in _flatten(tree).items():
+            _set(cfg, key, value)
+        cfg.name = path.stem
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not key=value")
+        _set(cfg, key.strip(), value.strip())
+    validate(cfg)
+    cfg.run.dir = cfg.run.dir.replace("{config}", cfg.name)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that involve more than one key."""
+    t = cfg.train
+    if t.batch_per_device is not None and t.batch_size % t.batch_per_device:
+        raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of "
+                          f"train.batch_per_device={t.batch_per_device}")
+    if cfg.model.family == "dcgan" and cfg.model.generator != "dcgan":
+        cfg.model.generator = "dcgan"
+    if cfg.loss.gp_weight and cfg.loss.weight_clip:
+        raise ConfigError("loss.gp_weight and loss.weight_clip are alternatives; set one of them to 0")
+
+
+def to_dict(cfg: Config) -> dict:
+    """The resolved config as plain JSON-able data, storage credentials left out."""
+    d = dataclasses.asdict(cfg)
+    if d["data"]["storage_options"]:
+        d["data"]["storage_options"] = {k: "<redacted>" for k in d["data"]["storage_options"]}
+    return d
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a config saved by ``to_dict`` (same strict checks)."""
+    cfg = Config()
+    for key, value in _flatten({k: v for k, v in data.items() if k != "name"}).items():
+        _set(cfg, key, value)
+    cfg.name = data.get("name", cfg.name)
+    return cfg

@@ -1,0 +1,117 @@
+"""Small pieces shared by the network families: the normalization factory, weight
+initialization as in the official pix2pix/CycleGAN code, and spectral normalization.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import spectral_norm as _torch_spectral_norm
+
+NORM_KINDS = ("batch", "instance", "layer", "none")
+INIT_KINDS = ("normal", "xavier", "kaiming", "orthogonal")
+
+# Layers whose weight init_weights draws and spectral_norm wraps. Listed explicitly instead of
+# matching "Conv" in the class name as the official code does, so a custom block named
+# "...Conv..." is not touched by accident.
+_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def check_norm(kind: str) -> str:
+    """Return ``kind`` if it names a normalization, else raise naming the allowed values."""
+    if kind not in NORM_KINDS:
+        raise ValueError(f"unknown norm {kind!r}; expected one of {', '.join(NORM_KINDS)}")
+    return kind
+
+
+def norm_layer(kind: str, num_features: int) -> nn.Module:
+    """A 2-D normalization over ``num_features`` channels of an ``[N, C, H, W]`` tensor.
+
+    - ``"batch"``: ``BatchNorm2d`` with affine parameters and running statistics.
+    - ``"instance"``: ``InstanceNorm2d(affine=False, track_running_stats=False)``, as the
+      current official pix2pix/CycleGAN ``get_norm_layer``: statistics of the image at hand,
+      in train and eval mode alike.
+    - ``"layer"``: ``GroupNorm(1, C)``: each sample normalized over all of ``[C, H, W]`` with a
+      per-channel scale and shift. This is the layer norm of the WGAN-GP code
+      (``tflib/ops/layernorm.py`` with ``norm_axes=[1, 2, 3]``), and unlike ``nn.LayerNorm``
+      it does not fix the spatial size at construction.
+    - ``"none"``: ``nn.Identity``.
+    """
+    check_norm(kind)
+    if kind == "batch":
+        return nn.BatchNorm2d(num_features, affine=True, track_running_stats=True)
+    if kind == "instance":
+        return nn.InstanceNorm2d(num_features, affine=False, track_running_stats=False)
+    if kind == "layer":
+        return nn.GroupNorm(1, num_features, eps=1e-5, affine=True)
+    return nn.Identity()
+
+
+def norm_has_shift(kind: str) -> bool:
+    """Whether ``norm_layer(kind, C)`` adds its own learned per-channel shift.
+
+    A conv followed by such a norm gains nothing from a bias (the norm subtracts it and adds its
+    own), so the official code leaves it out there; after instance norm without affine
+    parameters, or no norm at all, the bias is the only shift and stays.
+    """
+    return check_norm(kind) in ("batch", "layer")
+
+
+def _weight_to_init(module: nn.Module) -> nn.Parameter:
+    # Under a parametrization (e.g. spectral norm) `module.weight` is recomputed on every access;
+    # the trainable tensor is the original one.
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight.original
+    return module.weight
+
+
+def init_weights(module: M, kind: str = "normal", gain: float = 0.02) -> M:
+    """Initialize ``module`` and all its children in place, as the official pix2pix/CycleGAN
+    ``init_weights`` (``models/networks.py``) does; returns ``module``.
+
+    Conv and linear weights: ``"normal"`` draws N(0, gain) (the DCGAN and pix2pix init),
+    ``"xavier"`` Xavier-normal with ``gain``, ``"kaiming"`` Kaiming-normal (fan-in, ``gain`` is
+    not used), ``"orthogonal"`` orthogonal with ``gain``; their biases are set to 0. BatchNorm:
+    weight N(1, gain), bias 0. Other layers keep their own defaults.
+
+    Call it before ``spectral_norm``: the power-iteration vectors of spectral norm are estimated
+    from the weight present when it is applied.
+    """
+    if kind not in INIT_KINDS:
+        raise ValueError(f"unknown init {kind!r}; expected one of {', '.join(INIT_KINDS)}")
+    for m in module.modules():
+        if isinstance(m, _WEIGHTED):
+            weight = _weight_to_init(m)
+            if kind == "normal":
+                nn.init.normal_(weight, 0.0, gain)
+            elif kind == "xavier":
+                nn.init.xavier_normal_(weight, gain=gain)
+            elif kind == "kaiming":
+                nn.init.kaiming_normal_(weight, a=0, mode="fan_in")
+            else:
+                nn.init.orthogonal_(weight, gain=gain)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, _BatchNorm) and m.affine:
+            nn.init.normal_(m.weight, 1.0, gain)
+            nn.init.zeros_(m.bias)
+    return module
+
+
+def spectral_norm(module: M) -> M:
+    """Apply spectral normalization (Miyato et al. 2018) to every conv and linear layer in
+    ``module`` (``module`` itself included), in place; returns ``module``.
+
+    Uses ``torch.nn.utils.parametrizations.spectral_norm``: one power iteration per training
+    forward. Layers whose weight is already parametrized are left alone, so applying it twice
+    is harmless.
+    """
+    for m in list(module.modules()):
+        if isinstance(m, _WEIGHTED) and not parametrize.is_parametrized(m, "weight"):
+            _torch_spectral_norm(m)
+    return module

@@ -1,0 +1,1 @@
+"""Training: the loop, per-family step functions, EMA and checkpoints."""

@@ -1,0 +1,129 @@
+"""Checkpoints and snapshots in a run directory (any fsspec URL), invisible until committed.
+
+Every file is written first; ``COMMIT.json`` (step, kimg, world size, each file's size and
+SHA-256, the config) is written last. "Latest" is the highest step whose commit verifies; an
+uncommitted or damaged checkpoint is passed over loudly. Tensors are stored with ``torch.save``
+and read back with ``weights_only=True``; everything else is JSON. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import json
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import io
+
+log = logging.getLogger(__name__)
+
+COMMIT = "COMMIT.json"
+CHECKPOINTS = "checkpoints"
+SNAPSHOTS = "snapshots"
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def step_url(run_dir: str, kind: str, step: int) -> str:
+    return io.join(run_dir, kind, f"step-{step:08d}")
+
+
+def save_tensors(url: str, obj: Any, storage_options: dict | None = None) -> None:
+    """A state dict (tensors, numbers, strings, nested dicts/lists) as one atomic file."""
+    buf = _io.BytesIO()
+    torch.save(obj, buf)
+    io.atomic_write_bytes(url, buf.getvalue(), storage_options)
+
+
+def load_tensors(url: str, storage_options: dict | None = None) -> Any:
+    return torch.load(_io.BytesIO(io.read_bytes(url, storage_options)), map_location="cpu", weights_only=True)
+
+
+def commit(ckpt_url: str, meta: dict, storage_options: dict | None = None) -> dict:
+    """Hash every file in ``ckpt_url`` and write ``COMMIT.json`` last: the checkpoint exists now."""
+    files = {}
+    for name in io.list_fresh(ckpt_url, storage_options):
+        if name == COMMIT or name.startswith("."):
+            continue
+        sha, size = io.sha256_url(io.join(ckpt_url, name), storage_options)
+        files[name] = {"bytes": size, "sha256": sha}
+    record = {**meta, "files": files}
+    io.atomic_write_json(io.join(ckpt_url, COMMIT), record, storage_options)
+    return record
+
+
+class CheckpointInvalid(Exception):
+    pass
+
+
+def verify(ckpt_url: str, storage_options: dict | None = None, full: bool = True) -> dict:
+    """The commit record of a checkpoint whose files all match it; raises ``CheckpointInvalid``."""
+    url = io.join(ckpt_url, COMMIT)
+    if not io.exists(url, storage_options):
+        raise CheckpointInvalid("not committed (no COMMIT.json)")
+    try:
+        record = io.read_json(url, storage_options)
+    except ValueError as exc:
+        raise CheckpointInvalid(f"COMMIT.json unreadable: {exc}") from exc
+    for name, want in record.get("files", {}).items():
+        file_url = io.join(ckpt_url, name)
+        if not io.exists(file_url, storage_options):
+            raise CheckpointInvalid(f"{name} is missing")
+        if full:
+            sha, size = io.sha256_url(file_url, storage_options)
+            if (sha, size) != (want["sha256"], want["bytes"]):
+                raise CheckpointInvalid(f"{name} does not match its checksum ({size} bytes, "
+                                        f"committed {want['bytes']})")
+    return record
+
+
+def list_steps(run_dir: str, kind: str = CHECKPOINTS, storage_options: dict | None = None) -> list[int]:
+    """Steps that have a directory (committed or not), ascending, from a fresh listing."""
+    names = io.list_fresh(io.join(run_dir, kind), storage_options)
+    return sorted(int(m[1]) for n in names if (m := _STEP_DIR.match(n)))
+
+
+@dataclass(frozen=True)
+class Found:
+    step: int
+    url: str
+    record: dict
+
+
+def latest(run_dir: str, kind: str = CHECKPOINTS, storage_options: dict | None = None) -> Found | None:
+    """The newest checkpoint that verifies; newer broken ones are reported and passed over."""
+    for step in reversed(list_steps(run_dir, kind, storage_options)):
+        url = step_url(run_dir, kind, step)
+        try:
+            return Found(step, url, verify(url, storage_options))
+        except CheckpointInvalid as exc:
+            log.error("checkpoint %s is unusable: %s; falling back to an older one", url, exc)
+    return None
+
+
+def prune(run_dir: str, keep_last: int, kind: str = CHECKPOINTS, storage_options: dict | None = None) -> list[int]:
+    """Delete all but the newest ``keep_last`` committed checkpoints, and uncommitted leftovers
+    older than the newest committed one. Called only right after a commit."""
+    steps = list_steps(run_dir, kind, storage_options)
+    committed = [s for s in steps if io.exists(io.join(step_url(run_dir, kind, s), COMMIT), storage_options)]
+    if not committed:
+        return []
+    keep = set(committed[-keep_last:])
+    doomed = [s for s in steps if s not in keep and s < committed[-1]]
+    for s in doomed:
+        fs, path = io.fs_for(step_url(run_dir, kind, s), storage_options)
+        # The commit marker goes first: a half-deleted checkpoint must never look committed.
+        io.remove(io.join(step_url(run_dir, kind, s), COMMIT), storage_options)
+        fs.rm(path, recursive=True)
+    return doomed
+
+
+def write_json(url: str, obj: Any, storage_options: dict | None = None) -> None:
+    io.atomic_write_json(url, obj, storage_options)
+
+
+def read_json(url: str, storage_options: dict | None = None) -> Any:
+    return json.loads(io.read_bytes(url, storage_options))

@@ -1,0 +1,59 @@
+"""``gan-train``: parse ``--config NAME [key=value ...]``, check it strictly, then train (or, with
+``--dry-run``, print the resolved config, the run directory and every network's size)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+
+from ..config import ConfigError, load_config, to_dict
+
+
+def _is_first_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def dry_run(cfg) -> int:
+    import torch
+
+    from ..data.manifest import ManifestError, load_manifest
+    from .family import DataInfo, get_family
+
+    print(json.dumps(to_dict(cfg), indent=2))
+    print(f"run directory: {cfg.run.dir}")
+    try:
+        manifest = load_manifest(cfg.data.url, cfg.data.storage_options or None)
+        info = DataInfo(manifest.task, manifest.num_classes, tuple(manifest.fields))
+    except ManifestError as exc:
+        print(f"(no shards at data.url yet: {exc}; sizes shown for 35 label classes)")
+        info = DataInfo("label2image", 35, ("image", "label"))
+    torch.manual_seed(cfg.run.seed)
+    for name, net in get_family(cfg.model.family).build(cfg, info).items():
+        n = sum(p.numel() for p in net.parameters())
+        print(f"{name}: {type(net).__name__}, {n:,} parameters ({n / 1e6:.3f}M)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="gan-train", description=__doc__)
+    p.add_argument("--config", required=True, help="a name in configs/ or a .yaml path")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and network sizes")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. train.total_kimg=5 run.dir=s3://b/run")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        if _is_first_process():
+            print(f"gan-train: config error: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        return dry_run(cfg)
+    logging.basicConfig(level=logging.INFO if _is_first_process() else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from .loop import train
+
+    return train(cfg, command=shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]))

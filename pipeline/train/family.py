@@ -1,0 +1,86 @@
+"""How a GAN family plugs into the loop: networks + phases (step functions returning named
+losses) + batch preparation + what to show in image grids. No trainer classes, no hooks.
+
+A phase's ``fn(ctx, batch, scratch)`` returns a dict of losses with the total under ``"loss"``;
+the loop does backward, gradient sync, clipping, the optimizer step of ``phase.net``, EMA,
+logging and checkpoints. ``scratch`` is per micro-batch and lets a later phase reuse a tensor
+of an earlier one (pix2pix's G step reuses the fake that the D step made).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import Config
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a family needs to know about the shards it trains on."""
+
+    task: str
+    num_classes: int | None
+    fields: tuple[str, ...]
+
+
+@dataclass
+class StepContext:
+    """What a step function may use. ``G``/``D`` may be DDP wrappers; ``G_plain``/``D_plain``
+    are the modules inside, for forwards that must not touch DDP's gradient reducer (D while it
+    is frozen in G's step)."""
+
+    G: nn.Module
+    D: nn.Module
+    G_plain: nn.Module
+    D_plain: nn.Module
+    cfg: Config
+    info: DataInfo
+    nimg: int = 0
+    reuse_fake: bool = True
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+    def instance_noise(self) -> float:
+        """Instance-noise sigma now: linear decay from ``loss.instance_noise`` to 0."""
+        sigma, span = self.cfg.loss.instance_noise, self.cfg.loss.instance_noise_kimg
+        if sigma <= 0:
+            return 0.0
+        if span <= 0:
+            return sigma
+        return sigma * max(0.0, 1.0 - self.nimg / (span * 1000))
+
+
+StepFn = Callable[[StepContext, dict, dict], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    net: str  # "G" or "D": whose optimizer steps after this phase
+    fn: StepFn
+    every: int = 1  # lazy interval in iterations (regularization phases)
+    after_step: Callable[[nn.Module, Config], None] | None = None  # e.g. WGAN weight clipping
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    build: Callable[[Config, DataInfo], dict[str, nn.Module]]
+    phases: tuple[Phase, ...]
+    prepare: Callable[[dict, torch.device, Config, DataInfo], dict]
+    visualize: Callable[[nn.Module, dict, DataInfo], list[torch.Tensor]]
+    fields: Callable[[DataInfo], tuple[str, ...]]
+    d_repeats: Callable[[Config], int] = field(default=lambda cfg: cfg.optim.n_critic)
+
+
+def get_family(name: str) -> Family:
+    from . import steps_dcgan, steps_pix2pix
+
+    families = {"pix2pix": steps_pix2pix.FAMILY, "dcgan": steps_dcgan.FAMILY}
+    if name not in families:
+        raise KeyError(f"unknown model.family {name!r}; choose one of: {', '.join(families)}")
+    return families[name]

@@ -1,0 +1,314 @@
+"""The training loop: one readable function from launch to exit, over any family.
+
+Progress is counted in images seen. G and D are separate DDP modules; precision is ours
+(autocast + one GradScaler per network for fp16); a non-finite step is skipped on every rank;
+checkpoints are committed last and resume exactly, data position included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+
+import torch
+
+from .. import dist, io
+from ..config import Config, to_dict
+from ..data.manifest import load_manifest
+from ..data.stream import make_stream
+from ..data.transforms import Augment
+from . import checkpoint as ckpt
+from .ema import ema_beta, make_ema, update_ema
+from .family import DataInfo, StepContext, get_family
+from .stats import Monitor, describe_run
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_DIVERGED, EXIT_PREEMPTED = 0, 3, 75
+PREEMPTED_MARKER = "PREEMPTED.json"
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 (SLURM's notice) only set a flag; the loop acts at a step boundary."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+
+def resolve_precision(precision: str) -> str:
+    if precision != "auto":
+        return precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def lr_factor(cfg: Config, nimg: int) -> float:
+    """Constant, or constant until ``decay_start_kimg`` then linear to 0 at ``total_kimg``."""
+    if cfg.optim.schedule == "constant":
+        return 1.0
+    start, end = cfg.optim.decay_start_kimg * 1000, cfg.train.total_kimg * 1000
+    if nimg <= start or end <= start:
+        return 1.0
+    return max(0.0, 1.0 - (nimg - start) / (end - start))
+
+
+def train(cfg: Config, command: str = "") -> int:
+    # ------------------------------------------------------------ processes, devices, precision
+    precision = resolve_precision(cfg.train.precision)
+    accelerator = dist.make_accelerator(precision)
+    device, rank, world = accelerator.device, dist.rank(), dist.world_size()
+    bpd = cfg.train.batch_per_device or cfg.train.batch_size // world
+    if bpd < 1 or cfg.train.batch_size % (bpd * world):
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} is not a multiple of "
+                         f"batch_per_device={bpd} x {world} processes")
+    accum = cfg.train.batch_size // (bpd * world)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    so = cfg.data.storage_options or None
+    run_dir = cfg.run.dir
+
+    # ------------------------------------------------------------ data description and networks
+    manifest = load_manifest(cfg.data.url, so)
+    family = get_family(cfg.model.family)
+    info = DataInfo(manifest.task, manifest.num_classes, tuple(manifest.fields))
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    nets = family.build(cfg, info)
+    G, D = nets["G"], nets["D"]
+    if cfg.train.channels_last:
+        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    G_ema = make_ema(G).to(device)
+    betas = (cfg.optim.beta1, cfg.optim.beta2)
+    # G and D are prepared separately: two DDP modules, never one wrapper around the whole GAN.
+    G_ddp, D_ddp = accelerator.prepare(G), accelerator.prepare(D)
+    G, D = dist.unwrap(G_ddp), dist.unwrap(D_ddp)
+    opt = {"G": torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_G, betas=betas, foreach=cfg.optim.foreach),
+           "D": torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_D, betas=betas, foreach=cfg.optim.foreach)}
+    base_lr = {"G": cfg.optim.lr_G, "D": cfg.optim.lr_D}
+    # fp16: one scaler per network; sharing one would let D's overflow shrink G's scale.
+    scalers = {k: torch.amp.GradScaler(device.type) for k in ("G", "D")} if precision == "fp16" else None
+    if cfg.train.compile:
+        G_ddp, D_ddp = torch.compile(G_ddp), torch.compile(D_ddp)
+    modules = {"G": G_ddp, "D": D_ddp}
+
+    # ------------------------------------------------------------ run directory, resume
+    if dist.is_main():
+        io.makedirs(run_dir, so)
+        io.remove(io.join(run_dir, PREEMPTED_MARKER), so)
+        io.atomic_write_json(io.join(run_dir, "config.json"), to_dict(cfg), so)
+        io.atomic_write_json(io.join(run_dir, "run.json"), describe_run(command, world, precision, accum), so)
+    state = {"step": 0, "nimg": 0, "skipped_steps": 0, "consecutive_bad": 0, "rollbacks": 0}
+    positions: dict[int, tuple[int, int]] = {}
+    flags = {"stop": False}  # a preemption signal seen by any rank
+
+    def restore(found: ckpt.Found) -> None:
+        G.load_state_dict(ckpt.load_tensors(io.join(found.url, "G.pt"), so))
+        D.load_state_dict(ckpt.load_tensors(io.join(found.url, "D.pt"), so))
+        G_ema.load_state_dict(ckpt.load_tensors(io.join(found.url, "G_ema.pt"), so))
+        for k in ("G", "D"):
+            opt[k].load_state_dict(ckpt.load_tensors(io.join(found.url, f"opt_{k}.pt"), so))
+            if scalers:
+                scalers[k].load_state_dict(ckpt.load_tensors(io.join(found.url, f"scaler_{k}.pt"), so))
+        saved = ckpt.read_json(io.join(found.url, "state.json"), so)
+        state.update({k: saved[k] for k in state})
+        positions.clear()
+        mine = ckpt.load_tensors(io.join(found.url, f"rank-{rank:03d}.pt"), so) \
+            if saved["world_size"] == world else None
+        if mine is None:
+            log.warning("checkpoint %s was written by %d processes, this run has %d: the data stream "
+                        "restarts at a fresh epoch position", found.url, saved["world_size"], world)
+            return
+        torch.set_rng_state(mine["cpu_rng"])
+        if device.type == "cuda" and "cuda_rng" in mine:
+            torch.cuda.set_rng_state(mine["cuda_rng"], device)
+        positions.update({int(s): (int(e), int(i)) for s, (e, i) in mine["positions"].items()})
+
+    found = dist.broadcast_object(ckpt.latest(run_dir, storage_options=so) if dist.is_main() else None)
+    if found is not None:
+        restore(found)
+        dist.main_print(f"resumed from {found.url} at kimg {state['nimg'] / 1000:.3f}")
+    else:
+        torch.manual_seed(dist.seed_for(cfg.run.seed, rank))
+        if cfg.checkpoint.init_from:
+            G.load_state_dict(ckpt.load_tensors(io.join(cfg.checkpoint.init_from, "G.pt"), so))
+            G_ema.load_state_dict(G.state_dict())
+
+    # ------------------------------------------------------------ the data stream
+    workers = cfg.data.workers
+
+    def make_loader():
+        stream = make_stream(cfg.data.url, cfg.data.split, train=True, rank=rank, world_size=world,
+                             num_workers=workers, seed=cfg.run.seed, fields=family.fields(info),
+                             augment=Augment(cfg.data.load_size, cfg.data.crop_size, cfg.data.flip),
+                             shuffle_buffer=cfg.data.shuffle_buffer, max_bad_samples=cfg.data.max_bad_samples,
+                             storage_options=so, start=positions)
+        # Its own generator: creating the loader must not move the training RNG.
+        return iter(torch.utils.data.DataLoader(stream, batch_size=bpd, num_workers=workers,
+                                                pin_memory=device.type == "cuda",
+                                                generator=torch.Generator().manual_seed(cfg.run.seed)))
+
+    batches = make_loader()
+    consumed = {"batches": 0, "bad": {}}
+
+    def next_batch() -> dict:
+        batch = next(batches)
+        for slot, epoch, index, bad in zip(batch["__slot__"].tolist(), batch["__epoch__"].tolist(),
+                                           batch["__index__"].tolist(), batch["__bad__"].tolist()):
+            positions[slot] = max(positions.get(slot, (0, 0)), (epoch, index + 1))
+            consumed["bad"][slot] = max(consumed["bad"].get(slot, 0), bad)
+        consumed["batches"] += 1
+        return family.prepare(batch, device, cfg, info)
+
+    monitor = Monitor(cfg, run_dir, family, info, device, enabled=dist.is_main())
+    preemption = Preemption()
+
+    # ------------------------------------------------------------ checkpointing
+    def save_checkpoint() -> None:
+        # Running statistics differ per rank (buffers are not broadcast each forward): average.
+        for m in (G, D, G_ema):
+            dist.average_buffers(m)
+        url = ckpt.step_url(run_dir, ckpt.CHECKPOINTS, state["step"])
+        rng = {"cpu_rng": torch.get_rng_state(), "positions": {str(s): list(p) for s, p in positions.items()}}
+        if device.type == "cuda":
+            rng["cuda_rng"] = torch.cuda.get_rng_state(device)
+        ckpt.save_tensors(io.join(url, f"rank-{rank:03d}.pt"), rng, so)
+        if dist.is_main():
+            for name, module in (("G", G), ("D", D), ("G_ema", G_ema)):
+                ckpt.save_tensors(io.join(url, f"{name}.pt"), module.state_dict(), so)
+            for k in ("G", "D"):
+                ckpt.save_tensors(io.join(url, f"opt_{k}.pt"), opt[k].state_dict(), so)
+                if scalers:
+                    ckpt.save_tensors(io.join(url, f"scaler_{k}.pt"), scalers[k].state_dict(), so)
+            ckpt.write_json(io.join(url, "state.json"), {**state, "world_size": world, "workers": workers}, so)
+        dist.barrier()  # orders: every rank's file is written before rank 0 hashes and commits
+        if dist.is_main():
+            meta = {"step": state["step"], "nimg": state["nimg"], "kimg": state["nimg"] / 1000,
+                    "world_size": world, "config": to_dict(cfg)}
+            ckpt.commit(url, meta, so)
+            ckpt.prune(run_dir, cfg.checkpoint.keep_last, ckpt.CHECKPOINTS, so)
+            snap = ckpt.step_url(run_dir, ckpt.SNAPSHOTS, state["step"])
+            ckpt.save_tensors(io.join(snap, "G_ema.pt"), G_ema.state_dict(), so)
+            ckpt.save_tensors(io.join(snap, "G.pt"), G.state_dict(), so)
+            ckpt.commit(snap, meta, so)
+            ckpt.prune(run_dir, cfg.checkpoint.keep_last, ckpt.SNAPSHOTS, so)
+
+    # ------------------------------------------------------------ one optimizer step of one network
+    def optimizer_step(net: str, losses: list[dict], extra_bad: bool) -> tuple[bool, torch.Tensor]:
+        """Unscale, measure, agree across ranks, then step or skip. Returns (stepped, grad norm)."""
+        params = [p for p in modules[net].parameters() if p.grad is not None]
+        if scalers:
+            scalers[net].unscale_(opt[net])
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros((), device=device)
+        loss_ok = all(torch.isfinite(out["loss"]).item() for out in losses)
+        # fp16 overflow is the scaler's business (it skips and lowers the scale); NaN losses are ours.
+        grads_ok = scalers is not None or bool(torch.isfinite(norm).item())
+        bad, stop = dist.any_rank([not (loss_ok and grads_ok) or extra_bad, preemption.signal is not None],
+                                  device)
+        flags["stop"] = stop
+        if bad:
+            opt[net].zero_grad(set_to_none=True)
+            if scalers:
+                scalers[net].update()
+            return False, norm
+        if scalers:
+            scalers[net].step(opt[net])
+            scalers[net].update()
+        else:
+            opt[net].step()
+        opt[net].zero_grad(set_to_none=True)
+        return True, norm
+
+    # ------------------------------------------------------------ the loop
+    total_nimg = int(cfg.train.total_kimg * 1000)
+    ckpt_every = max(1, int(cfg.checkpoint.every_kimg * 1000))
+    next_ckpt = (state["nimg"] // ckpt_every + 1) * ckpt_every
+    exit_code = EXIT_OK
+    monitor.start(state["nimg"], total_nimg)
+    while state["nimg"] < total_nimg:
+        for k in ("G", "D"):
+            for group in opt[k].param_groups:
+                group["lr"] = base_lr[k] * lr_factor(cfg, state["nimg"])
+        ctx = StepContext(G=G_ddp, D=D_ddp, G_plain=G, D_plain=D, cfg=cfg, info=info, nimg=state["nimg"],
+                          reuse_fake=accum == 1, autocast=autocast)
+        stepped = {}
+        for phase in family.phases:
+            if state["step"] % phase.every:
+                continue
+            repeats = family.d_repeats(cfg) if phase.net == "D" else 1
+            for _ in range(repeats):
+                if phase.net == "D" or not stepped:
+                    micro = [(next_batch(), {}) for _ in range(accum)]
+                # D is frozen during G's backward: no D weight gradients are computed or leaked.
+                D.requires_grad_(phase.net == "D")
+                losses = []
+                for i, (b, scratch) in enumerate(micro):
+                    with dist.sync_context(modules[phase.net], sync=i == accum - 1):
+                        out = phase.fn(ctx, b, scratch)
+                        inject = (cfg.train.debug_nan_step == state["step"] and rank == cfg.train.debug_nan_rank
+                                  and phase.net == "G")
+                        loss = out["loss"] * (float("nan") if inject else 1.0) / accum
+                        (scalers[phase.net].scale(loss) if scalers else loss).backward()
+                    losses.append(out)
+                D.requires_grad_(True)
+                ok, norm = optimizer_step(phase.net, losses, extra_bad=False)
+                if ok and phase.after_step:
+                    phase.after_step(D if phase.net == "D" else G, cfg)
+                stepped[phase.net] = stepped.get(phase.net, True) and ok
+                monitor.add(phase.name, losses, norm, skipped=not ok)
+
+        state["step"] += 1
+        state["nimg"] += cfg.train.batch_size
+        if all(stepped.values()):
+            state["consecutive_bad"] = 0
+            update_ema(G_ema, G, ema_beta(cfg.train.batch_size, state["nimg"], cfg.train.ema_halflife_kimg,
+                                          cfg.train.ema_rampup))
+        else:
+            state["skipped_steps"] += 1
+            state["consecutive_bad"] += 1
+            log.warning("step %d skipped on every rank: non-finite loss or gradient", state["step"])
+        monitor.step(state, opt, sum(consumed["bad"].values()), G_ema, G, D)
+
+        if state["consecutive_bad"] > cfg.train.max_bad_steps:
+            found = dist.broadcast_object(ckpt.latest(run_dir, storage_options=so) if dist.is_main() else None)
+            if found is None or state["rollbacks"] >= cfg.train.max_rollbacks:
+                dist.main_print(f"diverged: {state['consecutive_bad']} consecutive non-finite steps and "
+                                f"{state['rollbacks']} rollbacks; stopping (exit code {EXIT_DIVERGED})")
+                exit_code = EXIT_DIVERGED
+                break
+            rollbacks = state["rollbacks"] + 1
+            restore(found)
+            state["rollbacks"], state["consecutive_bad"] = rollbacks, 0
+            # A retry from the same state with the same randomness would diverge the same way.
+            torch.manual_seed(dist.seed_for(cfg.run.seed, rank, state["nimg"] + rollbacks * 1_000_003))
+            batches, consumed["batches"] = make_loader(), 0
+            dist.main_print(f"rolled back to {found.url} (rollback {rollbacks} of {cfg.train.max_rollbacks})")
+            continue
+
+        # Checkpoints fall where every DataLoader worker has delivered the same number of
+        # batches, so a resumed loader's round-robin restarts exactly in step.
+        aligned = consumed["batches"] % max(1, workers) == 0
+        due = state["nimg"] >= next_ckpt or state["nimg"] >= total_nimg
+        if aligned and (due or flags["stop"]):
+            save_checkpoint()
+            next_ckpt = (state["nimg"] // ckpt_every + 1) * ckpt_every
+            if flags["stop"] and state["nimg"] < total_nimg:
+                if dist.is_main():
+                    io.atomic_write_json(io.join(run_dir, PREEMPTED_MARKER),
+                                         {"step": state["step"], "nimg": state["nimg"], "time": time.time()}, so)
+                dist.main_print(f"preempted: saved at kimg {state['nimg'] / 1000:.3f}; "
+                                f"exit code {EXIT_PREEMPTED} (requeue to resume)")
+                exit_code = EXIT_PREEMPTED
+                break
+    else:
+        if not (consumed["batches"] % max(1, workers) == 0):
+            save_checkpoint()  # the run is complete; exact data alignment no longer matters
+    monitor.close(state)
+    accelerator.end_training()
+    return exit_code

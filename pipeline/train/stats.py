@@ -1,0 +1,198 @@
+"""Monitoring for the loop: loss sums kept on the device between log points (no per-step host
+syncs), TensorBoard scalars and image grids written by the main process, a console progress bar,
+and a description of the run (command, git SHA, library versions)."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .. import __version__, dist, io
+from ..config import Config
+
+# TensorBoard's global step is the number of images seen (nimg) everywhere in this project.
+
+
+def describe_run(command: str, world: int, precision: str, accum: int) -> dict:
+    def version(mod: str) -> str | None:
+        try:
+            return __import__(mod).__version__
+        except ImportError:
+            return None
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        sha = None
+    return {"command": command, "git_sha": sha, "world_size": world, "precision": precision,
+            "accumulation_steps": accum, "started": time.time(), "host": platform.node(),
+            "versions": {"gan-pipeline": __version__, "python": platform.python_version(),
+                         **{m: version(m) for m in ("torch", "torchvision", "accelerate", "webdataset",
+                                                    "numpy", "fsspec")}},
+            "cuda": torch.version.cuda if torch.cuda.is_available() else None}
+
+
+def peak_mem_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+
+
+class Monitor:
+    """Collects what the loop reports and writes it at ``log_every_kimg`` / ``image_every_kimg``."""
+
+    def __init__(self, cfg: Config, run_dir: str, family, info, device: torch.device, enabled: bool):
+        self.cfg, self.run_dir, self.family, self.info, self.device = cfg, run_dir, family, info, device
+        self.enabled = enabled
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.writer = None
+        self.bar = None
+        self.val_batch = None
+
+    # -------------------------------------------------------------- setup
+    def start(self, nimg: int, total_nimg: int) -> None:
+        self.next_log = self._next(nimg, self.cfg.train.log_every_kimg)
+        self.next_image = self._next(nimg, self.cfg.train.image_every_kimg)
+        self.t_last, self.nimg_last = time.perf_counter(), nimg
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        fs, path = io.fs_for(self.run_dir, self.cfg.data.storage_options or None)
+        self.remote = not io.is_local(self.run_dir)
+        # Object stores cannot append: events go to a local folder that is uploaded on flush.
+        self.local_tb = tempfile.mkdtemp(prefix="gan-tb-") if self.remote else str(Path(path) / "tensorboard")
+        self.writer = SummaryWriter(self.local_tb)
+        self.val_batch = self._fixed_batch()
+        if self.cfg.train.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=round(total_nimg / 1000, 3), initial=round(nimg / 1000, 3), unit="kimg",
+                            desc="train", mininterval=2.0, bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} kimg "
+                            "[{elapsed}<{remaining}]{postfix}")
+
+    @staticmethod
+    def _next(nimg: int, every_kimg: float) -> int | None:
+        if every_kimg <= 0:
+            return None
+        every = int(every_kimg * 1000)
+        return (nimg // every + 1) * every
+
+    def _fixed_batch(self) -> dict | None:
+        """The first ``num_images`` validation samples, prepared once, with fixed randomness."""
+        from ..data.stream import make_stream
+
+        cfg = self.cfg
+        try:
+            stream = make_stream(cfg.data.url, cfg.data.val_split, train=False, fields=self.family.fields(self.info),
+                                 storage_options=cfg.data.storage_options or None,
+                                 augment=__import__("pipeline.data.transforms", fromlist=["Augment"]).Augment(
+                                     cfg.data.load_size, cfg.data.crop_size, False))
+        except (ValueError, KeyError) as exc:
+            print(f"no image grids: {exc}")
+            return None
+        samples = []
+        for sample in stream:
+            samples.append(sample)
+            if len(samples) == cfg.train.num_images:
+                break
+        batch = torch.utils.data.default_collate(samples)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(cfg.run.seed)  # fixed latents; the training RNG is not touched
+            return self.family.prepare(batch, self.device, cfg, self.info)
+
+    # -------------------------------------------------------------- per step
+    def add(self, phase: str, losses: list[dict], grad_norm: torch.Tensor, skipped: bool) -> None:
+        for out in losses:
+            for name, value in out.items():
+                if name == "loss":
+                    continue
+                key = f"Loss/{name}"
+                self.sums[key] = self.sums.get(key, 0) + value.detach().float() / len(losses)
+        key = f"Grad/{phase}_norm"
+        self.sums[key] = self.sums.get(key, 0) + grad_norm.detach().float()
+        self.counts[phase] = self.counts.get(phase, 0) + 1
+
+    def step(self, state: dict, opt: dict, skipped_samples: int, G_ema, G, D) -> None:
+        nimg = state["nimg"]
+        if self.next_log is not None and nimg >= self.next_log:
+            # Collective on every rank (same nimg everywhere), before the main-only writing.
+            total_skipped = dist.all_sum([skipped_samples], self.device)[0]
+            self.next_log = self._next(nimg, self.cfg.train.log_every_kimg)
+            if self.enabled:
+                self._log_scalars(state, opt, total_skipped, G, D)
+        if self.next_image is not None and nimg >= self.next_image:
+            self.next_image = self._next(nimg, self.cfg.train.image_every_kimg)
+            if self.enabled:
+                self._log_images(nimg, G_ema)
+        if self.bar is not None:
+            self.bar.n = round(nimg / 1000, 3)
+            self.bar.refresh() if time.perf_counter() - self.bar.last_print_t > 2 else None
+
+    def _log_scalars(self, state: dict, opt: dict, skipped_samples: float, G, D) -> None:
+        nimg, w = state["nimg"], self.writer
+        per_phase = {}
+        for key, total in self.sums.items():
+            phase = key.split("/")[1].split("_")[0]
+            n = self.counts.get(phase, 1)
+            value = float(total) / max(1, n)
+            per_phase[key] = value
+            w.add_scalar(key, value, nimg)
+        now = time.perf_counter()
+        dt, dn = now - self.t_last, max(1, nimg - self.nimg_last)
+        self.t_last, self.nimg_last = now, nimg
+        w.add_scalar("Progress/kimg", nimg / 1000, nimg)
+        w.add_scalar("Timing/sec_per_kimg", dt / dn * 1000, nimg)
+        w.add_scalar("Timing/images_per_sec", dn / max(dt, 1e-9), nimg)
+        w.add_scalar("Resources/peak_mem_gb", peak_mem_gb(self.device), nimg)
+        w.add_scalar("Data/skipped_samples", skipped_samples, nimg)
+        w.add_scalar("Train/skipped_steps", state["skipped_steps"], nimg)
+        for k, o in opt.items():
+            w.add_scalar(f"LR/{k}", o.param_groups[0]["lr"], nimg)
+        if self.cfg.train.histograms:
+            for name, module in (("G", G), ("D", D)):
+                for pname, p in module.named_parameters():
+                    w.add_histogram(f"Weights/{name}/{pname}", p.detach().float().cpu(), nimg)
+        self.sums.clear()
+        self.counts.clear()
+        w.flush()
+        self._sync()
+        if self.bar is not None:
+            shown = {k.split("/")[1]: f"{v:.3g}" for k, v in per_phase.items() if k.startswith("Loss/")}
+            self.bar.set_postfix(shown, refresh=False)
+
+    def _log_images(self, nimg: int, G_ema) -> None:
+        if self.val_batch is None:
+            return
+        import torchvision
+
+        columns = self.family.visualize(G_ema, self.val_batch, self.info)
+        rows = torch.stack(columns, 1).flatten(0, 1)  # [N * columns, 3, H, W], row = one sample
+        grid = torchvision.utils.make_grid(rows.clamp(-1, 1).cpu(), nrow=len(columns), normalize=True,
+                                           value_range=(-1, 1))
+        self.writer.add_image("Images/val_input_output_target", grid, nimg)
+        self.writer.flush()
+        self._sync()
+
+    def _sync(self) -> None:
+        if self.enabled and self.remote:
+            for p in Path(self.local_tb).iterdir():
+                io.atomic_upload(p, io.join(self.run_dir, "tensorboard", p.name),
+                                 self.cfg.data.storage_options or None)
+
+    def close(self, state: dict) -> None:
+        if self.enabled and self.writer is not None:
+            self.writer.flush()
+            self._sync()
+            self.writer.close()
+            if self.bar is not None:
+                self.bar.n = round(state["nimg"] / 1000, 3)
+                self.bar.close()
