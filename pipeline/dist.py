@@ -95,12 +95,11 @@ def make_accelerator(precision: str, accumulation: int = 1):
     Accelerate would keep one GradScaler for all optimizers (wrong for G and D) and silently
     ignores fp16 on CPU, so autocast and loss scaling are done by the loop.
     """
+    import warnings
     from datetime import timedelta
 
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
-
-    import warnings
 
     # We do want DDP's broadcast_buffers=False (no buffer broadcast every forward); accelerate
     # passes it through and torch warns that the name is deprecated.
