@@ -107,8 +107,11 @@ class TrainConfig:
     max_bad_steps: int = bounded(5, 1)  # consecutive skipped steps before a rollback
     max_rollbacks: int = bounded(2, 0)
     progress: bool = True
-    debug_nan_step: int | None = None  # testing aid: rank 0 injects a NaN loss at this step
-    debug_nan_rank: int = 0
+    # Testing aids: rank ``debug_nan_rank`` multiplies G's loss by NaN for ``debug_nan_count``
+    # steps from ``debug_nan_step`` on, to exercise the divergence guard end to end.
+    debug_nan_step: int | None = None
+    debug_nan_count: int = bounded(1, 1)
+    debug_nan_rank: int = bounded(0, 0)
 
 
 @dataclass

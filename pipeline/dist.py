@@ -49,18 +49,22 @@ def all_sum(values: list[float], device: torch.device | str = "cpu") -> list[flo
     return t.tolist()
 
 
-def average_buffers(module: torch.nn.Module) -> None:
-    """Average floating-point buffers (BatchNorm running stats) over ranks.
+def averaged_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with floating-point buffers (BatchNorm running stats) averaged
+    over ranks, as copies: the live rank-local buffers are left untouched.
 
     DDP does not broadcast buffers every forward here (``broadcast_buffers=False``), so ranks'
-    running statistics drift apart; this makes them identical before they are saved or used.
+    running statistics drift apart; what is saved for evaluation is their average.
     """
+    state = dict(module.state_dict())
     if not (is_initialized() and world_size() > 1):
-        return
-    for buf in module.buffers():
+        return state
+    for name, buf in module.named_buffers():
         if buf.is_floating_point():
-            torch_dist.all_reduce(buf, op=torch_dist.ReduceOp.SUM)
-            buf.div_(world_size())
+            avg = buf.detach().clone()
+            torch_dist.all_reduce(avg, op=torch_dist.ReduceOp.SUM)
+            state[name] = avg.div_(world_size())
+    return state
 
 
 def broadcast_object(obj, src: int = 0):
@@ -106,7 +110,7 @@ def make_accelerator(precision: str, accumulation: int = 1):
     warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated", category=FutureWarning)
     cpu = not torch.cuda.is_available()
     handlers = [DistributedDataParallelKwargs(broadcast_buffers=False, find_unused_parameters=False),
-                InitProcessGroupKwargs(backend="gloo" if cpu else "nccl", timeout=timedelta(minutes=10))]
+                InitProcessGroupKwargs(timeout=timedelta(minutes=10))]  # accelerate picks gloo or nccl
     return Accelerator(cpu=cpu, mixed_precision="no", gradient_accumulation_steps=accumulation,
                        kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
 

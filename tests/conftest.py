@@ -132,3 +132,18 @@ def s3_server(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[S
     _clear_fsspec_s3_cache()
     yield server
     _clear_fsspec_s3_cache()
+
+
+# ----------------------------------------------------------------------------- demo shards
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory) -> str:
+    """A small demo dataset (256x128 street scenes) written once per session; read-only for tests."""
+    from pipeline.data.shards import WriteOptions, write_dataset
+    from pipeline.data.sources import make_source
+
+    out = tmp_path_factory.mktemp("demo-shards")
+    source = make_source("demo", None, counts={"train": 48, "val": 8})
+    write_dataset(source, str(out), ["train", "val"], WriteOptions(samples_per_shard=16, workers=1),
+                  progress=False)
+    return str(out)

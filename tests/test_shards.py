@@ -187,7 +187,7 @@ def test_cli_write_verify_inspect_on_a_cityscapes_tree(tmp_path):
     assert r.returncode == 0 and "4 samples in 2 shards" in r.stdout, r.stdout + r.stderr
     assert Image.open(sheet).size[1] == 3 * (128 + 4)
     r = run_cli("write", "cityscapes", "--root", str(root), "--out", str(tmp_path / "s2"), "--strict", "--quiet")
-    assert r.returncode == 2 and "--strict: [missing_partner]" in r.stderr
+    assert r.returncode == 1 and "--strict: [missing_partner]" in r.stderr
     assert not (tmp_path / "s2" / "manifest.json").exists()
 
 

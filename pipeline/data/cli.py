@@ -15,7 +15,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 class CliError(Exception):
-    pass
+    """A usage error: the command line itself is wrong (exit 2)."""
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -93,7 +93,7 @@ def _source_options(args) -> dict:
 
 
 def cmd_write(args) -> int:
-    from .shards import ShardWriteError, WriteOptions, write_dataset
+    from .shards import WriteOptions, write_dataset
     from .sources import SOURCES, SourceError, make_source
 
     if args.source not in SOURCES:
@@ -114,7 +114,7 @@ def cmd_write(args) -> int:
         command = shlex.join(["gan-shard", *sys.argv[1:]])
         manifest = write_dataset(source, args.out, splits, opts, dataset=args.dataset, command=command,
                                  extra={"source_options": _source_options(args)}, progress=not args.quiet)
-    except (SourceError, ShardWriteError) as exc:
+    except SourceError as exc:
         raise CliError(str(exc)) from exc
     t = manifest["totals"]
     print(f"wrote {t['samples']} samples in {t['shards']} shards ({t['bytes'] / 1e6:.1f} MB) to {args.out}; "
@@ -152,10 +152,14 @@ def cmd_inspect(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    # The storage clients narrate credential lookups at INFO; keep the console to our messages.
+    for name in ("botocore", "aiobotocore", "s3fs", "fsspec"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     from .manifest import ManifestError
+    from .shards import ShardWriteError
 
     try:
         return {"write": cmd_write, "verify": cmd_verify, "inspect": cmd_inspect}[args.command](args)
-    except (CliError, ManifestError, ValueError) as exc:
+    except (CliError, ManifestError, ShardWriteError, ValueError) as exc:
         print(f"gan-shard: error: {exc}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, CliError) else EXIT_FAILED

@@ -127,7 +127,9 @@ def read_segment(seg: Segment, stats: SlotStats, storage_options: dict | None = 
                     raw["__where__"] = f"{seg.shard.url}#{raw['__key__']}"
                     yield raw
                 seen += 1
-    except (OSError, EOFError, tarfile.TarError, ValueError) as exc:
+    except (*io.storage_errors(), tarfile.TarError, ValueError) as exc:
+        # A truncated tar, a dropped connection after the store's own retries: the rest of the
+        # segment is lost and counted; the slot moves on, so no other rank waits on this one.
         stats.record(f"{seg.shard.url} after sample {seen}", f"unreadable shard ({exc})",
                      seg.stop - max(seen, seg.start))
         return

@@ -94,12 +94,13 @@ def augment(fields: dict[str, Image.Image], kinds: dict[str, str], aug: Augment,
             img = img.resize((w, h), resample)
         if box is not None:
             img = img.crop(box)
-        arr = np.asarray(img) if kind == "image" else map_array(img)
         if flip:
-            arr = arr[:, ::-1]
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if kind == "image":
-            # np.array copies: PIL's buffer is read-only and the flip is a view.
-            out[name] = torch.from_numpy(np.array(arr)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+            # np.array: one writable copy out of PIL; the float conversion is the only other pass
+            # over the pixels besides the in-place normalisation.
+            t = torch.from_numpy(np.array(img)).permute(2, 0, 1).float()
+            out[name] = t.mul_(1 / 127.5).sub_(1.0).contiguous()
         else:
-            out[name] = torch.from_numpy(arr.astype(np.int64 if kind == "label" else np.int32))
+            out[name] = torch.from_numpy(map_array(img).astype(np.int64 if kind == "label" else np.int32))
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import colorsys
 import hashlib
+import tarfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -84,7 +85,7 @@ def verify(manifest: Manifest, storage_options: dict | None = None, splits: list
                         if problem:
                             report.errors.append(f"{shard.url}#{raw['__key__']}: {problem}")
                     sha, nbytes = reader.drain()
-            except (OSError, EOFError, ValueError) as exc:
+            except (*io.storage_errors(), tarfile.TarError, ValueError) as exc:
                 report.errors.append(f"{shard.url}: unreadable after {count} samples ({exc})")
                 continue
             report.samples += count

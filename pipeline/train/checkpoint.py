@@ -42,6 +42,17 @@ def load_tensors(url: str, storage_options: dict | None = None) -> Any:
     return torch.load(_io.BytesIO(io.read_bytes(url, storage_options)), map_location="cpu", weights_only=True)
 
 
+def fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict (parameters and buffers, bit for bit), for comparing ranks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(state.items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def commit(ckpt_url: str, meta: dict, storage_options: dict | None = None) -> dict:
     """Hash every file in ``ckpt_url`` and write ``COMMIT.json`` last: the checkpoint exists now."""
     files = {}

@@ -43,6 +43,14 @@ class Preemption:
         self.signal = signum
 
 
+def ignore_preemption_signals(worker_id: int) -> None:
+    """DataLoader worker init: SLURM signals every process of a job step, workers included; a
+    worker killed by SIGTERM would crash its rank before the rank could save. The rank's main
+    process decides, and ends its workers itself."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def resolve_precision(precision: str) -> str:
     if precision != "auto":
         return precision
@@ -124,6 +132,9 @@ def train(cfg: Config, command: str = "") -> int:
             log.warning("checkpoint %s was written by %d processes, this run has %d: the data stream "
                         "restarts at a fresh epoch position", found.url, saved["world_size"], world)
             return
+        for name, module in (("G", G), ("D", D), ("G_ema", G_ema)):
+            for key, buf in module.named_buffers():
+                buf.copy_(mine["buffers"][name][key])
         torch.set_rng_state(mine["cpu_rng"])
         if device.type == "cuda" and "cuda_rng" in mine:
             torch.cuda.set_rng_state(mine["cuda_rng"], device)
@@ -151,6 +162,7 @@ def train(cfg: Config, command: str = "") -> int:
         # Its own generator: creating the loader must not move the training RNG.
         return iter(torch.utils.data.DataLoader(stream, batch_size=bpd, num_workers=workers,
                                                 pin_memory=device.type == "cuda",
+                                                worker_init_fn=ignore_preemption_signals,
                                                 generator=torch.Generator().manual_seed(cfg.run.seed)))
 
     batches = make_loader()
@@ -170,17 +182,25 @@ def train(cfg: Config, command: str = "") -> int:
 
     # ------------------------------------------------------------ checkpointing
     def save_checkpoint() -> None:
-        # Running statistics differ per rank (buffers are not broadcast each forward): average.
-        for m in (G, D, G_ema):
-            dist.average_buffers(m)
+        nets = {"G": G, "D": D, "G_ema": G_ema}
+        shared = {name: dist.averaged_state(m) for name, m in nets.items()}
+        prints = {name: ckpt.fingerprint(st) for name, st in shared.items()}
+        # Every rank must hold the same networks; a mismatch is a bug worth stopping for.
+        agree = not dist.any_rank([prints != dist.broadcast_object(prints)], device)[0]
+        if not agree:
+            raise RuntimeError(f"ranks disagree on the networks at step {state['step']}: {prints}")
         url = ckpt.step_url(run_dir, ckpt.CHECKPOINTS, state["step"])
-        rng = {"cpu_rng": torch.get_rng_state(), "positions": {str(s): list(p) for s, p in positions.items()}}
+        # Per rank: RNG, data position, and the rank's own running statistics (the shared files
+        # hold their average), so a resumed rank continues bit for bit.
+        mine = {"cpu_rng": torch.get_rng_state(), "positions": {str(s): list(p) for s, p in positions.items()},
+                "fingerprints": prints,
+                "buffers": {name: {k: b.detach().clone() for k, b in m.named_buffers()} for name, m in nets.items()}}
         if device.type == "cuda":
-            rng["cuda_rng"] = torch.cuda.get_rng_state(device)
-        ckpt.save_tensors(io.join(url, f"rank-{rank:03d}.pt"), rng, so)
+            mine["cuda_rng"] = torch.cuda.get_rng_state(device)
+        ckpt.save_tensors(io.join(url, f"rank-{rank:03d}.pt"), mine, so)
         if dist.is_main():
-            for name, module in (("G", G), ("D", D), ("G_ema", G_ema)):
-                ckpt.save_tensors(io.join(url, f"{name}.pt"), module.state_dict(), so)
+            for name, st in shared.items():
+                ckpt.save_tensors(io.join(url, f"{name}.pt"), st, so)
             for k in ("G", "D"):
                 ckpt.save_tensors(io.join(url, f"opt_{k}.pt"), opt[k].state_dict(), so)
                 if scalers:
@@ -193,8 +213,8 @@ def train(cfg: Config, command: str = "") -> int:
             ckpt.commit(url, meta, so)
             ckpt.prune(run_dir, cfg.checkpoint.keep_last, ckpt.CHECKPOINTS, so)
             snap = ckpt.step_url(run_dir, ckpt.SNAPSHOTS, state["step"])
-            ckpt.save_tensors(io.join(snap, "G_ema.pt"), G_ema.state_dict(), so)
-            ckpt.save_tensors(io.join(snap, "G.pt"), G.state_dict(), so)
+            ckpt.save_tensors(io.join(snap, "G_ema.pt"), shared["G_ema"], so)
+            ckpt.save_tensors(io.join(snap, "G.pt"), shared["G"], so)
             ckpt.commit(snap, meta, so)
             ckpt.prune(run_dir, cfg.checkpoint.keep_last, ckpt.SNAPSHOTS, so)
 
@@ -230,6 +250,8 @@ def train(cfg: Config, command: str = "") -> int:
     ckpt_every = max(1, int(cfg.checkpoint.every_kimg * 1000))
     next_ckpt = (state["nimg"] // ckpt_every + 1) * ckpt_every
     exit_code = EXIT_OK
+    first_nan = cfg.train.debug_nan_step if cfg.train.debug_nan_step is not None else -1
+    nan_window = (first_nan, first_nan + cfg.train.debug_nan_count)
     monitor.start(state["nimg"], total_nimg)
     while state["nimg"] < total_nimg:
         for k in ("G", "D"):
@@ -251,8 +273,8 @@ def train(cfg: Config, command: str = "") -> int:
                 for i, (b, scratch) in enumerate(micro):
                     with dist.sync_context(modules[phase.net], sync=i == accum - 1):
                         out = phase.fn(ctx, b, scratch)
-                        inject = (cfg.train.debug_nan_step == state["step"] and rank == cfg.train.debug_nan_rank
-                                  and phase.net == "G")
+                        inject = phase.net == "G" and rank == cfg.train.debug_nan_rank and \
+                            nan_window[0] <= state["step"] < nan_window[1]
                         loss = out["loss"] * (float("nan") if inject else 1.0) / accum
                         (scalers[phase.net].scale(loss) if scalers else loss).backward()
                     losses.append(out)

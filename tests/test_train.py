@@ -1,0 +1,285 @@
+"""The training engine end to end: real `accelerate launch` of 2 CPU processes, exact resume
+after SIGKILL and SIGTERM, NaN guard, rollback, precision modes, TensorBoard read back."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from pipeline.train import checkpoint as ckpt
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN = str(REPO / "launch" / "train.py")
+ACCEL_CPU2 = str(REPO / "launch" / "accelerate" / "cpu_2proc.yaml")
+
+# A pix2pix small enough for CPU tests: unet_128 at ngf 8 on 128x128 crops, batch 4.
+SMALL = ["model.ngf=8", "model.ndf=8", "data.crop_size=128,128", "train.batch_size=4",
+         "train.progress=false", "train.log_every_kimg=0.008", "train.image_every_kimg=0.016",
+         "train.num_images=2", "train.ema_halflife_kimg=0.01"]
+
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def launch_cmd(procs: int, overrides: list[str], config: str = "pix2pix_demo") -> list[str]:
+    if procs == 1:
+        return [sys.executable, TRAIN, "--config", config, *overrides]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", ACCEL_CPU2,
+            "--main_process_port", str(free_port()), TRAIN, "--config", config, *overrides]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), start_new_session=True)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{exc.stdout}\n{exc.stderr}")
+    return r
+
+
+def explain(r: subprocess.CompletedProcess) -> str:
+    return f"exit {r.returncode}\n--- stdout\n{r.stdout[-4000:]}\n--- stderr\n{r.stderr[-6000:]}"
+
+
+def final_states(run_dir: Path) -> dict[str, dict]:
+    found = ckpt.latest(str(run_dir))
+    assert found is not None, f"no committed checkpoint in {run_dir}"
+    return {name: ckpt.load_tensors(f"{found.url}/{name}.pt") for name in ("G", "D", "G_ema", "opt_G", "opt_D")}
+
+
+def assert_identical(a, b, path="") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{path} differs"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_identical(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a} != {b}"
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]} | {
+        "__images__": acc.Tags()["images"]}
+
+
+# ---------------------------------------------------------------- two real processes
+
+
+@pytest.mark.multiprocess
+def test_two_processes_train_commit_checkpoints_and_agree_on_weights(demo_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    r = run(launch_cmd(2, [f"data.url={demo_shards}", f"run.dir={run_dir}", "train.total_kimg=0.032",
+                           "checkpoint.every_kimg=0.016", "data.workers=2", *SMALL]))
+    assert r.returncode == 0, explain(r)
+    steps = ckpt.list_steps(str(run_dir))
+    assert steps == [4, 8]  # 32 images at batch 4, a checkpoint every 16 images
+    found = ckpt.latest(str(run_dir))
+    assert found.record["world_size"] == 2 and found.record["nimg"] == 32
+    ranks = [ckpt.load_tensors(f"{found.url}/rank-{r:03d}.pt") for r in (0, 1)]
+    assert ranks[0]["fingerprints"] == ranks[1]["fingerprints"]  # every rank holds the same G, D, G_ema
+    assert set(ranks[0]["positions"]) == {"0", "1"} and set(ranks[1]["positions"]) == {"2", "3"}
+    assert ckpt.latest(str(run_dir), ckpt.SNAPSHOTS).step == 8
+    run_info = json.loads((run_dir / "run.json").read_text())
+    assert run_info["world_size"] == 2 and run_info["versions"]["torch"] == torch.__version__
+    assert json.loads((run_dir / "config.json").read_text())["train"]["total_kimg"] == 0.032
+    scalars = read_scalars(run_dir)
+    for tag in ("Loss/G_GAN", "Loss/G_L1", "Loss/D_real", "Loss/D_fake", "Progress/kimg", "Timing/sec_per_kimg",
+                "Resources/peak_mem_gb", "Grad/G_norm", "Grad/D_norm", "Data/skipped_samples", "LR/G"):
+        assert tag in scalars, sorted(scalars)
+    assert [s for s, _ in scalars["Progress/kimg"]] == [8, 16, 24, 32]  # global step = images seen
+    assert scalars["__images__"] == ["Images/val_input_output_target"]
+
+
+@pytest.mark.multiprocess
+def test_nan_on_one_rank_skips_the_update_on_all_ranks(demo_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    r = run(launch_cmd(2, [f"data.url={demo_shards}", f"run.dir={run_dir}", "train.total_kimg=0.024",
+                           "checkpoint.every_kimg=0.024", "data.workers=1", "train.debug_nan_step=2",
+                           "train.debug_nan_rank=1", *SMALL]))
+    assert r.returncode == 0, explain(r)
+    assert "step 3 skipped on every rank" in r.stderr
+    found = ckpt.latest(str(run_dir))
+    ranks = [ckpt.load_tensors(f"{found.url}/rank-{r:03d}.pt") for r in (0, 1)]
+    assert ranks[0]["fingerprints"] == ranks[1]["fingerprints"]
+    states = final_states(run_dir)
+    assert all(torch.isfinite(t).all() for t in states["G"].values() if t.is_floating_point())
+    skipped = read_scalars(run_dir)["Train/skipped_steps"]
+    assert skipped[-1][1] == 1
+
+
+# ---------------------------------------------------------------- exact resume
+
+
+def wait_for_commit(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    marker = run_dir / "checkpoints" / f"step-{step:08d}" / ckpt.COMMIT
+    while not marker.exists():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"training ended before step {step} was committed:\n{out[-3000:]}\n{err[-5000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"step {step} was never committed")
+        time.sleep(0.05)
+
+
+def workers_of(proc: subprocess.Popen) -> list[psutil.Process]:
+    return [c for c in psutil.Process(proc.pid).children(recursive=True) if TRAIN in " ".join(c.cmdline())]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_interrupted_run_resumes_bit_identical(demo_shards, tmp_path, how):
+    args = [f"data.url={demo_shards}", "train.total_kimg=0.096", "checkpoint.every_kimg=0.024",
+            "checkpoint.keep_last=2", "data.workers=2", *SMALL]
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    r = run(launch_cmd(2, [f"run.dir={a_dir}", *args]))
+    assert r.returncode == 0, explain(r)
+
+    cmd = launch_cmd(2, [f"run.dir={b_dir}", *args])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+                            start_new_session=True)
+    wait_for_commit(b_dir, 6, proc)
+    if how == "SIGKILL":
+        # The launcher and every rank (torchrun puts ranks in sessions of their own), no cleanup.
+        for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+            p.kill()
+        proc.communicate(timeout=60)
+    else:
+        for worker in workers_of(proc):  # as SLURM does: every task gets the signal
+            worker.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        assert "preempted: saved at kimg" in out + err and "exit code 75" in out + err, err[-4000:]
+        marker = json.loads((b_dir / "PREEMPTED.json").read_text())
+        assert ckpt.latest(str(b_dir)).step == marker["step"]
+        assert marker["nimg"] < 96
+    assert ckpt.latest(str(b_dir)).step < 24  # really interrupted before the end
+
+    r = run(cmd)  # resume = the same command again
+    assert r.returncode == 0, explain(r)
+    assert "resumed from" in r.stdout + r.stderr
+    assert not (b_dir / "PREEMPTED.json").exists()
+    a, b = final_states(a_dir), final_states(b_dir)
+    assert_identical(a, b)
+
+
+# ---------------------------------------------------------------- single process paths
+
+
+def test_half_written_and_corrupt_checkpoints_are_never_loaded(demo_shards, tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    base = [f"data.url={demo_shards}", f"run.dir={run_dir}", "checkpoint.every_kimg=0.008",
+            "checkpoint.keep_last=3", "data.workers=0", *SMALL]
+    r = run(launch_cmd(1, [*base, "train.total_kimg=0.024"]))
+    assert r.returncode == 0, explain(r)
+    assert ckpt.list_steps(str(run_dir)) == [2, 4, 6]
+    # A checkpoint killed mid-write: files but no commit record.
+    partial = run_dir / "checkpoints" / "step-00000007"
+    partial.mkdir()
+    (partial / "G.pt").write_bytes(b"half")
+    # A committed checkpoint whose weights were damaged afterwards.
+    g = run_dir / "checkpoints" / "step-00000006" / "G.pt"
+    g.write_bytes(g.read_bytes()[:-10] + b"0123456789")
+    found = ckpt.latest(str(run_dir))
+    assert found.step == 4
+    assert "step-00000007 is unusable: not committed" in caplog.text
+    assert "step-00000006 is unusable: G.pt does not match its checksum" in caplog.text
+    r = run(launch_cmd(1, [*base, "train.total_kimg=0.032"]))
+    assert r.returncode == 0, explain(r)
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-00000004'}" in r.stdout + r.stderr
+    assert "step-00000006 is unusable" in r.stderr
+
+
+def test_repeated_divergence_rolls_back_then_stops_with_its_exit_code(demo_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    r = run(launch_cmd(1, [f"data.url={demo_shards}", f"run.dir={run_dir}", "train.total_kimg=0.2",
+                           "checkpoint.every_kimg=0.008", "data.workers=0", "train.debug_nan_step=3",
+                           "train.debug_nan_count=1000", "train.max_bad_steps=2", "train.max_rollbacks=1", *SMALL]))
+    assert r.returncode == 3, explain(r)
+    out = r.stdout + r.stderr
+    assert "rolled back to" in out and "(rollback 1 of 1)" in out
+    assert "diverged: 3 consecutive non-finite steps and 1 rollbacks" in out
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_and_logs(demo_shards, tmp_path, precision):
+    run_dir = tmp_path / "run"
+    r = run(launch_cmd(1, [f"data.url={demo_shards}", f"run.dir={run_dir}", "train.total_kimg=0.016",
+                           "checkpoint.every_kimg=0.016", "data.workers=0", f"train.precision={precision}", *SMALL]))
+    assert r.returncode == 0, explain(r)
+    scalars = read_scalars(run_dir)
+    assert all(v == v for _, v in scalars["Loss/G_L1"])  # finite, logged
+    found = ckpt.latest(str(run_dir))
+    names = set(found.record["files"])
+    if precision == "fp16":
+        # One scaler per network, saved separately, each with its own state.
+        assert {"scaler_G.pt", "scaler_D.pt"} <= names
+        sg, sd = (ckpt.load_tensors(f"{found.url}/scaler_{k}.pt") for k in "GD")
+        assert "scale" in sg and "scale" in sd
+    else:
+        assert not any(n.startswith("scaler_") for n in names)
+
+
+def test_wgan_gp_trains_with_n_critic_and_logs_the_penalty(demo_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    r = run(launch_cmd(1, [f"data.url={demo_shards}", f"run.dir={run_dir}", "train.total_kimg=0.016",
+                           "checkpoint.every_kimg=0.016", "data.workers=0", "train.batch_size=4",
+                           "model.ngf=8", "model.ndf=8", "model.image_size=32", "data.load_size=64,32",
+                           "data.crop_size=32,32", "train.progress=false", "train.log_every_kimg=0.004",
+                           "optim.n_critic=2", "loss.instance_noise=0.1", "loss.instance_noise_kimg=0.01"],
+                        config="wgangp_demo"))
+    assert r.returncode == 0, explain(r)
+    scalars = read_scalars(run_dir)
+    assert {"Loss/D_gp", "Loss/D_real", "Loss/D_fake", "Loss/G_GAN"} <= set(scalars)
+    assert ckpt.latest(str(run_dir)).record["nimg"] == 16
+
+
+# ---------------------------------------------------------------- the command line
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.bogus=1", "unknown key 'train.bogus'; train has: total_kimg, batch_size"),
+    ("train.batch_size=big", "train.batch_size: expected an int, got 'big'"),
+    ("train.precision=fp8", "train.precision: 'fp8' is not allowed; choose one of: auto, fp32, bf16, fp16"),
+    ("checkpoint.keep_last=1", "checkpoint.keep_last: 1 is below the minimum 2"),
+    ("nosection=1", "unknown key 'nosection'; keys are <section>.<name>"),
+])
+def test_config_errors_are_one_line_before_any_process_starts(override, message):
+    r = run([sys.executable, TRAIN, "--config", "pix2pix_demo", override], timeout=60)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_dry_run_prints_config_run_dir_and_parameter_counts(demo_shards):
+    r = run([sys.executable, TRAIN, "--config", "pix2pix_demo", "--dry-run", f"data.url={demo_shards}"], timeout=60)
+    assert r.returncode == 0, explain(r)
+    assert "run directory: runs/pix2pix_demo" in r.stdout
+    assert "G: UnetGenerator, 10,465,603 parameters" in r.stdout  # unet_128, ngf 32, 11 demo classes in
+    assert '"total_kimg": 1.0' in r.stdout
