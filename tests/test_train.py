@@ -121,7 +121,7 @@ def test_nan_on_one_rank_skips_the_update_on_all_ranks(demo_shards, tmp_path):
     run_dir = tmp_path / "run"
     r = run(launch_cmd(2, [f"data.url={demo_shards}", f"run.dir={run_dir}", "train.total_kimg=0.024",
                            "checkpoint.every_kimg=0.024", "data.workers=1", "train.debug_nan_step=2",
-                           "train.debug_nan_rank=1", *SMALL]))
+                           "train.debug_nan_rank=1", *SMALL, "train.batch_per_device=1"]))  # 2 micro-steps
     assert r.returncode == 0, explain(r)
     assert "step 3 skipped on every rank" in r.stderr
     found = ckpt.latest(str(run_dir))
@@ -258,6 +258,43 @@ def test_wgan_gp_trains_with_n_critic_and_logs_the_penalty(demo_shards, tmp_path
     scalars = read_scalars(run_dir)
     assert {"Loss/D_gp", "Loss/D_real", "Loss/D_fake", "Loss/G_GAN"} <= set(scalars)
     assert ckpt.latest(str(run_dir)).record["nimg"] == 16
+
+
+def test_gradient_accumulation_matches_the_full_batch(demo_shards, tmp_path):
+    # Instance norm and no dropout: the loss of 2 micro-batches of 2 is the loss of the batch of 4.
+    common = [f"data.url={demo_shards}", "train.total_kimg=0.012", "checkpoint.every_kimg=0.012",
+              "data.workers=0", "model.norm=instance", "model.norm_D=instance", "model.dropout=false", *SMALL]
+    for name, extra in (("full", []), ("accum", ["train.batch_per_device=2"])):
+        r = run(launch_cmd(1, [*common, f"run.dir={tmp_path / name}", *extra]))
+        assert r.returncode == 0, explain(r)
+    full, accum = final_states(tmp_path / "full"), final_states(tmp_path / "accum")
+    assert json.loads((tmp_path / "accum" / "run.json").read_text())["accumulation_steps"] == 2
+    # Compare what G computes: conv biases in front of instance norm get only rounding noise as
+    # gradient (the norm cancels them), which Adam blows up to full-size steps in any direction.
+    from pipeline.config import load_config
+    from pipeline.train.family import DataInfo, get_family
+
+    cfg = load_config("pix2pix_demo", common[1:])
+    outputs = []
+    for states in (full, accum):
+        G = get_family("pix2pix").build(cfg, DataInfo("label2image", 11, ("image", "label")))["G"]
+        G.load_state_dict(states["G"])
+        x = torch.nn.functional.one_hot(torch.randint(0, 11, (2, 128, 128), generator=torch.Generator().manual_seed(0)),
+                                        11).permute(0, 3, 1, 2).float()
+        outputs.append(G.eval()(x))
+    assert (outputs[0] - outputs[1]).abs().max() < 1e-4
+
+
+def test_channels_last_and_weight_histograms_run(demo_shards, tmp_path):
+    r = run(launch_cmd(1, [f"data.url={demo_shards}", f"run.dir={tmp_path}", "train.total_kimg=0.008",
+                           "checkpoint.every_kimg=0.008", "data.workers=0", "train.channels_last=true",
+                           "train.histograms=true", *SMALL]))
+    assert r.returncode == 0, explain(r)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"histograms": 0})
+    acc.Reload()
+    assert any(t.startswith("Weights/G/") for t in acc.Tags()["histograms"])
 
 
 # ---------------------------------------------------------------- the command line

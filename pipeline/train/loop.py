@@ -57,6 +57,14 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 
+def make_scalers(precision: str, device: torch.device) -> dict | None:
+    """fp16: one GradScaler per network; sharing one would let D's overflow shrink G's scale.
+    bf16 and fp32 need none."""
+    if precision != "fp16":
+        return None
+    return {k: torch.amp.GradScaler(device.type) for k in ("G", "D")}
+
+
 def lr_factor(cfg: Config, nimg: int) -> float:
     """Constant, or constant until ``decay_start_kimg`` then linear to 0 at ``total_kimg``."""
     if cfg.optim.schedule == "constant":
@@ -99,8 +107,7 @@ def train(cfg: Config, command: str = "") -> int:
     opt = {"G": torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_G, betas=betas, foreach=cfg.optim.foreach),
            "D": torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_D, betas=betas, foreach=cfg.optim.foreach)}
     base_lr = {"G": cfg.optim.lr_G, "D": cfg.optim.lr_D}
-    # fp16: one scaler per network; sharing one would let D's overflow shrink G's scale.
-    scalers = {k: torch.amp.GradScaler(device.type) for k in ("G", "D")} if precision == "fp16" else None
+    scalers = make_scalers(precision, device)
     if cfg.train.compile:
         G_ddp, D_ddp = torch.compile(G_ddp), torch.compile(D_ddp)
     modules = {"G": G_ddp, "D": D_ddp}
