@@ -134,8 +134,7 @@ class Monitor:
             if self.enabled:
                 self._log_images(nimg, G_ema)
         if self.bar is not None:
-            self.bar.n = round(nimg / 1000, 3)
-            self.bar.refresh() if time.perf_counter() - self.bar.last_print_t > 2 else None
+            self.bar.update(round(nimg / 1000 - self.bar.n, 3))  # tqdm throttles the redraws
 
     def _log_scalars(self, state: dict, opt: dict, skipped_samples: float, G, D) -> None:
         nimg, w = state["nimg"], self.writer
