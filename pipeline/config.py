@@ -52,8 +52,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    family: str = choice("pix2pix", "pix2pix", "dcgan")
-    generator: str = choice("unet_256", "unet_256", "unet_128", "dcgan")
+    family: str = choice("pix2pix", "pix2pix", "pix2pixhd", "dcgan")
+    generator: str = choice("unet_256", "unet_256", "unet_128", "dcgan", "global", "local")
     ngf: int = bounded(64, 1)
     ndf: int = bounded(64, 1)
     n_layers_D: int = bounded(3, 1, 8)
@@ -64,6 +64,17 @@ class ModelConfig:
     z_dim: int = bounded(100, 1)
     image_size: int = choice(64, 32, 64, 128)
     init_gain: float = bounded(0.02, 0.0)
+    # pix2pixHD (Wang et al. 2018; official option names in comments)
+    n_downsample_global: int = bounded(4, 1, 8)  # n_downsample_global
+    n_blocks_global: int = bounded(9, 0)  # n_blocks_global
+    n_local_enhancers: int = bounded(1, 1, 3)  # n_local_enhancers
+    n_blocks_local: int = bounded(3, 0)  # n_blocks_local
+    num_D: int = bounded(2, 1, 5)  # num_D
+    use_instance: bool = True  # instance-boundary map as an extra input channel (not no_instance)
+    use_features: bool = False  # instance-wise feature encoder E (instance_feat)
+    feat_num: int = bounded(3, 1)
+    nef: int = bounded(16, 1)
+    init_from: str | None = None  # checkpoint/snapshot URL whose G initialises this run (load_pretrain)
 
 
 @dataclass
@@ -74,6 +85,9 @@ class LossConfig:
     weight_clip: float = bounded(0.0, 0.0)  # original WGAN: 0.01; 0 disables
     instance_noise: float = bounded(0.0, 0.0)  # sigma at kimg 0, decays linearly to 0
     instance_noise_kimg: float = bounded(0.0, 0.0)
+    feat_weight: float = bounded(10.0, 0.0)  # pix2pixHD discriminator feature matching (lambda_feat)
+    vgg_weight: float = bounded(10.0, 0.0)  # pix2pixHD VGG19 perceptual loss; 0 turns it off
+    vgg_weights: str | None = None  # local torchvision vgg19 state_dict file (never downloaded)
 
 
 @dataclass
@@ -109,6 +123,7 @@ class TrainConfig:
     progress: bool = True
     # Testing aids: rank ``debug_nan_rank`` multiplies G's loss by NaN for ``debug_nan_count``
     # steps from ``debug_nan_step`` on, to exercise the divergence guard end to end.
+    fix_global_kimg: float = bounded(0.0, 0.0)  # pix2pixHD local stage: global G fixed this long
     debug_nan_step: int | None = None
     debug_nan_count: int = bounded(1, 1)
     debug_nan_rank: int = bounded(0, 0)
@@ -118,7 +133,6 @@ class TrainConfig:
 class CheckpointConfig:
     every_kimg: float = bounded(10.0, 0.0)
     keep_last: int = bounded(2, 2)
-    init_from: str | None = None
 
 
 @dataclass
@@ -266,8 +280,12 @@ def validate(cfg: Config) -> None:
     if t.batch_per_device is not None and t.batch_size % t.batch_per_device:
         raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of "
                           f"train.batch_per_device={t.batch_per_device}")
-    if cfg.model.family == "dcgan" and cfg.model.generator != "dcgan":
+    generators = {"pix2pix": ("unet_256", "unet_128"), "pix2pixhd": ("global", "local"), "dcgan": ("dcgan",)}
+    if cfg.model.family == "dcgan":
         cfg.model.generator = "dcgan"
+    if cfg.model.generator not in generators[cfg.model.family]:
+        raise ConfigError(f"model.generator: {cfg.model.generator!r} is not a {cfg.model.family} generator; "
+                          f"choose one of: {', '.join(generators[cfg.model.family])}")
     if cfg.loss.gp_weight and cfg.loss.weight_clip:
         raise ConfigError("loss.gp_weight and loss.weight_clip are alternatives; set one of them to 0")
 

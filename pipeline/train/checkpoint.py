@@ -115,6 +115,20 @@ def latest(run_dir: str, kind: str = CHECKPOINTS, storage_options: dict | None =
     return None
 
 
+def resolve_init(url: str, storage_options: dict | None = None) -> str:
+    """The committed directory that ``model.init_from`` names: a checkpoint or snapshot
+    directory itself, or a run directory (its newest committed snapshot, else checkpoint)."""
+    if io.exists(io.join(url, COMMIT), storage_options):
+        verify(url, storage_options)
+        return url
+    for kind in (SNAPSHOTS, CHECKPOINTS):
+        found = latest(url, kind, storage_options)
+        if found is not None:
+            return found.url
+    raise CheckpointInvalid(f"model.init_from={url} is neither a committed checkpoint/snapshot nor a run "
+                            f"directory holding one")
+
+
 def prune(run_dir: str, keep_last: int, kind: str = CHECKPOINTS, storage_options: dict | None = None) -> list[int]:
     """Delete all but the newest ``keep_last`` committed checkpoints, and uncommitted leftovers
     older than the newest committed one. Called only right after a commit."""

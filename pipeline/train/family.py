@@ -62,6 +62,7 @@ class Phase:
     name: str
     net: str  # "G" or "D": whose optimizer steps after this phase
     fn: StepFn
+    fetch: bool = True  # draw new micro-batches; False reuses the previous phase's (and its scratch)
     every: int = 1  # lazy interval in iterations (regularization phases)
     after_step: Callable[[nn.Module, Config], None] | None = None  # e.g. WGAN weight clipping
 
@@ -75,12 +76,18 @@ class Family:
     visualize: Callable[[nn.Module, dict, DataInfo], list[torch.Tensor]]
     fields: Callable[[DataInfo], tuple[str, ...]]
     d_repeats: Callable[[Config], int] = field(default=lambda cfg: cfg.optim.n_critic)
+    # Parameters of G that must not change yet (pix2pixHD's global generator during
+    # fix_global_kimg): their gradients are dropped before G's step, so Adam leaves them, and
+    # their optimizer state, untouched. Freezing by requires_grad would break DDP's reducer.
+    fixed_params: Callable[[nn.Module, Config, int], list[nn.Parameter]] | None = None
+    # Load ``model.init_from`` (a checkpoint or snapshot URL's G.pt state) into a fresh G.
+    init_from: Callable[[nn.Module, dict], None] | None = None
 
 
 def get_family(name: str) -> Family:
-    from . import steps_dcgan, steps_pix2pix
+    from . import steps_dcgan, steps_pix2pix, steps_pix2pixhd
 
-    families = {"pix2pix": steps_pix2pix.FAMILY, "dcgan": steps_dcgan.FAMILY}
+    families = {"pix2pix": steps_pix2pix.FAMILY, "pix2pixhd": steps_pix2pixhd.FAMILY, "dcgan": steps_dcgan.FAMILY}
     if name not in families:
         raise KeyError(f"unknown model.family {name!r}; choose one of: {', '.join(families)}")
     return families[name]

@@ -153,9 +153,11 @@ def train(cfg: Config, command: str = "") -> int:
         dist.main_print(f"resumed from {found.url} at kimg {state['nimg'] / 1000:.3f}")
     else:
         torch.manual_seed(dist.seed_for(cfg.run.seed, rank))
-        if cfg.checkpoint.init_from:
-            G.load_state_dict(ckpt.load_tensors(io.join(cfg.checkpoint.init_from, "G.pt"), so))
+        if cfg.model.init_from:
+            source = ckpt.load_tensors(io.join(ckpt.resolve_init(cfg.model.init_from, so), "G.pt"), so)
+            (family.init_from or (lambda g, st: g.load_state_dict(st)))(G, source)
             G_ema.load_state_dict(G.state_dict())
+            dist.main_print(f"G initialised from {cfg.model.init_from}")
 
     # ------------------------------------------------------------ the data stream
     workers = cfg.data.workers
@@ -228,6 +230,9 @@ def train(cfg: Config, command: str = "") -> int:
     # ------------------------------------------------------------ one optimizer step of one network
     def optimizer_step(net: str, losses: list[dict], extra_bad: bool) -> tuple[bool, torch.Tensor]:
         """Unscale, measure, agree across ranks, then step or skip. Returns (stepped, grad norm)."""
+        if net == "G" and family.fixed_params is not None:
+            for p in family.fixed_params(G, cfg, state["nimg"]):
+                p.grad = None  # Adam skips a parameter without a gradient, state and all
         params = [p for p in modules[net].parameters() if p.grad is not None]
         if scalers:
             scalers[net].unscale_(opt[net])
@@ -272,7 +277,7 @@ def train(cfg: Config, command: str = "") -> int:
                 continue
             repeats = family.d_repeats(cfg) if phase.net == "D" else 1
             for _ in range(repeats):
-                if phase.net == "D" or not stepped:
+                if phase.fetch or not stepped:
                     micro = [(next_batch(), {}) for _ in range(accum)]
                 # D is frozen during G's backward: no D weight gradients are computed or leaked.
                 D.requires_grad_(phase.net == "D")

@@ -83,7 +83,7 @@ def visualize(G, b: dict, info: DataInfo) -> list[torch.Tensor]:
 FAMILY = Family(
     name="dcgan",
     build=build,
-    phases=(Phase("D", "D", d_step, after_step=clip_after_step), Phase("G", "G", g_step)),
+    phases=(Phase("D", "D", d_step, after_step=clip_after_step), Phase("G", "G", g_step, fetch=False)),
     prepare=prepare,
     visualize=visualize,
     fields=fields,

@@ -103,7 +103,7 @@ def visualize(G, b: dict, info: DataInfo) -> list[torch.Tensor]:
 FAMILY = Family(
     name="pix2pix",
     build=build,
-    phases=(Phase("D", "D", d_step), Phase("G", "G", g_step)),
+    phases=(Phase("D", "D", d_step), Phase("G", "G", g_step, fetch=False)),
     prepare=prepare,
     visualize=visualize,
     fields=fields,
