@@ -27,7 +27,7 @@ def test_overrides_are_typed():
     ("data.flip=maybe", "data.flip: expected true or false, got 'maybe'"),
     ("train.batch_size=2.5", "train.batch_size: expected an int, got '2.5'"),
     ("optim.beta1=1.5", "optim.beta1: 1.5 is above the maximum 1.0"),
-    ("model.family=stylegan9", "model.family: 'stylegan9' is not allowed; choose one of: pix2pix, dcgan"),
+    ("model.family=stylegan9", "model.family: 'stylegan9' is not allowed; choose one of: pix2pix, pix2pixhd, dcgan"),
     ("train.batch_per_device=3", "train.batch_size=4 must be a multiple of train.batch_per_device=3"),
     ("loss.weight_clip=0.01", "loss.gp_weight and loss.weight_clip are alternatives"),
 ])

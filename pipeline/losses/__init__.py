@@ -1,4 +1,5 @@
-"""Losses: adversarial objectives (``adversarial``) and discriminator regularizers (``regularizers``).
+"""Losses: adversarial objectives (``adversarial``), discriminator regularizers (``regularizers``),
+pix2pixHD's feature matching (``feature_matching``) and VGG19 perceptual loss (``perceptual``).
 
 Kept light: import the submodule you need; nothing here imports torch.
 """
