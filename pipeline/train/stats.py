@@ -111,15 +111,15 @@ class Monitor:
 
     # -------------------------------------------------------------- per step
     def add(self, phase: str, losses: list[dict], grad_norm: torch.Tensor, skipped: bool) -> None:
+        """One optimizer step's losses (averaged over its micro-batches) and gradient norm."""
+        step = {f"Grad/{phase}_norm": grad_norm.detach().float()}
         for out in losses:
             for name, value in out.items():
-                if name == "loss":
-                    continue
-                key = f"Loss/{name}"
-                self.sums[key] = self.sums.get(key, 0) + value.detach().float() / len(losses)
-        key = f"Grad/{phase}_norm"
-        self.sums[key] = self.sums.get(key, 0) + grad_norm.detach().float()
-        self.counts[phase] = self.counts.get(phase, 0) + 1
+                if name != "loss":
+                    step[f"Loss/{name}"] = step.get(f"Loss/{name}", 0) + value.detach().float() / len(losses)
+        for key, value in step.items():
+            self.sums[key] = self.sums.get(key, 0) + value
+            self.counts[key] = self.counts.get(key, 0) + 1
 
     def step(self, state: dict, opt: dict, skipped_samples: int, G_ema, G, D) -> None:
         nimg = state["nimg"]
@@ -140,9 +140,7 @@ class Monitor:
         nimg, w = state["nimg"], self.writer
         per_phase = {}
         for key, total in self.sums.items():
-            phase = key.split("/")[1].split("_")[0]
-            n = self.counts.get(phase, 1)
-            value = float(total) / max(1, n)
+            value = float(total) / self.counts[key]
             per_phase[key] = value
             w.add_scalar(key, value, nimg)
         now = time.perf_counter()
