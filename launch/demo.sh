@@ -1,14 +1,27 @@
 #!/usr/bin/env bash
-# The README's first command: set up, shard the embedded demo data, train pix2pix_demo on
-# 2 processes (CPU with gloo, or the machine's GPUs), and say where the TensorBoard logs are.
+# The README's first command: set up, shard the embedded demo data, train pix2pixhd_demo on
+# 2 processes (CPU with gloo, or the machine's GPUs) with an evaluation sidecar computing
+# FID/KID and paired metrics from each snapshot, and say where everything is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
 PY=.venv/bin/python
-echo "== 1/3 sharding the embedded demo dataset into shards/demo"
+RUN=runs/pix2pixhd_demo
+echo "== 1/4 sharding the embedded demo dataset into shards/demo"
 $PY launch/shard.py write demo --out shards/demo --samples-per-shard 64 --workers 2
 $PY launch/shard.py verify shards/demo
 $PY launch/shard.py inspect shards/demo --samples 6 --sheet shards/demo/contact-sheet.png
+
+echo "== 2/4 InceptionV3 weights for FID/KID"
+INCEPTION=${INCEPTION_WEIGHTS:-weights/weights-inception-2015-12-05-6726825d.pth}
+if [ ! -f "$INCEPTION" ]; then
+  # Nothing is downloaded at run time. Without the real file (see README), the demo uses an
+  # untrained, seeded stand-in: its FIDs are comparable only with each other.
+  INCEPTION=weights/inception-standin-seed0.pth
+  [ -f "$INCEPTION" ] || $PY launch/evaluate.py --make-standin-inception "$INCEPTION"
+  echo "using the UNTRAINED stand-in $INCEPTION (set INCEPTION_WEIGHTS=PATH for real FIDs)"
+fi
+
 if $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   ACCEL=launch/accelerate/multi_gpu.yaml
   NPROC=$($PY -c "import torch; print(torch.cuda.device_count())")
@@ -17,9 +30,15 @@ else
   NPROC=2
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
-echo "== 2/3 training pix2pix_demo on $NPROC processes (run directory runs/pix2pix_demo)"
+echo "== 3/4 training pix2pixhd_demo on $NPROC processes, evaluation sidecar alongside ($RUN)"
 .venv/bin/accelerate launch --config_file "$ACCEL" --num_processes "$NPROC" \
-  launch/train.py --config pix2pix_demo "$@"
-echo "== 3/3 done"
-echo "TensorBoard: .venv/bin/tensorboard --logdir runs/pix2pix_demo --host 127.0.0.1"
-echo "checkpoints: runs/pix2pix_demo/checkpoints, snapshots (G_ema): runs/pix2pix_demo/snapshots"
+  launch/train.py --config pix2pixhd_demo eval.sidecar=true "eval.inception_weights=$INCEPTION" "$@"
+
+echo "== 4/4 waiting for the evaluator to finish the last snapshot ($RUN/eval/sidecar.log)"
+for _ in $(seq 1 600); do
+  [ -f "$RUN/eval/FINISHED.json" ] && break
+  sleep 2
+done
+[ -f "$RUN/eval/metrics.jsonl" ] && cat "$RUN/eval/metrics.jsonl"
+echo "TensorBoard (losses, image grids, Metrics/*): .venv/bin/tensorboard --logdir $RUN --host 127.0.0.1"
+echo "checkpoints: $RUN/checkpoints   snapshots (G_ema): $RUN/snapshots   evaluation: $RUN/eval"

@@ -137,7 +137,19 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    sidecar: bool = False
+    sidecar: bool = False  # start one evaluator process beside the main training process
+    inception_weights: str | None = None  # local torch-fidelity InceptionV3 weights (never downloaded)
+    lpips_weights: str | None = None  # local LPIPS (AlexNet) weights; None leaves LPIPS out
+    policy: str = choice("all", "all", "latest", "every_k")
+    every_k: int = bounded(1, 1)
+    max_samples: int | None = None  # conditional: cap on validation samples (None: the whole split)
+    num_samples: int = bounded(1000, 2)  # unconditional: generated images from fixed latents
+    batch_size: int = bounded(16, 1)
+    kid_subset_size: int = bounded(1000, 2)
+    seed: int = bounded(0, 0)
+    reference_cache: str | None = None  # URL for real-image statistics (None: beside the shards)
+    poll_sec: float = bounded(10.0, 0.1)
+    best_metric: str = choice("fid", "fid", "kid", "lpips", "psnr", "ssim")
 
 
 @dataclass

@@ -83,6 +83,11 @@ class Family:
     # Load ``model.init_from`` (a checkpoint or snapshot URL's G.pt state) into a fresh G.
     init_from: Callable[[nn.Module, dict], None] | None = None
 
+    def generate(self, G: nn.Module, batch: dict, info: DataInfo) -> torch.Tensor:
+        """G's output for a prepared batch, [N, 3, H, W] in [-1, 1]: the grid's output column
+        (``visualize`` puts the output second to last and the real image last)."""
+        return self.visualize(G, batch, info)[-2]
+
 
 def get_family(name: str) -> Family:
     from . import steps_dcgan, steps_pix2pix, steps_pix2pixhd

@@ -10,8 +10,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -29,6 +34,10 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_DIVERGED, EXIT_PREEMPTED = 0, 3, 75
 PREEMPTED_MARKER = "PREEMPTED.json"
+DONE_MARKER = "DONE.json"  # the evaluator's signal that no more snapshots will come
+# Launcher variables a sidecar evaluator must not inherit, or it would try to join our group.
+_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                 "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_", "ACCELERATE_", "OMP_NUM_THREADS")
 
 
 class Preemption:
@@ -49,6 +58,23 @@ def ignore_preemption_signals(worker_id: int) -> None:
     process decides, and ends its workers itself."""
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+
+
+def start_sidecar(run_dir: str) -> subprocess.Popen:
+    """One evaluator process beside the main process, in a session of its own; never waited on."""
+    root = Path(__file__).resolve().parent.parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_ENV)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    log_path = Path(io.fs_for(run_dir)[1]) / "eval" / "sidecar.log" if io.is_local(run_dir) \
+        else Path(tempfile.mkdtemp(prefix="gan-eval-")) / "sidecar.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    io.remove(io.join(run_dir, "eval", "FINISHED.json"))  # a previous evaluator's, not this one's
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.eval.cli", "--run", run_dir], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    dist.main_print(f"evaluation sidecar started (pid {proc.pid}, log {log_path})")
+    return proc
 
 
 def resolve_precision(precision: str) -> str:
@@ -116,6 +142,7 @@ def train(cfg: Config, command: str = "") -> int:
     if dist.is_main():
         io.makedirs(run_dir, so)
         io.remove(io.join(run_dir, PREEMPTED_MARKER), so)
+        io.remove(io.join(run_dir, DONE_MARKER), so)
         io.atomic_write_json(io.join(run_dir, "config.json"), to_dict(cfg), so)
         io.atomic_write_json(io.join(run_dir, "run.json"), describe_run(command, world, precision, accum), so)
     state = {"step": 0, "nimg": 0, "skipped_steps": 0, "consecutive_bad": 0, "rollbacks": 0}
@@ -187,6 +214,8 @@ def train(cfg: Config, command: str = "") -> int:
         return family.prepare(batch, device, cfg, info)
 
     monitor = Monitor(cfg, run_dir, family, info, device, enabled=dist.is_main())
+    if cfg.eval.sidecar and dist.is_main():
+        start_sidecar(run_dir)  # the loop itself does no evaluation work and never waits for it
     preemption = Preemption()
 
     # ------------------------------------------------------------ checkpointing
@@ -344,5 +373,8 @@ def train(cfg: Config, command: str = "") -> int:
         if not (consumed["batches"] % max(1, workers) == 0):
             save_checkpoint()  # the run is complete; exact data alignment no longer matters
     monitor.close(state)
+    if exit_code == EXIT_OK and dist.is_main():
+        io.atomic_write_json(io.join(run_dir, DONE_MARKER), {"step": state["step"], "nimg": state["nimg"],
+                                                             "time": time.time()}, so)
     accelerator.end_training()
     return exit_code

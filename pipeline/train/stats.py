@@ -45,6 +45,39 @@ def peak_mem_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
 
+class RunEvents:
+    """A TensorBoard writer for ``run_dir/tensorboard``. Object stores cannot append, so for a
+    remote run the events go to a local folder that is uploaded on every flush."""
+
+    def __init__(self, run_dir: str, storage_options: dict | None = None, suffix: str = ""):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir, self.so = run_dir, storage_options
+        self.remote = not io.is_local(run_dir)
+        _, path = io.fs_for(run_dir, storage_options)
+        self.local = tempfile.mkdtemp(prefix="gan-tb-") if self.remote else str(Path(path) / "tensorboard")
+        self.writer = SummaryWriter(self.local, filename_suffix=suffix)
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.writer.add_scalar(tag, value, step)
+
+    def add_image(self, tag: str, image: torch.Tensor, step: int) -> None:
+        self.writer.add_image(tag, image, step)
+
+    def add_histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
+        self.writer.add_histogram(tag, values, step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+        if self.remote:
+            for p in Path(self.local).iterdir():
+                io.atomic_upload(p, io.join(self.run_dir, "tensorboard", p.name), self.so)
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+
+
 class Monitor:
     """Collects what the loop reports and writes it at ``log_every_kimg`` / ``image_every_kimg``."""
 
@@ -64,13 +97,7 @@ class Monitor:
         self.t_last, self.nimg_last = time.perf_counter(), nimg
         if not self.enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
-
-        fs, path = io.fs_for(self.run_dir, self.cfg.data.storage_options or None)
-        self.remote = not io.is_local(self.run_dir)
-        # Object stores cannot append: events go to a local folder that is uploaded on flush.
-        self.local_tb = tempfile.mkdtemp(prefix="gan-tb-") if self.remote else str(Path(path) / "tensorboard")
-        self.writer = SummaryWriter(self.local_tb)
+        self.writer = RunEvents(self.run_dir, self.cfg.data.storage_options or None)
         self.val_batch = self._fixed_batch()
         if self.cfg.train.progress:
             from tqdm import tqdm
@@ -161,7 +188,6 @@ class Monitor:
         self.sums.clear()
         self.counts.clear()
         w.flush()
-        self._sync()
         if self.bar is not None:
             shown = {k.split("/")[1]: f"{v:.3g}" for k, v in per_phase.items() if k.startswith("Loss/")}
             self.bar.set_postfix(shown, refresh=False)
@@ -177,18 +203,9 @@ class Monitor:
                                            value_range=(-1, 1))
         self.writer.add_image("Images/val_input_output_target", grid, nimg)
         self.writer.flush()
-        self._sync()
-
-    def _sync(self) -> None:
-        if self.enabled and self.remote:
-            for p in Path(self.local_tb).iterdir():
-                io.atomic_upload(p, io.join(self.run_dir, "tensorboard", p.name),
-                                 self.cfg.data.storage_options or None)
 
     def close(self, state: dict) -> None:
         if self.enabled and self.writer is not None:
-            self.writer.flush()
-            self._sync()
             self.writer.close()
             if self.bar is not None:
                 self.bar.n = round(state["nimg"] / 1000, 3)

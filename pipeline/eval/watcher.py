@@ -1,0 +1,331 @@
+"""The asynchronous evaluator: watches a run directory for committed snapshots and evaluates each
+once (FID/KID with torch-fidelity, paired metrics for translation models), writing results
+atomically beside the run and into its TensorBoard at the snapshot's step. Training never waits.
+
+Results: ``eval/step-NNNNNNNN.json`` (one per snapshot, the protocol beside every number),
+``eval/metrics.jsonl`` (all of them), ``eval/step-NNNNNNNN.png`` (a sample grid), ``eval/best.json``.
+Several evaluator processes (``accelerate launch``/torchrun) split generation and feature
+extraction; features are gathered and ordered by sample, so numbers do not depend on their count.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from .. import dist, io
+from ..config import Config, from_dict
+from ..data.manifest import load_manifest
+from ..data.stream import make_stream, slot_range
+from ..data.transforms import Augment
+from ..train import checkpoint as ckpt
+from ..train.family import DataInfo, get_family
+from . import metrics, paired
+
+log = logging.getLogger(__name__)
+
+EVAL_DIR = "eval"
+DONE_MARKER = "DONE.json"  # written by training when it completes
+FINISHED = "FINISHED.json"  # written here when a following evaluator has seen everything
+LOWER_IS_BETTER = {"fid": True, "kid": True, "lpips": True, "psnr": False, "ssim": False}
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    run: str
+    inception_weights: str | None = None
+    lpips_weights: str | None = None
+    policy: str = "all"
+    every_k: int = 1
+    once: bool = False
+    step: int | None = None
+    max_samples: int | None = None
+    num_samples: int = 1000
+    batch_size: int = 16
+    kid_subset_size: int = 1000
+    kid_subsets: int = 100
+    seed: int = 0
+    reference_cache: str | None = None
+    poll_sec: float = 10.0
+    best_metric: str = "fid"
+    workers: int = 0
+    timeout_sec: float | None = None  # following: give up after this long without the DONE marker
+    storage_options: dict | None = None
+
+    @classmethod
+    def from_config(cls, run: str, cfg: Config, **overrides) -> EvalOptions:
+        e = cfg.eval
+        base = cls(run=run, inception_weights=e.inception_weights, lpips_weights=e.lpips_weights,
+                   policy=e.policy, every_k=e.every_k, max_samples=e.max_samples, num_samples=e.num_samples,
+                   batch_size=e.batch_size, kid_subset_size=e.kid_subset_size, seed=e.seed,
+                   reference_cache=e.reference_cache, poll_sec=e.poll_sec, best_metric=e.best_metric,
+                   storage_options=cfg.data.storage_options or None)
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def result_url(run: str, step: int, suffix: str = "json") -> str:
+    return io.join(run, EVAL_DIR, f"step-{step:08d}.{suffix}")
+
+
+def pending_steps(opts: EvalOptions) -> list[int]:
+    """Committed snapshots not evaluated yet, filtered by the policy (fresh listings each call)."""
+    so = opts.storage_options
+    steps = ckpt.list_steps(opts.run, ckpt.SNAPSHOTS, so)
+    if opts.step is not None:
+        steps = [s for s in steps if s == opts.step]
+    committed = [s for s in steps if io.exists(io.join(ckpt.step_url(opts.run, ckpt.SNAPSHOTS, s), ckpt.COMMIT), so)]
+    if opts.policy == "every_k":
+        committed = committed[opts.every_k - 1::opts.every_k]
+    todo = [s for s in committed if not io.exists(result_url(opts.run, s), so)]
+    if opts.policy == "latest":
+        todo = todo[-1:]
+    return todo
+
+
+class Evaluator:
+    """Holds what every evaluation reuses: the feature extractor, LPIPS, the TensorBoard writer."""
+
+    def __init__(self, opts: EvalOptions):
+        self.opts = opts
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+        if not opts.inception_weights:
+            raise FileNotFoundError(metrics.missing_weights_message("(not set: eval.inception_weights / "
+                                                                    "--inception-weights)"))
+        self.inception = metrics.InceptionFeatures(opts.inception_weights, self.device,
+                                                   storage_options=opts.storage_options)
+        self.lpips = paired.load_lpips(opts.lpips_weights, self.device) if opts.lpips_weights else None
+        self.events = None
+        if dist.is_main():
+            from ..train.stats import RunEvents
+
+            self.events = RunEvents(opts.run, opts.storage_options, suffix=".eval")
+
+    # ------------------------------------------------------------ one snapshot
+    def evaluate(self, step: int) -> dict | None:
+        so = self.opts.storage_options
+        url = ckpt.step_url(self.opts.run, ckpt.SNAPSHOTS, step)
+        try:
+            record = ckpt.verify(url, so)
+            weights = "G_ema.pt" if "G_ema.pt" in record["files"] else "G.pt"
+            state = ckpt.load_tensors(io.join(url, weights), so)
+        except (ckpt.CheckpointInvalid, FileNotFoundError) as exc:
+            log.warning("snapshot %s is gone or incomplete (%s): skipped", url, exc)
+            return None
+        cfg = from_dict(record["config"])
+        family = get_family(cfg.model.family)
+        manifest = load_manifest(cfg.data.url, so)
+        info = DataInfo(manifest.task, manifest.num_classes, tuple(manifest.fields))
+        G = family.build(cfg, info)["G"]
+        G.load_state_dict(state)
+        G.eval().requires_grad_(False).to(self.device)
+        conditional = info.task in ("label2image", "paired")
+        split = cfg.data.val_split if cfg.data.val_split in manifest.splits else cfg.data.split
+        t0 = time.perf_counter()
+        gen, real, sums, grid = (self._conditional if conditional else self._unconditional)(
+            cfg, family, info, G, split)
+        result = self._finish(step, record, cfg, manifest, split, gen, real, sums, grid, conditional, t0)
+        return result
+
+    def _batches(self, cfg: Config, family, info: DataInfo, split: str):
+        """This rank's share of ``split``: (global sample index, prepared batch), exactly once."""
+        stream = make_stream(cfg.data.url, split, train=False, rank=dist.rank(), world_size=dist.world_size(),
+                             num_workers=self.opts.workers, fields=family.fields(info),
+                             augment=Augment(cfg.data.load_size, cfg.data.crop_size, False),
+                             storage_options=self.opts.storage_options)
+        total = stream.spec.manifest.num_samples(split)
+        slots = stream.slots()[1]
+        loader = torch.utils.data.DataLoader(stream, batch_size=self.opts.batch_size, num_workers=self.opts.workers)
+        for batch in loader:
+            first = torch.tensor([slot_range(total, int(s), slots, False)[0] for s in batch["__slot__"]])
+            index = first + batch["__index__"]
+            keep = index < self.opts.max_samples if self.opts.max_samples else torch.ones_like(index, dtype=torch.bool)
+            if not keep.any():
+                continue
+            batch = {k: (v[keep] if torch.is_tensor(v) else [x for x, m in zip(v, keep) if m])
+                     for k, v in batch.items()}
+            yield index[keep], family.prepare(batch, self.device, cfg, info)
+
+    @torch.no_grad()
+    def _conditional(self, cfg, family, info, G, split):
+        gen, real, sums, grid = [], [], {}, None
+        for index, b in self._batches(cfg, family, info, split):
+            fake = family.generate(G, b, info).float().clamp(-1, 1)
+            target = b["image"].float()
+            gen.append((index, self.inception(metrics.to_uint8(fake))))
+            real.append((index, metrics.to_uint8(target)))
+            for name, values in self._paired(fake, target).items():
+                total, n = sums.get(name, (0.0, 0))
+                sums[name] = (total + float(values.double().sum()), n + len(values))
+            if grid is None:
+                grid = family.visualize(G, b, info)
+        return gen, real, sums, grid
+
+    def _paired(self, fake: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {"psnr": paired.psnr(fake, target), "ssim": paired.ssim(fake, target)}
+        try:
+            out["ms_ssim"] = paired.ms_ssim(fake, target)
+        except ValueError as exc:  # images smaller than MS-SSIM's five scales need
+            log.debug("MS-SSIM left out: %s", exc)
+        if self.lpips is not None:
+            out["lpips"] = paired.lpips(self.lpips, fake, target)
+        return out
+
+    @torch.no_grad()
+    def _unconditional(self, cfg, family, info, G, split):
+        n, rank, world = self.opts.num_samples, dist.rank(), dist.world_size()
+        # The same latents whatever the number of evaluators: drawn once, sliced per rank.
+        z = torch.randn(n, cfg.model.z_dim, generator=torch.Generator().manual_seed(self.opts.seed))
+        lo, hi = rank * n // world, (rank + 1) * n // world
+        gen, grid = [], None
+        for start in range(lo, hi, self.opts.batch_size):
+            zb = z[start:min(hi, start + self.opts.batch_size)].to(self.device)
+            fake = family.generate(G, {"z": zb, "image": torch.empty(0)}, info).float().clamp(-1, 1)
+            gen.append((torch.arange(start, start + len(zb)), self.inception(metrics.to_uint8(fake))))
+            grid = grid if grid is not None else [fake]
+        real = [(index, metrics.to_uint8(b["image"].float())) for index, b in self._batches(cfg, family, info, split)]
+        return gen, real, {}, grid
+
+    # ------------------------------------------------------------ gather, reference, write
+    def _finish(self, step, record, cfg, manifest, split, gen, real, sums, grid, conditional, t0):
+        so = self.opts.storage_options
+        gen_all = _ordered(dist.gather_objects(gen))
+        sums_all = dist.gather_objects(sums)
+        shapes = [s for s in dist.gather_objects(tuple(real[0][1].shape[-2:]) if real else None) if s]
+        resolution = shapes[0]
+        num_ref = int(sum(dist.gather_objects(sum(len(index) for index, _ in real))))
+        resize = f"load{cfg.data.load_size}-crop{cfg.data.crop_size}+{self.inception.resize}"
+        key = metrics.reference_key(cfg.data.url, split, self.inception, resolution=resolution,
+                                    num_samples=num_ref, resize=resize, storage_options=so)
+        cache = self.opts.reference_cache or metrics.default_cache_url(cfg.data.url)
+        # The main process decides hit or miss for everyone: a gather inside compute must run on all ranks.
+        hit = dist.broadcast_object(metrics.lookup(cache, key, so) is not None if dist.is_main() else None)
+        if hit:
+            ref = metrics.lookup(cache, key, so).features if dist.is_main() else None
+        else:
+            feats = [(i, self.inception(images)) for i, images in real]
+            ref = _ordered(dist.gather_objects(feats))
+            if dist.is_main():
+                ref = metrics.store(cache, key, ref, protocol=self.inception.protocol(), storage_options=so).features
+        if not dist.is_main():
+            return None
+        scores = metrics.fid_kid(gen_all, ref, kid_subsets=self.opts.kid_subsets,
+                                 kid_subset_size=self.opts.kid_subset_size, seed=self.opts.seed)
+        values = {"fid": scores["fid"], "kid": scores["kid_mean"], "kid_std": scores["kid_std"]}
+        for name in {k for part in sums_all for k in part}:
+            total = sum(part[name][0] for part in sums_all if name in part)
+            count = sum(part[name][1] for part in sums_all if name in part)
+            values[name] = total / count if count else None
+        result = {
+            "step": step, "nimg": record["nimg"], "kimg": record["kimg"], "snapshot": ckpt.step_url(
+                self.opts.run, ckpt.SNAPSHOTS, step), "metrics": values, "seconds": round(time.perf_counter() - t0, 2),
+            "evaluators": dist.world_size(), "conditional": conditional,
+            "protocol": metrics.provenance(self.inception, num_gen=scores["num_gen"], num_ref=scores["num_ref"],
+                                           reference_split=split, seed=self.opts.seed,
+                                           kid_subsets=scores["kid_subsets"],
+                                           kid_subset_size=scores["kid_subset_size"], image_resolution=resolution,
+                                           manifest_sha256=key.manifest_sha256, resize=resize,
+                                           lpips_weights=self.opts.lpips_weights, reference_cache=cache),
+        }
+        io.atomic_write_json(result_url(self.opts.run, step), result, so)
+        self._append_jsonl(result)
+        self._write_events(result, grid)
+        self._update_best(result)
+        log.info("step %d (kimg %.3f): %s", step, record["kimg"],
+                 ", ".join(f"{k}={v:.4g}" for k, v in values.items() if v is not None))
+        return result
+
+    def _append_jsonl(self, result: dict) -> None:
+        # Object stores cannot append: rewrite the whole file atomically (it is small).
+        url = io.join(self.opts.run, EVAL_DIR, "metrics.jsonl")
+        so = self.opts.storage_options
+        old = io.read_bytes(url, so).decode() if io.exists(url, so) else ""
+        lines = [line for line in old.splitlines() if line.strip() and json.loads(line)["step"] != result["step"]]
+        lines.append(json.dumps({k: result[k] for k in ("step", "nimg", "kimg", "metrics")}))
+        io.atomic_write_bytes(url, ("\n".join(lines) + "\n").encode(), so)
+
+    def _write_events(self, result: dict, grid) -> None:
+        nimg = result["nimg"]
+        for name, value in result["metrics"].items():
+            if value is not None:
+                self.events.add_scalar(f"Metrics/{name}", value, nimg)
+        if grid is not None:
+            import torchvision
+
+            rows = torch.stack([c.float().cpu() for c in grid], 1).flatten(0, 1)[: 8 * len(grid)]
+            image = torchvision.utils.make_grid(rows.clamp(-1, 1), nrow=len(grid), normalize=True, value_range=(-1, 1))
+            self.events.add_image("Eval/samples", image, nimg)
+            buf = __import__("io").BytesIO()
+            torchvision.utils.save_image(image, buf, format="png")
+            io.atomic_write_bytes(result_url(self.opts.run, result["step"], "png"), buf.getvalue(),
+                                  self.opts.storage_options)
+        self.events.flush()
+
+    def _update_best(self, result: dict) -> None:
+        name = self.opts.best_metric
+        value = result["metrics"].get(name)
+        if value is None:
+            return
+        url = io.join(self.opts.run, EVAL_DIR, "best.json")
+        so = self.opts.storage_options
+        best = io.read_json(url, so) if io.exists(url, so) else None
+        better = best is None or (value < best["value"] if LOWER_IS_BETTER[name] else value > best["value"])
+        if better:
+            io.atomic_write_json(url, {"metric": name, "value": value, "step": result["step"], "kimg": result["kimg"],
+                                       "snapshot": result["snapshot"]}, so)
+
+
+def _ordered(per_rank: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> torch.Tensor:
+    """Concatenate (sample index, rows) pieces from every rank, sorted by sample index, so the
+    result is the same whatever the number of evaluators."""
+    pieces = [(i, row) for part in per_rank for index, rows in part for i, row in zip(index.tolist(), rows)]
+    pieces.sort(key=lambda p: p[0])
+    return torch.stack([row for _, row in pieces]) if pieces else torch.empty(0, metrics.FEATURE_DIMS)
+
+
+class _Stop:
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._set)
+
+    def _set(self, signum, frame):
+        self.requested = True
+
+
+def run_evaluator(opts: EvalOptions) -> int:
+    """Evaluate what is there (``once``/``step``) or follow the run until training is done."""
+    if dist.world_size() > 1 and not dist.is_initialized():
+        dist.make_accelerator("fp32")  # joins the process group of an `accelerate launch`
+    evaluator = Evaluator(opts)
+    stop = _Stop()
+    started = time.time()
+    so = opts.storage_options
+    evaluated = 0
+    while not stop.requested:
+        todo = dist.broadcast_object(pending_steps(opts) if dist.is_main() else None)
+        for step in todo:
+            if stop.requested:
+                break
+            evaluated += evaluator.evaluate(step) is not None
+        if opts.once or opts.step is not None:
+            break
+        done = dist.broadcast_object(io.exists(io.join(opts.run, DONE_MARKER), so) if dist.is_main() else None)
+        if done and not todo:
+            if dist.is_main():
+                io.atomic_write_json(io.join(opts.run, EVAL_DIR, FINISHED), {"evaluated": evaluated,
+                                                                            "time": time.time()}, so)
+            break
+        if opts.timeout_sec is not None and time.time() - started > opts.timeout_sec:
+            log.warning("no DONE marker after %.0f s: stopping", opts.timeout_sec)
+            break
+        if not todo:
+            time.sleep(opts.poll_sec)
+    if evaluator.events is not None:
+        evaluator.events.close()
+    return 0

@@ -1,0 +1,236 @@
+"""The asynchronous evaluator: agreement with torch-fidelity's own tool, independence from the
+number of evaluator processes, exactly-once evaluation of what a concurrent 2-process training
+commits, restarts, rotation, the sidecar, TensorBoard, and S3."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import SMALL, env, explain, free_port, launch_cmd, run
+
+from pipeline.eval.standin import write_standin_inception
+from pipeline.train import checkpoint as ckpt
+
+REPO = Path(__file__).resolve().parent.parent
+EVALUATE = str(REPO / "launch" / "evaluate.py")
+ACCEL_CPU2 = str(REPO / "launch" / "accelerate" / "cpu_2proc.yaml")
+FAST_EVAL = ["--max-samples", "7", "--kid-subset-size", "4", "--kid-subsets", "10", "--batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def inception(tmp_path_factory) -> str:
+    return str(write_standin_inception(tmp_path_factory.mktemp("inception") / "inception-standin.pth"))
+
+
+@pytest.fixture(scope="module")
+def trained_run(demo_shards, tmp_path_factory) -> Path:
+    """A tiny pix2pix run with snapshots at steps 2 and 4 (read-only: tests copy it)."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    r = run(launch_cmd(1, [f"data.url={demo_shards}", f"run.dir={run_dir}", "train.total_kimg=0.016",
+                           "checkpoint.every_kimg=0.008", "data.workers=0", *SMALL]))
+    assert r.returncode == 0, explain(r)
+    return run_dir
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "eval", ignore_errors=True)
+    return dst
+
+
+def evaluate(run_dir: Path, *args: str, procs: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+    if procs == 1:
+        cmd = [sys.executable, EVALUATE, "--run", str(run_dir), *args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", ACCEL_CPU2,
+               "--num_processes", str(procs), "--main_process_port", str(free_port()), EVALUATE,
+               "--run", str(run_dir), *args]
+    return run(cmd, timeout=timeout)
+
+
+def result(run_dir: Path, step: int) -> dict:
+    return json.loads((run_dir / "eval" / f"step-{step:08d}.json").read_text())
+
+
+# ---------------------------------------------------------------- numbers
+
+
+def test_matches_torch_fidelity_command_line_tool(trained_run, inception, tmp_path):
+    run_dir = copy_run(trained_run, tmp_path / "run")
+    r = evaluate(run_dir, "--once", "--step", "4", "--inception-weights", inception, *FAST_EVAL)
+    assert r.returncode == 0, explain(r)
+    ours = result(run_dir, 4)
+    assert ours["protocol"]["num_gen"] == ours["protocol"]["num_ref"] == 7
+    # The same generated and reference images, written as PNGs, through `fidelity` itself.
+    from pipeline.config import from_dict
+    from pipeline.data.manifest import load_manifest
+    from pipeline.data.stream import make_stream
+    from pipeline.data.transforms import Augment
+    from pipeline.eval.metrics import to_uint8
+    from pipeline.train.family import DataInfo, get_family
+
+    record = ckpt.verify(str(run_dir / "snapshots" / "step-00000004"))
+    cfg = from_dict(record["config"])
+    family, m = get_family(cfg.model.family), load_manifest(cfg.data.url)
+    info = DataInfo(m.task, m.num_classes, tuple(m.fields))
+    G = family.build(cfg, info)["G"]
+    G.load_state_dict(ckpt.load_tensors(str(run_dir / "snapshots" / "step-00000004" / "G_ema.pt")))
+    G.eval()
+    gen_dir, ref_dir = tmp_path / "gen", tmp_path / "ref"
+    gen_dir.mkdir()
+    ref_dir.mkdir()
+    stream = make_stream(cfg.data.url, cfg.data.val_split, train=False, fields=family.fields(info),
+                         augment=Augment(cfg.data.load_size, cfg.data.crop_size, False))
+    import torchvision
+
+    for i, sample in enumerate(stream):
+        if i == 7:
+            break
+        b = family.prepare(torch.utils.data.default_collate([sample]), torch.device("cpu"), cfg, info)
+        with torch.no_grad():
+            fake = family.generate(G, b, info).clamp(-1, 1)
+        torchvision.io.write_png(to_uint8(fake)[0], str(gen_dir / f"{i:03d}.png"))
+        torchvision.io.write_png(to_uint8(b["image"])[0], str(ref_dir / f"{i:03d}.png"))
+    cli = run([str(Path(sys.executable).parent / "fidelity"), "--fid", "--kid", "--kid-subset-size", "4",
+               "--kid-subsets", "10", "--input1", str(gen_dir), "--input2", str(ref_dir), "--cpu",
+               "--feature-extractor-weights-path", inception, "--batch-size", "4", "--rng-seed", "0"], timeout=300)
+    assert cli.returncode == 0, explain(cli)
+    text = cli.stdout + cli.stderr
+    fid = float(re.search(r"frechet_inception_distance: ([0-9.eE+-]+)", text)[1])
+    kid = float(re.search(r"kernel_inception_distance_mean: ([0-9.eE+-]+)", text)[1])
+    assert ours["metrics"]["fid"] == pytest.approx(fid, rel=1e-5, abs=1e-6)
+    assert ours["metrics"]["kid"] == pytest.approx(kid, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.multiprocess
+def test_one_and_two_evaluator_processes_agree(trained_run, inception, tmp_path):
+    one, two = copy_run(trained_run, tmp_path / "one"), copy_run(trained_run, tmp_path / "two")
+    for run_dir, procs in ((one, 1), (two, 2)):
+        r = evaluate(run_dir, "--once", "--step", "4", "--inception-weights", inception, "--reference-cache",
+                     str(run_dir / "refcache"), *FAST_EVAL, procs=procs)  # 7 samples: an odd count over 2
+        assert r.returncode == 0, explain(r)
+    a, b = result(one, 4), result(two, 4)
+    assert (a["evaluators"], b["evaluators"]) == (1, 2)
+    assert a["protocol"]["num_gen"] == b["protocol"]["num_gen"] == 7
+    for name in ("fid", "kid", "psnr", "ssim"):
+        assert abs(a["metrics"][name] - b["metrics"][name]) <= 1e-6 * max(1.0, abs(a["metrics"][name])), name
+
+
+# ---------------------------------------------------------------- watching a run
+
+
+@pytest.mark.multiprocess
+def test_follows_a_concurrent_two_process_training_and_evaluates_each_snapshot_once(demo_shards, inception,
+                                                                                    tmp_path):
+    run_dir = tmp_path / "run"
+    train = subprocess.Popen(launch_cmd(2, [f"data.url={demo_shards}", f"run.dir={run_dir}", "train.total_kimg=0.024",
+                                            "checkpoint.every_kimg=0.008", "checkpoint.keep_last=5",
+                                            "data.workers=1", *SMALL]),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+                             start_new_session=True)
+    while not (run_dir / "config.json").exists():
+        assert train.poll() is None, train.communicate()
+        time.sleep(0.1)
+    # Present from the start and never committed: must never be evaluated.
+    (run_dir / "snapshots" / "step-99999999").mkdir(parents=True)
+    follower = evaluate(run_dir, "--inception-weights", inception, "--poll-sec", "0.5", "--timeout", "400",
+                        *FAST_EVAL, timeout=500)
+    out, err = train.communicate(timeout=300)
+    assert train.returncode == 0, err[-4000:]
+    assert follower.returncode == 0, explain(follower)
+    committed = ckpt.list_steps(str(run_dir), ckpt.SNAPSHOTS)
+    assert 99999999 in committed
+    evaluated = [json.loads(line)["step"] for line in (run_dir / "eval" / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(evaluated) == [2, 4, 6] and len(set(evaluated)) == len(evaluated)
+    assert not (run_dir / "eval" / "step-99999999.json").exists()
+    assert (run_dir / "eval" / "FINISHED.json").exists()
+    assert json.loads((run_dir / "eval" / "best.json").read_text())["metric"] == "fid"
+    # TensorBoard: the evaluator's scalars at each snapshot's images-seen step.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("Metrics/fid")] == [8, 16, 24]
+    assert "Eval/samples" in acc.Tags()["images"]
+    # A restarted evaluator redoes nothing.
+    stamps = {p.name: p.stat().st_mtime_ns for p in (run_dir / "eval").glob("step-*.json")}
+    again = evaluate(run_dir, "--once", "--inception-weights", inception, *FAST_EVAL)
+    assert again.returncode == 0, explain(again)
+    assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "eval").glob("step-*.json")} == stamps
+
+
+def test_killed_evaluator_resumes_without_redoing_and_skips_rotated_snapshots(trained_run, inception, tmp_path,
+                                                                              caplog):
+    run_dir = copy_run(trained_run, tmp_path / "run")
+    r = evaluate(run_dir, "--once", "--step", "2", "--inception-weights", inception, *FAST_EVAL)
+    assert r.returncode == 0, explain(r)
+    first = (run_dir / "eval" / "step-00000002.json").stat().st_mtime_ns
+    # A half-done evaluation of step 4 left nothing behind (results are written atomically, last).
+    r = evaluate(run_dir, "--once", "--inception-weights", inception, *FAST_EVAL)
+    assert r.returncode == 0, explain(r)
+    assert (run_dir / "eval" / "step-00000002.json").stat().st_mtime_ns == first
+    assert (run_dir / "eval" / "step-00000004.json").exists()
+    # Rotation: a snapshot deleted under the evaluator is skipped with a log line.
+    from pipeline.eval.watcher import EvalOptions, Evaluator
+
+    evaluator = Evaluator(EvalOptions(run=str(run_dir), inception_weights=inception, max_samples=3))
+    shutil.rmtree(run_dir / "snapshots" / "step-00000002")
+    assert evaluator.evaluate(2) is None
+    assert "is gone or incomplete" in caplog.text
+
+
+def test_missing_inception_weights_says_how_to_get_them(trained_run, tmp_path):
+    run_dir = copy_run(trained_run, tmp_path / "run")
+    r = evaluate(run_dir, "--once", "--inception-weights", str(tmp_path / "nope.pth"))
+    assert r.returncode == 2
+    assert "nope.pth" in r.stderr and "weights-inception-2015-12-05-6726825d.pth" in r.stderr
+    assert "--inception-weights PATH" in r.stderr
+
+
+def test_training_sidecar_evaluates_and_writes_to_tensorboard(demo_shards, inception, tmp_path):
+    run_dir = tmp_path / "run"
+    r = run(launch_cmd(1, [f"data.url={demo_shards}", f"run.dir={run_dir}", "train.total_kimg=0.008",
+                           "checkpoint.every_kimg=0.008", "data.workers=0", "eval.sidecar=true",
+                           f"eval.inception_weights={inception}", "eval.max_samples=4", "eval.kid_subset_size=4",
+                           "eval.poll_sec=0.5", *SMALL]))
+    assert r.returncode == 0, explain(r)
+    assert "evaluation sidecar started" in r.stdout
+    deadline = time.time() + 240
+    while not (run_dir / "eval" / "FINISHED.json").exists():
+        assert time.time() < deadline, (run_dir / "eval" / "sidecar.log").read_text()[-3000:]
+        time.sleep(0.5)
+    assert result(run_dir, 2)["metrics"]["fid"] > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("Metrics/fid")] == [8]
+
+
+# ---------------------------------------------------------------- object storage
+
+
+@pytest.mark.s3
+def test_trains_and_evaluates_a_run_on_s3(s3_server, demo_shards, inception):
+    url = s3_server.url("runs/p2p")
+    common = [f"data.url={demo_shards}", f"run.dir={url}", "checkpoint.every_kimg=0.008", "data.workers=0", *SMALL]
+    r = run(launch_cmd(1, [*common, "train.total_kimg=0.008"]))
+    assert r.returncode == 0, explain(r)
+    r = run(launch_cmd(1, [*common, "train.total_kimg=0.016"]))  # resume from the bucket
+    assert r.returncode == 0 and "resumed from s3://" in r.stdout + r.stderr, explain(r)
+    assert ckpt.list_steps(url) == [2, 4]
+    r = evaluate(url, "--once", "--inception-weights", inception, *FAST_EVAL)
+    assert r.returncode == 0, explain(r)
+    from pipeline import io
+
+    lines = io.read_bytes(f"{url}/eval/metrics.jsonl").decode().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [2, 4]
+    assert any(name.endswith(".eval") for name in io.list_fresh(f"{url}/tensorboard"))
