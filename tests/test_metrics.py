@@ -384,6 +384,51 @@ def test_ssim_and_ms_ssim_are_one_for_identical_and_fall_with_noise():
         paired.ms_ssim(base[..., :100, :100], base[..., :100, :100])
 
 
+def reference_ssim_terms(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Mean SSIM and mean contrast-structure of one channel ``[H, W]`` in [0, 1], float64, by direct
+    11x11 window sums (an independent path: no separable filter, no torch)."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    g = np.exp(-((np.arange(11) - 5.0) ** 2) / (2 * 1.5**2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+
+    def win(a: np.ndarray) -> np.ndarray:
+        return np.einsum("ijkl,kl->ij", sliding_window_view(a, (11, 11)), w)
+
+    mx, my = win(x), win(y)
+    vx, vy, cxy = win(x * x) - mx**2, win(y * y) - my**2, win(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    cs = (2 * cxy + c2) / (vx + vy + c2)
+    return float(((2 * mx * my + c1) / (mx**2 + my**2 + c1) * cs).mean()), float(cs.mean())
+
+
+def reference_ms_ssim(x: np.ndarray, y: np.ndarray) -> float:
+    """MS-SSIM of one channel: cs at scales 1-4, SSIM at 5, 2x2-mean halving (odd edge replicated)."""
+    def halve(a: np.ndarray) -> np.ndarray:
+        a = np.pad(a, ((0, a.shape[0] % 2), (0, a.shape[1] % 2)), mode="edge")
+        return (a[0::2, 0::2] + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2]) / 4
+
+    value = 1.0
+    for scale, weight in enumerate(paired.MS_SSIM_WEIGHTS):
+        s, cs = reference_ssim_terms(x, y)
+        value *= max(s if scale == 4 else cs, 0.0) ** weight
+        x, y = halve(x), halve(y)
+    return value
+
+
+def test_ssim_and_ms_ssim_match_a_float64_reference():
+    gen = torch.Generator().manual_seed(3)
+    x = F.interpolate(torch.rand(1, 3, 20, 20, generator=gen), size=(165, 171), mode="bilinear",
+                      align_corners=False)  # odd sizes: the halving's edge rule is exercised
+    y = (x + 0.08 * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+    xs, ys = x[0].double().numpy(), y[0].double().numpy()
+    expected_ssim = np.mean([reference_ssim_terms(xs[c], ys[c])[0] for c in range(3)])
+    expected_ms = np.mean([reference_ms_ssim(xs[c], ys[c]) for c in range(3)])
+    assert paired.ssim(x, y, value_range=(0, 1)).item() == pytest.approx(expected_ssim, abs=2e-5)
+    assert paired.ms_ssim(x, y, value_range=(0, 1)).item() == pytest.approx(expected_ms, abs=2e-5)
+    assert 0.3 < expected_ssim < 0.95  # a pair where the terms matter
+
+
 def test_ssim_by_hand_on_flat_images():
     # Flat images: no variance, so SSIM is the luminance term (2 a b + C1) / (a^2 + b^2 + C1) in [0, 1] units.
     # Tolerance: the variances come out as E[x^2] - E[x]^2 in fp32, ~1e-7 off zero, next to C2 = 9e-4.
@@ -425,8 +470,13 @@ def test_missing_lpips_weights_say_how_to_build_them(tmp_path):
 def test_lpips_file_builds_from_torchvision_alexnet_and_official_heads(tmp_path, capsys):
     from torchvision.models import alexnet
 
-    torch.manual_seed(0)
-    tv_state = alexnet(weights=None).state_dict()  # the layout torchvision's IMAGENET1K_V1 file has
+    # torchvision's own key layout and shapes (built on the meta device: no 61M-parameter init); random
+    # features, and empty stand-ins for the classifier, which the builder must ignore.
+    with torch.device("meta"):
+        layout = alexnet(weights=None).state_dict()
+    gen = torch.Generator().manual_seed(0)
+    tv_state = {k: torch.randn(v.shape, generator=gen) if k.startswith("features.") else torch.empty(0)
+                for k, v in layout.items()}
     torch.save(tv_state, tmp_path / "alexnet.pth")
     heads = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate(paired.LPIPS.CHANNELS)}
     torch.save(heads, tmp_path / "alex.pth")  # the official lpips v0.1 key layout

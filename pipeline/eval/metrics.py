@@ -32,8 +32,8 @@ INCEPTION_RESOLUTION = 299
 # How torch-fidelity brings any input size to 299x299: TF1.x-compatible bilinear
 # (interpolate_bilinear_2d_like_tensorflow1x, align_corners=False), after which x -> (x - 128) / 128.
 INCEPTION_RESIZE = "tf1x-bilinear-299"
-# torch-fidelity's feature batch size (its DEFAULTS["batch_size"]). Using the same batches keeps our
-# features bit-identical to its command-line tool's on CPU.
+# torch-fidelity's feature batch size (its DEFAULTS["batch_size"]): the same batches as its command-line
+# tool, whose features ours match bit for bit on CPU (tests/test_metrics.py).
 DEFAULT_BATCH_SIZE = 64
 
 # What torch-fidelity 0.4.0 itself downloads (URL_INCEPTION_V3 in feature_extractor_inceptionv3.py):
@@ -176,7 +176,8 @@ def fid_kid(gen_features: torch.Tensor, ref_features: torch.Tensor, *, kid_subse
     with KIDs of the same subset size, so the effective size belongs to the protocol.
 
     Returns ``{"fid", "kid_mean", "kid_std", "kid_subset_size", "kid_subset_size_requested",
-    "kid_subsets", "num_gen", "num_ref"}``.
+    "kid_subsets", "num_gen", "num_ref"}``. Cost: FID takes the eigenvalues of a dense ``D x D``
+    product (2048: ~10-20 CPU-seconds, mostly one core), so call this on one process only.
     """
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
