@@ -3,7 +3,8 @@ tool on PNG folders (random-init but informative weights of its real architectur
 extraction as several evaluator processes do it, the reference-feature cache, the protocol record,
 and the paired metrics (PSNR, SSIM, MS-SSIM, LPIPS) on hand-made images.
 
-Inception on CPU costs ~0.3-0.5 s per image, so the image sets are small and extracted once.
+Inception on CPU costs ~0.5 CPU-s per image and a 2048-d FID ~15 CPU-s (torch-fidelity's dense
+eigendecomposition), so the image sets are small and each costly result is computed once.
 """
 
 from __future__ import annotations
@@ -112,26 +113,25 @@ def fidelity_cli(image_dirs, inception_file, tmp_path_factory) -> Iterator[subpr
 
 
 @pytest.fixture(scope="module")
-def extracted(extractor, image_dirs, fidelity_cli) -> dict[str, torch.Tensor]:
-    """Images and features, extracted once for the module: each set in one batch (as the CLI does),
-    and the generated set again in two uneven chunks of an odd count, as two evaluator processes
-    would extract their shares before the watcher gathers them in rank order.
-    Requests ``fidelity_cli`` only to have it running meanwhile."""
-    gen_images, ref_images = read_like_fidelity(image_dirs[0]), read_like_fidelity(image_dirs[1])
-    return {"gen_images": gen_images, "gen": extractor(gen_images), "ref": extractor(ref_images),
-            "gen_chunked": torch.cat([extractor(gen_images[:3]), extractor(gen_images[3:])])}
+def extracted(extractor, image_dirs, fidelity_cli) -> dict:
+    """Images, features and our FID/KID, computed once for the module.
 
-
-@pytest.fixture(scope="module")
-def ours(extracted) -> dict:
-    """Our FID/KID of the generated set against the reference set, in full 2048-d.
-
-    torch-fidelity's FID takes the eigenvalues of a dense 2048x2048 product (LAPACK dgeev, ~10-20
-    CPU-seconds here): computed once, and the tests that only compare FIDs with each other work in
-    the features' common span instead (``in_common_span``), where the same functions give the same FID.
+    Each set is extracted in one batch (as the CLI does), and the generated set again in two uneven
+    chunks of an odd count, as two evaluator processes would before the watcher gathers them in rank
+    order. Our full 2048-d FID/KID (``"ours"``) runs in a thread meanwhile: torch-fidelity's FID takes
+    the eigenvalues of a dense 2048x2048 product (LAPACK dgeev, ~15 CPU-seconds here, mostly on one
+    core, GIL released), so it is computed once; tests that only compare FIDs with each other work in
+    the features' common span instead (``in_common_span``). Requests ``fidelity_cli`` only to have it
+    running meanwhile too.
     """
-    return fid_kid(extracted["gen"], extracted["ref"], kid_subsets=KID_SUBSETS, kid_subset_size=KID_SUBSET_SIZE,
-                   seed=SEED)
+    from concurrent.futures import ThreadPoolExecutor
+
+    gen_images, ref_images = read_like_fidelity(image_dirs[0]), read_like_fidelity(image_dirs[1])
+    gen, ref = extractor(gen_images), extractor(ref_images)
+    with ThreadPoolExecutor(1) as pool:
+        ours = pool.submit(fid_kid, gen, ref, kid_subsets=KID_SUBSETS, kid_subset_size=KID_SUBSET_SIZE, seed=SEED)
+        chunked = torch.cat([extractor(gen_images[:3]), extractor(gen_images[3:])])
+        return {"gen": gen, "ref": ref, "gen_chunked": chunked, "ours": ours.result()}
 
 
 def in_common_span(*sets: torch.Tensor) -> list[torch.Tensor]:
@@ -176,14 +176,14 @@ def test_extractor_records_weights_hash_and_protocol(extractor, inception_file):
         extractor(torch.zeros(1, 3, 8, 8))
 
 
-def test_features_are_float32_and_separate_distributions(extracted, ours):
+def test_features_are_float32_and_separate_distributions(extracted):
     gen, ref = extracted["gen"], extracted["ref"]
     assert gen.shape == (N_GEN, 2048) and gen.dtype == torch.float32 and ref.shape == (N_REF, 2048)
 
     def fid(a: torch.Tensor, b: torch.Tensor) -> float:
         return fid_kid(*in_common_span(a, b), kid_subsets=2, kid_subset_size=2, seed=0)["fid"]
 
-    assert fid(gen, ref) == pytest.approx(ours["fid"], rel=1e-4)  # the projection changes nothing
+    assert fid(gen, ref) == pytest.approx(extracted["ours"]["fid"], rel=1e-4)  # the projection changes nothing
     # A and A' are disjoint samples of X; B is from Y. Equal sizes, so the small-sample bias is equal.
     same, different = fid(gen[:3], gen[3:6]), fid(gen[:3], ref[:3])
     print(f"FID(A, A') = {same:.4f}, FID(A, B) = {different:.4f}")
@@ -194,10 +194,11 @@ def test_features_are_float32_and_separate_distributions(extracted, ours):
 # ----------------------------------------------------------------------------- FID/KID vs the CLI
 
 
-def test_fid_kid_match_torch_fidelity_cli(ours, fidelity_cli):
+def test_fid_kid_match_torch_fidelity_cli(extracted, fidelity_cli):
     stdout, stderr = fidelity_cli.communicate(timeout=300)
     assert fidelity_cli.returncode == 0, f"fidelity failed:\n{stdout}\n{stderr}"
     cli = json.loads(stdout[stdout.index("{"):])
+    ours = extracted["ours"]
     print(f"CLI: {cli}\nours: {ours}")
     assert ours["fid"] > 1.0  # a real distance, not a collapsed one
     assert ours["fid"] == pytest.approx(cli["frechet_inception_distance"], rel=1e-6)
