@@ -91,6 +91,11 @@ def make_scalers(precision: str, device: torch.device) -> dict | None:
     return {k: torch.amp.GradScaler(device.type) for k in ("G", "D")}
 
 
+def adam_kwargs(impl: str) -> dict:
+    """``torch.optim.Adam`` keyword arguments for ``optim.adam``."""
+    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}[impl]
+
+
 def lr_factor(cfg: Config, nimg: int) -> float:
     """Constant, or constant until ``decay_start_kimg`` then linear to 0 at ``total_kimg``."""
     if cfg.optim.schedule == "constant":
@@ -130,8 +135,9 @@ def train(cfg: Config, command: str = "") -> int:
     # G and D are prepared separately: two DDP modules, never one wrapper around the whole GAN.
     G_ddp, D_ddp = accelerator.prepare(G), accelerator.prepare(D)
     G, D = dist.unwrap(G_ddp), dist.unwrap(D_ddp)
-    opt = {"G": torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_G, betas=betas, foreach=cfg.optim.foreach),
-           "D": torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_D, betas=betas, foreach=cfg.optim.foreach)}
+    impl = adam_kwargs(cfg.optim.adam)
+    opt = {"G": torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_G, betas=betas, **impl),
+           "D": torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_D, betas=betas, **impl)}
     base_lr = {"G": cfg.optim.lr_G, "D": cfg.optim.lr_D}
     scalers = make_scalers(precision, device)
     if cfg.train.compile:

@@ -5,11 +5,14 @@ D_fake.
 
 As in the official ``Pix2PixHDModel``, G's and D's losses of an iteration are both computed
 against the networks as they were before that iteration's updates: G's phase runs first (D
-frozen, D's features of the real image as feature-matching targets), then D's phase reuses G's
-detached output. Real and fake go through D in one batched call where D has no batch norm.
+frozen for G's loss; D's output on the real image, computed once, gives the feature-matching
+targets and is kept for D's phase), then D's phase reuses G's detached output. Three D calls per
+iteration, as the official code, but no D weight gradients are computed in G's backward.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -97,13 +100,16 @@ def prepare(batch: dict, device: torch.device, cfg: Config, info: DataInfo) -> d
     return {"input": inp, "image": image, "instance": instance, "label": label}
 
 
-def _d_both(D: nn.Module, cfg: Config, real_pair: torch.Tensor, fake_pair: torch.Tensor):
-    """D's outputs on real and fake pairs: one batched call unless D uses batch norm."""
-    if cfg.model.norm_D == "batch":
-        return D(real_pair), D(fake_pair)
-    out = D(torch.cat([real_pair, fake_pair]))
-    n = real_pair.shape[0]
-    return [[f[:n] for f in scale] for scale in out], [[f[n:] for f in scale] for scale in out]
+@contextlib.contextmanager
+def _trainable(module: nn.Module):
+    """Parameters of ``module`` require grad inside, as they did before afterwards."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
 
 
 def g_step(ctx: StepContext, b: dict, scratch: dict) -> dict:
@@ -111,8 +117,12 @@ def g_step(ctx: StepContext, b: dict, scratch: dict) -> dict:
     with ctx.autocast():
         fake = ctx.G(b["input"], b["image"], b["instance"])
         scratch["fake"] = fake.detach()
-        with torch.no_grad():
+        # D(real) once per iteration, as the official model: its graph is kept for D's phase
+        # (D_real), and its features are the (detached) feature-matching targets here, so G's
+        # backward never reaches it and D stays frozen for everything G's loss touches.
+        with _trainable(ctx.D_plain):
             pred_real = ctx.D_plain(torch.cat([b["input"], b["image"]], 1))
+        scratch["pred_real"] = pred_real
         pred_fake = ctx.D_plain(torch.cat([b["input"], fake], 1))
     losses = {"G_GAN": g_loss(cfg.loss.gan, pred_fake)}
     if cfg.loss.feat_weight > 0:
@@ -125,10 +135,9 @@ def g_step(ctx: StepContext, b: dict, scratch: dict) -> dict:
 
 
 def d_step(ctx: StepContext, b: dict, scratch: dict) -> dict:
-    fake = scratch.pop("fake")
+    fake, pred_real = scratch.pop("fake"), scratch.pop("pred_real")  # both from G's phase
     with ctx.autocast():
-        pred_real, pred_fake = _d_both(ctx.D, ctx.cfg, torch.cat([b["input"], b["image"]], 1),
-                                       torch.cat([b["input"], fake], 1))
+        pred_fake = ctx.D(torch.cat([b["input"], fake], 1))
     l_real, l_fake = d_loss(ctx.cfg.loss.gan, pred_real, pred_fake)
     return {"loss": 0.5 * (l_real + l_fake), "D_real": l_real, "D_fake": l_fake}
 
