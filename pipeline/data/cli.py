@@ -39,6 +39,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _part(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)/(\d+)", text)
+    if not m or int(m[2]) < 1 or int(m[1]) >= int(m[2]):
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N such as 3/8, got {text!r}")
+    return int(m[1]), int(m[2])
+
+
 def _counts(text: str) -> tuple[str, int]:
     split, _, n = text.partition("=")
     if not split or not n.isdigit():
@@ -68,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--demo-count", type=_counts, action="append", default=[],
                    help="demo: samples in a split, e.g. --demo-count train=384 --demo-count val=128")
     w.add_argument("--quiet", action="store_true", help="no progress bar")
+    parallel = w.add_mutually_exclusive_group()
+    parallel.add_argument("--part", type=_part, metavar="I/N",
+                          help="encode and validate only part I of N of every split into OUT/_parts/ (one "
+                               "machine each, same options); then --finalize N writes shards and manifest")
+    parallel.add_argument("--finalize", type=_positive, metavar="N",
+                          help="write the shards and the manifest from the N staged parts (byte-identical "
+                               "to a write without parts), then remove OUT/_parts/")
 
     v = sub.add_parser("verify", help="re-check every checksum and decode every sample")
     v.add_argument("url", help="the shard directory or its manifest.json")
@@ -93,7 +107,7 @@ def _source_options(args) -> dict:
 
 
 def cmd_write(args) -> int:
-    from .shards import WriteOptions, write_dataset
+    from .shards import WriteOptions, check_writable, write_dataset, write_part
     from .sources import SOURCES, SourceError, make_source
 
     if args.source not in SOURCES:
@@ -111,9 +125,23 @@ def cmd_write(args) -> int:
         opts = WriteOptions(samples_per_shard=args.samples_per_shard, max_shard_bytes=args.max_shard_bytes,
                             resize=args.resize, workers=args.workers, seed=args.seed,
                             shuffle=not args.no_shuffle, strict=args.strict)
-        command = shlex.join(["gan-shard", *sys.argv[1:]])
+        if args.part:
+            check_writable(args.out)
+            for split in splits:
+                index = write_part(source, split, args.out, opts, *args.part)
+                bad = sum("problem" in rec for rec in index["items"])
+                print(f"staged {split} part {args.part[0]}/{args.part[1]}: samples {index['start']}..{index['end']} "
+                      f"({bad} skipped, {index['bytes'] / 1e6:.1f} MB)")
+            return EXIT_OK
+        # The command recorded in the manifest is that of a plain write: parts leave no trace.
+        argv = sys.argv[1:]
+        if args.finalize:
+            argv = [a for i, a in enumerate(argv) if not (a == "--finalize" or a.startswith("--finalize=")
+                                                         or (i and argv[i - 1] == "--finalize"))]
+        command = shlex.join(["gan-shard", *argv])
         manifest = write_dataset(source, args.out, splits, opts, dataset=args.dataset, command=command,
-                                 extra={"source_options": _source_options(args)}, progress=not args.quiet)
+                                 extra={"source_options": _source_options(args)}, progress=not args.quiet,
+                                 parts=args.finalize)
     except SourceError as exc:
         raise CliError(str(exc)) from exc
     t = manifest["totals"]

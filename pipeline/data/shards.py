@@ -3,10 +3,18 @@
 Deterministic (same input, options and seed give byte-identical shards, whatever the number of
 workers), resumable (a shard is complete when its journal entry names its checksum) and atomic
 (the manifest is removed before any shard changes and written only after all are complete).
+
+Parallel parts (``--part I/N`` on N machines, then ``--finalize N``): shard boundaries depend on
+every earlier sample (skips, byte caps), so parts cannot cut shards themselves. Each part encodes
+and validates a contiguous range of the planned order into a staged file under ``_parts/``; the
+finalize step feeds the staged samples, in order, to the same shard writer, so the shards are
+byte-identical to a single-process write. The expensive work (read, decode, validate, resize)
+is parallel; the finalize step only copies bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io as _io
 import json
@@ -29,6 +37,7 @@ from .transforms import MAP_KINDS, DecodeError, decode_field, map_array
 
 log = logging.getLogger(__name__)
 JOURNAL_DIR = "_journal"
+PARTS_DIR = "_parts"  # staged samples of `--part I/N`, removed once the manifest is written
 
 
 class ShardWriteError(Exception):
@@ -262,20 +271,24 @@ class _SplitWriter:
 
 
 def write_split(source: Source, split: str, out: str, opts: WriteOptions,
-                storage_options: dict | None = None, progress: bool = True) -> dict:
-    """Write one split's shards (resuming where a previous run stopped); returns its manifest entry."""
+                storage_options: dict | None = None, progress: bool = True, parts: int | None = None) -> dict:
+    """Write one split's shards (resuming where a previous run stopped); returns its manifest entry.
+    With ``parts``, the samples come from the ``parts`` staged parts instead of being encoded here."""
     from tqdm import tqdm
 
     items, problems = source.list_items(split)
     items = plan_order(items, opts)
-    writer = _SplitWriter(out, split, _plan_hash(split, items, source.info, opts), opts, storage_options)
+    plan = _plan_hash(split, items, source.info, opts)
+    writer = _SplitWriter(out, split, plan, opts, storage_options)
     try:
         start = writer.resume(lambda url: io.sha256_url(url, storage_options))
         if start:
             log.info("%s: %d shards already complete, resuming at sample %d", split, len(writer.entries), start)
         bar = tqdm(total=len(items), initial=start, desc=f"shard {split}", unit="img",
                    disable=not progress, mininterval=1.0)
-        for i, sample in enumerate(_encoded_stream(source, split, items[start:], opts), start):
+        samples = _staged_stream(out, split, plan, len(items), parts, start, storage_options) if parts \
+            else _encoded_stream(source, split, items[start:], opts)
+        for i, sample in enumerate(samples, start):
             if isinstance(sample, Problem):
                 log.warning("skipped %s", sample.line())
                 if opts.strict:
@@ -291,6 +304,108 @@ def write_split(source: Source, split: str, out: str, opts: WriteOptions,
     if problems and opts.strict:
         raise ShardWriteError(f"--strict: {problems[0].line()} (+{len(problems) - 1} more)")
     return _split_entry(writer.entries, problems)
+
+
+# ---------------------------------------------------------------- parallel parts: stage, then finalize
+
+def part_range(n_items: int, part: int, parts: int) -> tuple[int, int]:
+    """Part ``part`` of ``parts``: a contiguous ``[start, end)`` range of the planned item order."""
+    return n_items * part // parts, n_items * (part + 1) // parts
+
+
+def _part_url(out: str, split: str, part: int, parts: int) -> str:
+    return io.join(out, PARTS_DIR, f"{split}-part-{part:04d}-of-{parts:04d}")
+
+
+def write_part(source: Source, split: str, out: str, opts: WriteOptions, part: int, parts: int,
+               storage_options: dict | None = None) -> dict:
+    """Encode and validate part ``part`` of ``parts`` of a split into ``_parts/``: the samples'
+    field bytes back to back (``.bin``) and an index (``.json``, written last: the commit point)
+    holding per item its key, field sizes, SHA-256, image size and class histogram, or its problem.
+    A part already staged for the same plan is kept. Returns the index."""
+    so = storage_options
+    items, _ = source.list_items(split)
+    items = plan_order(items, opts)
+    plan = _plan_hash(split, items, source.info, opts)
+    start, end = part_range(len(items), part, parts)
+    base = _part_url(out, split, part, parts)
+    if io.exists(base + ".json", so):
+        index = io.read_json(base + ".json", so)
+        if index.get("plan") == plan and (index["start"], index["end"]) == (start, end) and \
+                io.exists(base + ".bin", so) and io.sha256_url(base + ".bin", so) == (index["sha256"], index["bytes"]):
+            log.info("%s: part %d/%d already staged", split, part, parts)
+            return index
+    records: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="gan-shard-part-") as tmp:
+        path = Path(tmp) / "part.bin"
+        with open(path, "wb") as f:
+            for sample in _encoded_stream(source, split, items[start:end], opts):
+                if isinstance(sample, Problem):
+                    log.warning("skipped %s", sample.line())
+                    if opts.strict:
+                        raise ShardWriteError(f"--strict: {sample.line()}")
+                    records.append({"problem": sample.to_json()})
+                    continue
+                h = hashlib.sha256()
+                for data in sample.fields.values():
+                    f.write(data)
+                    h.update(data)
+                records.append({"key": sample.key, "fields": [[n, len(d)] for n, d in sample.fields.items()],
+                                "sha256": h.hexdigest(), "size": list(sample.size),
+                                "hist": None if sample.hist is None else sample.hist.tolist()})
+        with open(path, "rb") as f:
+            sha, nbytes = io.sha256_stream(f)
+        io.atomic_upload(path, base + ".bin", so)
+    index = {"plan": plan, "split": split, "part": part, "parts": parts, "start": start, "end": end,
+             "sha256": sha, "bytes": nbytes, "items": records}
+    io.atomic_write_json(base + ".json", index, so)
+    return index
+
+
+def _staged_stream(out: str, split: str, plan: str, n_items: int, parts: int, start: int,
+                   storage_options: dict | None) -> Iterator[Encoded | Problem]:
+    """The staged samples from item ``start`` on, in plan order, each checked against its SHA-256
+    before it can reach a shard."""
+    so = storage_options
+    for part in range(parts):
+        first, end = part_range(n_items, part, parts)
+        if end <= start or first == end:
+            continue
+        base = _part_url(out, split, part, parts)
+        if not io.exists(base + ".json", so):
+            raise ShardWriteError(f"{split}: part {part}/{parts} is not staged in {out} "
+                                  f"(run write with --part {part}/{parts} first)")
+        index = io.read_json(base + ".json", so)
+        if index.get("plan") != plan or (index["start"], index["end"]) != (first, end):
+            raise ShardWriteError(f"{split}: staged part {part}/{parts} was written for other input or options; "
+                                  f"run write with --part {part}/{parts} again")
+        with io.open_url(base + ".bin", "rb", so) as f:
+            for i, rec in enumerate(index["items"], first):
+                if "problem" in rec:
+                    if i >= start:
+                        yield Problem(**rec["problem"])
+                    continue
+                fields = {name: f.read(n) for name, n in rec["fields"]}
+                if i < start:
+                    continue
+                h = hashlib.sha256()
+                for data in fields.values():
+                    h.update(data)
+                if h.hexdigest() != rec["sha256"]:
+                    raise ShardWriteError(f"{split}: staged sample {rec['key']} in {base}.bin is damaged; "
+                                          f"run write with --part {part}/{parts} again")
+                hist = None if rec["hist"] is None else np.array(rec["hist"], dtype=np.int64)
+                yield Encoded(rec["key"], fields, tuple(rec["size"]), hist)
+
+
+def remove_parts(out: str, splits: list[str], parts: int, storage_options: dict | None = None) -> None:
+    for split in splits:
+        for part in range(parts):
+            for ext in (".json", ".bin"):
+                io.remove(_part_url(out, split, part, parts) + ext, storage_options)
+    if io.is_local(out):  # object stores have no directories to leave behind
+        with contextlib.suppress(OSError):  # not empty: other files are none of ours to remove
+            os.rmdir(io.fs_for(io.join(out, PARTS_DIR))[1])
 
 
 def _split_entry(entries: list[dict], problems: list[Problem]) -> dict:
@@ -345,13 +460,14 @@ def check_writable(out: str, storage_options: dict | None = None) -> None:
 
 def write_dataset(source: Source, out: str, splits: list[str], opts: WriteOptions, *,
                   dataset: str | None = None, command: str = "", storage_options: dict | None = None,
-                  extra: dict | None = None, progress: bool = True) -> dict:
-    """Write every split and then the manifest; returns the manifest."""
+                  extra: dict | None = None, progress: bool = True, parts: int | None = None) -> dict:
+    """Write every split and then the manifest; returns the manifest. With ``parts``, the samples
+    are the ones ``write_part`` staged for each of the ``parts`` parts (removed at the end)."""
     check_writable(out, storage_options)
     # Invalidate a previous manifest before any shard it names can change.
     io.remove(io.join(out, MANIFEST_NAME), storage_options)
     info = source.info
-    split_entries = {s: write_split(source, s, out, opts, storage_options, progress) for s in splits}
+    split_entries = {s: write_split(source, s, out, opts, storage_options, progress, parts) for s in splits}
     seen = {name for e in split_entries.values() for name in e.pop("_fields")}
     fields = {spec.name: {"kind": spec.kind, "required": spec.required,
                           "exts": sorted(n.split(".", 1)[1] for n in seen if n.split(".", 1)[0] == spec.name)}
@@ -378,4 +494,6 @@ def write_dataset(source: Source, out: str, splits: list[str], opts: WriteOption
     }
     manifest["options"].pop("workers", None)
     io.atomic_write_json(io.join(out, MANIFEST_NAME), manifest, storage_options)
+    if parts:
+        remove_parts(out, splits, parts, storage_options)
     return manifest

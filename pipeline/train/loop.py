@@ -107,6 +107,8 @@ def lr_factor(cfg: Config, nimg: int) -> float:
 
 
 def train(cfg: Config, command: str = "") -> int:
+    # First of all: a preemption notice that arrives during start-up must not kill the rank.
+    preemption = Preemption()
     # ------------------------------------------------------------ processes, devices, precision
     precision = resolve_precision(cfg.train.precision)
     accelerator = dist.make_accelerator(precision)
