@@ -54,6 +54,13 @@ class StepContext:
         return sigma * max(0.0, 1.0 - self.nimg / (span * 1000))
 
 
+def one_hot(label: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``label`` [N, H, W] int64 -> float [N, num_classes, H, W], built in place on its device."""
+    n, h, w = label.shape
+    out = torch.zeros(n, num_classes, h, w, device=label.device)
+    return out.scatter_(1, label.unsqueeze(1), 1.0)
+
+
 StepFn = Callable[[StepContext, dict, dict], dict[str, torch.Tensor]]
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import signal
 import subprocess
@@ -273,8 +272,9 @@ def train(cfg: Config, command: str = "") -> int:
         params = [p for p in modules[net].parameters() if p.grad is not None]
         if scalers:
             scalers[net].unscale_(opt[net])
-        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros((), device=device)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros((), device=device)
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.optim.grad_clip, norm)
         loss_ok = all(torch.isfinite(out["loss"]).item() for out in losses)
         # fp16 overflow is the scaler's business (it skips and lowers the scale); NaN losses are ours.
         grads_ok = scalers is not None or bool(torch.isfinite(norm).item())

@@ -13,7 +13,7 @@ from ..config import Config
 from ..losses.adversarial import d_loss, g_loss
 from ..models.layers import init_weights
 from ..models.pix2pix import NLayerDiscriminator, UnetGenerator
-from .family import DataInfo, Family, Phase, StepContext
+from .family import DataInfo, Family, Phase, StepContext, one_hot
 
 
 def input_channels(info: DataInfo) -> int:
@@ -43,7 +43,7 @@ def prepare(batch: dict, device: torch.device, cfg: Config, info: DataInfo) -> d
     image = batch["image"].to(device, non_blocking=True)
     if info.task == "label2image":
         label = batch["label"].to(device, non_blocking=True)
-        inp = F.one_hot(label, info.num_classes).permute(0, 3, 1, 2).float()
+        inp = one_hot(label, info.num_classes)
     else:
         inp = batch["input"].to(device, non_blocking=True)
     if cfg.train.channels_last:

@@ -15,14 +15,13 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config
 from ..losses.adversarial import d_loss, g_loss
 from ..losses.feature_matching import feature_matching_loss
 from ..models.pix2pixhd import Encoder, GlobalGenerator, LocalEnhancer, MultiscaleDiscriminator
-from .family import DataInfo, Family, Phase, StepContext
+from .family import DataInfo, Family, Phase, StepContext, one_hot
 
 
 class HDGenerator(nn.Module):
@@ -85,7 +84,7 @@ def prepare(batch: dict, device: torch.device, cfg: Config, info: DataInfo) -> d
     """``input`` [N, label_nc (+1 edges), H, W] built on the device (no per-step host work),
     ``image`` [N, 3, H, W], ``instance`` [N, 1, H, W]."""
     label = batch["label"].to(device, non_blocking=True)
-    parts = [F.one_hot(label, info.num_classes).permute(0, 3, 1, 2).float()]
+    parts = [one_hot(label, info.num_classes)]
     instance = None
     if cfg.model.use_instance or cfg.model.use_features:
         if "instance" not in batch:
