@@ -104,7 +104,7 @@ class InceptionFeatures:
         self.weights_sha256 = hashlib.sha256(data).hexdigest()
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
-        # torch-fidelity loads a weights *path* with torch.load(weights_only=False), i.e. full pickle.
+        # torch-fidelity loads a weights *path* with a full-pickle load (weights_only=False).
         # We load the bytes tensors-only, and hand it a fresh torch.save of that dict instead, so
         # nothing but tensors is ever unpickled from the file (and its tensors land on the CPU first).
         state = load_tensor_state_dict(data, weights_path)
