@@ -1,8 +1,10 @@
 """Data-loading throughput: the streaming loader against the baselines, measured in one run.
 
 What runs. The embedded demo dataset (photo + label map + instance map, PNG) is rendered once
-and written as WebDataset shards. The same encoded bytes are then read six ways, each a pass over
-every sample:
+and written as WebDataset shards, at two resolutions: the demo's own 256x128 (``--size``, many
+samples) and a realistic training size, 1024x512 (``--hd-size``, what ``launch/shard.py write demo
+--demo-size 1024x512`` writes; fewer samples, the same number of shards). For each resolution the
+same encoded bytes are then read six ways, each a pass over every sample:
 
 - ``decode-only``: bytes already in memory, ``decode_field`` per field; no I/O, no augment. The
   upper bound.
@@ -27,8 +29,17 @@ remote store. An extra 2-worker DataLoader wall-time section runs only when the 
 average, read at start before this benchmark does any work (later it counts this benchmark's own
 busy core), is below 0.5; ``--force-workers`` runs it anyway, labelled as noisy.
 
-    .venv/bin/python bench/data_throughput.py            # default: 300 samples x 7 repeats
-    .venv/bin/python bench/data_throughput.py --quick    # < 60 s
+Why two resolutions. What the streaming loader adds per sample has a fixed part (tar headers,
+key grouping, the shuffle buffer, the rng, dict building) and a part that grows with the encoded
+bytes (reading the members out of the tar into memory: ``decode-only`` starts from bytes already in
+memory). Decoding, and the augment (crop, flip, float conversion), grow with the pixels. So the
+streaming/decode-only ratio is not one number for the loader: it depends on the per-sample decode
+cost. The summary at the end prints both resolutions side by side, with the loader's own work
+(stream minus decode+augment) in ms per sample and per encoded MB.
+
+    .venv/bin/python bench/data_throughput.py            # 300 samples x 7 repeats, + 48 at 1024x512 x 7
+    .venv/bin/python bench/data_throughput.py --quick    # < 90 s
+    .venv/bin/python bench/data_throughput.py --no-hd    # the 256x128 case only
     .venv/bin/python bench/data_throughput.py --profile stream   # cProfile of one case
 """
 
@@ -299,11 +310,30 @@ def two_worker_lines(folder: Path, shard_dir: Path, kinds, aug: Augment, n: int,
 # ----------------------------------------------------------------------------- the report
 
 
+@dataclass(frozen=True)
+class Resolution:
+    """One dataset the cases run over: rendered at ``size``, randomly cropped to ``crop``."""
+
+    size: tuple[int, int]
+    crop: tuple[int, int]
+    samples: int
+    per_shard: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.size[0]}x{self.size[1]}"
+
+
 def rate(case: Case, clock: str) -> float:
     return len(case.keys) / statistics.median(case.cpu if clock == "cpu" else case.wall)
 
 
-def report(cases: list[Case], notes: list[str]) -> None:
+def ms_per_sample(case: Case) -> float:
+    return 1000 * statistics.median(case.cpu) / len(case.keys)
+
+
+def report(cases: list[Case], notes: list[str]) -> dict[str, float]:
+    """Print the table and the ratios; return the figures the cross-resolution summary needs."""
     by = {c.name: c for c in cases}
     print(f"\n{'case':<30} {'samples/s':>10} {'samples/s':>10} {'CPU ms':>8} {'CPU/wall':>9} {'spread':>7}")
     print(f"{'':<30} {'(CPU)':>10} {'(wall)':>10} {'/sample':>8} {'':>9} {'(CPU)':>7}")
@@ -311,12 +341,15 @@ def report(cases: list[Case], notes: list[str]) -> None:
         med_cpu, med_wall = statistics.median(c.cpu), statistics.median(c.wall)
         spread = (max(c.cpu) - min(c.cpu)) / med_cpu
         print(f"{c.name:<30} {rate(c, 'cpu'):>10.1f} {rate(c, 'wall'):>10.1f} "
-              f"{1000 * med_cpu / len(c.keys):>8.2f} {med_cpu / med_wall:>9.2f} {spread:>6.0%}")
+              f"{ms_per_sample(c):>8.2f} {med_cpu / med_wall:>9.2f} {spread:>6.0%}")
+
+    figures: dict[str, float] = {name: ms_per_sample(c) for name, c in by.items()}
 
     def ratio(num: str, den: str, clock: str, target: float | None = None) -> None:
         if num not in by or den not in by:
             return
         value = rate(by[num], clock) / rate(by[den], clock)
+        figures[f"{num} / {den} [{clock}]"] = value
         verdict = "" if target is None else f"  target >= {target:.2f}: {'OK' if value >= target else 'BELOW'}"
         print(f"  {num} / {den} [{clock}]".ljust(72) + f"{value:6.3f}{verdict}")
 
@@ -331,21 +364,73 @@ def report(cases: list[Case], notes: list[str]) -> None:
     ratio("stream S3 (train)", "stream local (train)", "cpu")
     for line in notes:
         print(line)
+    return figures
 
 
-def header(args, start_load: tuple[float, ...], n_samples: int, shard_dir: Path, raws) -> None:
+SUMMARY_ROWS = [
+    # (label, key in the figures, format, target)
+    ("encoded kB/sample (all fields)", "kb_per_sample", "{:.1f}", None),
+    ("decode-only, CPU ms/sample", "decode-only (in memory)", "{:.2f}", None),
+    ("decode+augment, CPU ms/sample", "decode+augment (in memory)", "{:.2f}", None),
+    ("stream local (train), CPU ms/sample", "stream local (train)", "{:.2f}", None),
+    ("  loader's own work, ms/sample *", "overhead", "{:.2f}", None),
+    ("  loader's own work, ms/encoded MB *", "overhead_per_mb", "{:.2f}", None),
+    ("stream (train) / decode-only [cpu]", "stream local (train) / decode-only (in memory) [cpu]", "{:.3f}",
+     TARGET_STREAM_VS_DECODE),
+    ("stream (eval) / decode-only [cpu]", "stream local (eval) / decode-only (in memory) [cpu]", "{:.3f}",
+     TARGET_STREAM_VS_DECODE),
+    ("stream (train) / decode+augment [cpu]", "stream local (train) / decode+augment (in memory) [cpu]",
+     "{:.3f}", None),
+    ("decode+augment / decode-only [cpu]", "decode+augment (in memory) / decode-only (in memory) [cpu]",
+     "{:.3f}", None),
+    ("S3 / local (train) [wall]", "stream S3 (train) / stream local (train) [wall]", "{:.3f}", TARGET_S3_VS_LOCAL),
+    ("S3 / local (train) [cpu]", "stream S3 (train) / stream local (train) [cpu]", "{:.3f}", None),
+]
+
+
+def summary(results: list[tuple[Resolution, dict[str, float]]]) -> None:
+    """The two resolutions side by side: how the ratios follow the per-sample decode cost."""
+    print("\n" + "=" * 88)
+    print("summary: the same cases at both resolutions (medians, CPU time unless marked)")
+    cols = [f"{r.name} crop {r.crop[0]}x{r.crop[1]}" for r, _ in results]
+    print(f"{'':<40}" + "".join(f"{c:>22}" for c in cols) + "   target")
+    for label, key, fmt, target in SUMMARY_ROWS:
+        cells = []
+        for _, fig in results:
+            overhead = fig["stream local (train)"] - fig["decode+augment (in memory)"]
+            if key == "overhead":
+                value = overhead
+            elif key == "overhead_per_mb":
+                value = overhead / (fig["kb_per_sample"] / 1e3)
+            else:
+                value = fig.get(key)
+            cell = "-" if value is None else fmt.format(value)
+            if value is not None and target is not None:
+                cell += " OK" if value >= target else " BELOW"
+            cells.append(cell)
+        print(f"{label:<40}" + "".join(f"{c:>22}" for c in cells) + (f"   >= {target:.2f}" if target else ""))
+    print("* stream (train) minus decode+augment, CPU time: what the streaming loader itself adds. A fixed "
+          "part per sample\n  (tar headers, grouping, shuffle buffer, rng, dicts) and a part per encoded byte "
+          "(reading the members\n  out of the tar; the in-memory baselines start from bytes already read).")
+
+
+def header(args, start_load: tuple[float, ...]) -> None:
+    print("data throughput benchmark (bench/data_throughput.py)")
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in start_load)}   cpus: {os.cpu_count()}")
+    print(f"torch {torch.__version__} (threads: {torch.get_num_threads()})   python {platform.python_version()}   "
+          f"pillow {PIL.__version__}   numpy {np.__version__}")
+    print(f"num_workers=0, no collate; {args.repeats} repeats after 1 warm-up, median; cases interleaved")
+
+
+def data_line(res: Resolution, shard_dir: Path, raws) -> None:
     load = os.getloadavg()
     manifest = load_manifest(str(shard_dir))
     per_sample = {name: statistics.mean(len(f[name]) for _, f in raws) for name in raws[0][1]}
-    print("data throughput benchmark (bench/data_throughput.py)")
-    print(f"load average: {' '.join(f'{x:.2f}' for x in start_load)} at start, "
-          f"{' '.join(f'{x:.2f}' for x in load)} after setup   cpus: {os.cpu_count()}")
-    print(f"torch {torch.__version__} (threads: {torch.get_num_threads()})   python {platform.python_version()}   "
-          f"pillow {PIL.__version__}   numpy {np.__version__}")
-    print(f"data: demo {args.size[0]}x{args.size[1]}, {n_samples} samples in {len(manifest.shards(SPLIT))} "
-          f"shards; bytes/sample: " + ", ".join(f"{k} {v / 1e3:.1f} kB" for k, v in per_sample.items()))
-    print(f"augment: random crop {args.crop[0]}x{args.crop[1]} + h-flip (eval: centre crop); "
-          f"num_workers=0, no collate; {args.repeats} repeats after 1 warm-up, median; interleaved")
+    print("\n" + "=" * 88)
+    print(f"resolution {res.name}: demo {res.name}, {len(raws)} samples in {len(manifest.shards(SPLIT))} shards; "
+          f"load average after setup {' '.join(f'{x:.2f}' for x in load)}")
+    print("  bytes/sample: " + ", ".join(f"{k} {v / 1e3:.1f} kB" for k, v in per_sample.items()))
+    print(f"  augment: random crop {res.crop[0]}x{res.crop[1]} + h-flip (eval: centre crop)")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -360,15 +445,21 @@ def parse_args(argv=None):
     p.add_argument("--size", type=parse_size, default=(256, 128), help="demo sample size WxH")
     p.add_argument("--crop", type=parse_size, default=(224, 112), help="random crop WxH")
     p.add_argument("--samples-per-shard", type=int, default=100)
-    p.add_argument("--quick", action="store_true", help="96 samples, 3 repeats (< 60 s)")
+    p.add_argument("--hd-size", type=parse_size, default=(1024, 512), help="the second resolution WxH")
+    p.add_argument("--hd-crop", type=parse_size, default=(896, 448), help="its random crop WxH")
+    p.add_argument("--hd-samples", type=int, default=48, help="samples at the second resolution")
+    p.add_argument("--hd-samples-per-shard", type=int, default=16)
+    p.add_argument("--no-hd", action="store_true", help="the first resolution only")
+    p.add_argument("--quick", action="store_true", help="96 + 12 samples, 3 repeats (< 90 s)")
     p.add_argument("--no-s3", action="store_true", help="skip the S3 case")
     p.add_argument("--force-workers", action="store_true", help="run the 2-worker lines whatever the load")
     p.add_argument("--workdir", type=Path, help="keep data here and reuse it (default: a temp dir)")
     p.add_argument("--profile", choices=("decode", "decode_aug", "map", "stream", "stream_eval", "s3"),
-                   help="instead of the table, cProfile --repeats passes of one case")
+                   help="instead of the table, cProfile --repeats passes of one case (first resolution)")
     args = p.parse_args(argv)
     if args.quick:
         args.samples, args.repeats, args.samples_per_shard = 96, 3, 32
+        args.hd_samples, args.hd_samples_per_shard = 12, 4
     return args
 
 
@@ -385,57 +476,82 @@ def profile(case: Case, repeats: int) -> None:
     stats.sort_stats("tottime").print_stats(20)
 
 
+def run_resolution(args, res: Resolution, root: Path, server: MotoProcess | None, bucket: str | None,
+                   start_load: tuple[float, ...]) -> dict[str, float] | None:
+    """Render, shard and (for S3) upload one resolution, measure every case, print its report."""
+    t0 = time.perf_counter()
+    root.mkdir(parents=True, exist_ok=True)
+    shard_dir = write_shards(root, res.samples, res.size, res.per_shard)
+    raws = read_raw_samples(shard_dir)
+    folder = write_folder(root, raws)
+    manifest = load_manifest(str(shard_dir))
+    kinds = {name: spec["kind"] for name, spec in manifest.fields.items()}
+    aug = Augment(crop=res.crop, flip=True)
+    s3_url = None
+    if server is not None:
+        s3_url = f"s3://{bucket}/{res.name}/shards"
+        upload_shards(shard_dir, s3_url)
+    cases = build_cases(raws, kinds, aug, folder, shard_dir, s3_url)
+    if args.profile:
+        names = ("decode", "decode_aug", "map", "stream", "stream_eval", "s3")
+        profile(cases[names.index(args.profile)], args.repeats)
+        return None
+    data_line(res, shard_dir, raws)
+    print(f"  setup (render, shard, extract, upload): {time.perf_counter() - t0:.1f} s")
+    requests_before = server.requests() if server else 0
+    run_rounds(cases, args.repeats)
+    notes = check_keys(cases, len(raws))
+    if server:
+        per_pass = (server.requests() - requests_before) / (args.repeats + 1)
+        notes.append(f"S3: {per_pass:.0f} requests per pass (moto server in a separate process; "
+                     f"CPU = this process only, wall includes the server on the same cores)")
+    figures = report(cases, notes)
+    figures["kb_per_sample"] = statistics.mean(sum(len(b) for b in f.values()) for _, f in raws) / 1e3
+    if start_load[0] < LOW_LOAD or args.force_workers:
+        why = (f"load average at start {start_load[0]:.2f} < {LOW_LOAD}" if start_load[0] < LOW_LOAD
+               else f"forced: load average at start {start_load[0]:.2f}, NOISY")
+        now = os.getloadavg()[0]  # includes this benchmark's own busy core: a hint of others' load, no more
+        print(f"\n2-worker DataLoader (batch 16), wall time only ({why}; 1-minute load average now {now:.2f}, "
+              f"this benchmark's own core included):")
+        print("\n".join(two_worker_lines(folder, shard_dir, kinds, aug, len(raws), args.repeats)))
+    else:
+        print(f"\n2-worker DataLoader lines skipped: load average at start {start_load[0]:.2f} >= {LOW_LOAD}")
+    return figures
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     start_load = os.getloadavg()  # before this process adds its own busy core to it
     torch.set_num_threads(1)
     start = time.perf_counter()
+    resolutions = [Resolution(args.size, args.crop, args.samples, args.samples_per_shard)]
+    if not (args.no_hd or args.profile):
+        resolutions.append(Resolution(args.hd_size, args.hd_crop, args.hd_samples, args.hd_samples_per_shard))
+    if not args.profile:
+        header(args, start_load)
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         root = args.workdir or Path(tmp)
-        root.mkdir(parents=True, exist_ok=True)
-        shard_dir = write_shards(root, args.samples, args.size, args.samples_per_shard)
-        raws = read_raw_samples(shard_dir)
-        folder = write_folder(root, raws)
-        manifest = load_manifest(str(shard_dir))
-        kinds = {name: spec["kind"] for name, spec in manifest.fields.items()}
-        aug = Augment(crop=args.crop, flip=True)
-        server = None
+        server, bucket, results = None, None, []
         try:
-            s3_url = None
             if not args.no_s3:
                 server = MotoProcess(Path(tmp) / "moto.log")
                 os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{server.port}", AWS_ACCESS_KEY_ID="bench",
                                   AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
                 bucket = f"bench-{os.getpid()}"
                 io.fs_for(f"s3://{bucket}")[0].mkdir(bucket)
-                s3_url = f"s3://{bucket}/shards"
-                upload_shards(shard_dir, s3_url)
-            cases = build_cases(raws, kinds, aug, folder, shard_dir, s3_url)
-            if args.profile:
-                names = ("decode", "decode_aug", "map", "stream", "stream_eval", "s3")
-                profile(cases[names.index(args.profile)], args.repeats)
-                return 0
-            header(args, start_load, len(raws), shard_dir, raws)
-            print(f"setup (render, shard, extract, upload): {time.perf_counter() - start:.1f} s")
-            requests_before = server.requests() if server else 0
-            run_rounds(cases, args.repeats)
-            notes = check_keys(cases, len(raws))
-            if server:
-                per_pass = (server.requests() - requests_before) / (args.repeats + 1)
-                notes.append(f"S3: {per_pass:.0f} requests per pass (moto server in a separate process; "
-                             f"CPU = this process only, wall includes the server on the same cores)")
+            for res in resolutions:
+                # The first resolution keeps the layout a reused --workdir already has.
+                sub = root if res == resolutions[0] else root / res.name
+                figures = run_resolution(args, res, sub, server, bucket, start_load)
+                if figures is None:
+                    return 0
+                results.append((res, figures))
         finally:
             if server:
                 server.close()
-        report(cases, notes)
-        if start_load[0] < LOW_LOAD or args.force_workers:
-            why = (f"load average at start {start_load[0]:.2f} < {LOW_LOAD}" if start_load[0] < LOW_LOAD
-                   else f"forced: load average at start {start_load[0]:.2f}, NOISY")
-            print(f"\n2-worker DataLoader (batch 16), wall time only ({why}):")
-            print("\n".join(two_worker_lines(folder, shard_dir, kinds, aug, len(raws), args.repeats)))
-        else:
-            print(f"\n2-worker DataLoader lines skipped: load average at start {start_load[0]:.2f} >= {LOW_LOAD}")
-        print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+        if len(results) > 1:
+            summary(results)
+        print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
               f"total {time.perf_counter() - start:.0f} s")
     return 0
 
