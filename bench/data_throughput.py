@@ -271,18 +271,25 @@ def run_rounds(cases: list[Case], repeats: int) -> None:
             case.measure()
 
 
-def two_worker_lines(folder: Path, shard_dir: Path, kinds, aug: Augment, n: int, repeats: int) -> list[str]:
-    """Wall time of a real 2-worker DataLoader (batch 16) for the map-style and streaming loaders.
+def one_thread_worker(worker_id: int) -> None:
+    """DataLoader worker init: one torch thread per worker, as in this process (a spawned worker
+    would otherwise size its pool by the cores, and 2 workers x 2 threads oversubscribe 2 cores)."""
+    torch.set_num_threads(1)
+
+
+def two_worker_lines(folder: Path, shard_dir: Path, kinds, aug: Augment, n: int, repeats: int,
+                     batch: int) -> list[str]:
+    """Wall time of a real 2-worker DataLoader for the map-style and streaming loaders.
 
     The map-style loader runs epoch after epoch (persistent workers), as users run it. The training
     stream is endless, so it is timed as one iterator cut into windows of ``n`` samples: restarting
     it every pass would throw away the batches the workers had prefetched.
     """
     ctx = "spawn"  # s3fs may have an event-loop thread in this process: never fork it
-    batch = 16
     windows = -(-n // batch)
     mapped = torch.utils.data.DataLoader(FolderPairs(folder, kinds, aug), batch_size=batch, shuffle=True,
-                                         num_workers=2, persistent_workers=True, multiprocessing_context=ctx)
+                                         num_workers=2, persistent_workers=True, multiprocessing_context=ctx,
+                                         worker_init_fn=one_thread_worker)
     walls = []
     for r in range(repeats + 1):
         w0 = time.perf_counter()
@@ -293,7 +300,8 @@ def two_worker_lines(folder: Path, shard_dir: Path, kinds, aug: Augment, n: int,
     del mapped
 
     stream = make_stream(str(shard_dir), SPLIT, train=True, augment=aug, num_workers=2)
-    batches = iter(torch.utils.data.DataLoader(stream, batch_size=batch, num_workers=2, multiprocessing_context=ctx))
+    batches = iter(torch.utils.data.DataLoader(stream, batch_size=batch, num_workers=2, multiprocessing_context=ctx,
+                                               worker_init_fn=one_thread_worker))
     walls = []
     for r in range(repeats + 1):
         w0 = time.perf_counter()
@@ -301,6 +309,10 @@ def two_worker_lines(folder: Path, shard_dir: Path, kinds, aug: Augment, n: int,
             pass
         if r:  # window 0 starts the workers
             walls.append(time.perf_counter() - w0)
+    # Let the workers finish the batches they prefetched before shutting them down: a worker shut down
+    # while still sending a large (1024x512) batch aborts on its way out ("terminate called without an
+    # active exception"), after the timing, but noisily.
+    time.sleep(3.0)
     del batches
     lines.append(f"  {'stream local (train), 2 workers':<34} {windows * batch / statistics.median(walls):>9.1f} "
                  f"samples/s (wall)")
@@ -318,6 +330,7 @@ class Resolution:
     crop: tuple[int, int]
     samples: int
     per_shard: int
+    loader_batch: int  # the 2-worker DataLoader lines: >= 6 batches per epoch, so the epoch's tail is small
 
     @property
     def name(self) -> str:
@@ -511,9 +524,9 @@ def run_resolution(args, res: Resolution, root: Path, server: MotoProcess | None
         why = (f"load average at start {start_load[0]:.2f} < {LOW_LOAD}" if start_load[0] < LOW_LOAD
                else f"forced: load average at start {start_load[0]:.2f}, NOISY")
         now = os.getloadavg()[0]  # includes this benchmark's own busy core: a hint of others' load, no more
-        print(f"\n2-worker DataLoader (batch 16), wall time only ({why}; 1-minute load average now {now:.2f}, "
-              f"this benchmark's own core included):")
-        print("\n".join(two_worker_lines(folder, shard_dir, kinds, aug, len(raws), args.repeats)))
+        print(f"\n2-worker DataLoader (batch {res.loader_batch}, 1 torch thread per worker), wall time only ({why}; "
+              f"1-minute load average now {now:.2f}, this benchmark's own core included):")
+        print("\n".join(two_worker_lines(folder, shard_dir, kinds, aug, len(raws), args.repeats, res.loader_batch)))
     else:
         print(f"\n2-worker DataLoader lines skipped: load average at start {start_load[0]:.2f} >= {LOW_LOAD}")
     return figures
@@ -524,9 +537,9 @@ def main(argv=None) -> int:
     start_load = os.getloadavg()  # before this process adds its own busy core to it
     torch.set_num_threads(1)
     start = time.perf_counter()
-    resolutions = [Resolution(args.size, args.crop, args.samples, args.samples_per_shard)]
+    resolutions = [Resolution(args.size, args.crop, args.samples, args.samples_per_shard, 16)]
     if not (args.no_hd or args.profile):
-        resolutions.append(Resolution(args.hd_size, args.hd_crop, args.hd_samples, args.hd_samples_per_shard))
+        resolutions.append(Resolution(args.hd_size, args.hd_crop, args.hd_samples, args.hd_samples_per_shard, 4))
     if not args.profile:
         header(args, start_load)
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:

@@ -2,10 +2,10 @@
 does to the training loop's step time on the same machine.
 
 What runs. Demo shards (``launch/shard.py write demo``: 64 train + 64 val samples, 256x128, 16 per
-shard) and an untrained stand-in InceptionV3 (``pipeline.eval.standin``) go to a temp dir. A tiny
-``pix2pix_demo`` run (``train.total_kimg=0.008``: 2 steps of batch 4, one committed snapshot) gives
-the snapshot to evaluate. Every program runs as a user runs it, in a child process with
-``OMP_NUM_THREADS=1`` (one compute thread per process):
+shard; the val split holds exactly ``--samples``, see (a)) and an untrained stand-in InceptionV3
+(``pipeline.eval.standin``) go to a temp dir. A tiny ``pix2pix_demo`` run (``train.total_kimg=0.008``:
+2 steps of batch 4, one committed snapshot) gives the snapshot to evaluate. Every program runs as a
+user runs it, in a child process with ``OMP_NUM_THREADS=1`` (one compute thread per process):
 
 (a) Throughput. ``launch/evaluate.py --run RUN --once --step N --max-samples 64 --reference-cache C``
     with 1 process, and with 2 through ``accelerate launch --config_file
@@ -19,6 +19,10 @@ the snapshot to evaluate. Every program runs as a user runs it, in a child proce
     evaluation work itself), images/s on both clocks, the CPU seconds of the whole process tree
     (``wait4`` rusage), and the 2-vs-1 speed-up. Cross-checks: ``seconds`` < wall; a cold run stores
     the reference in its cache and a warm run adds nothing; every measurement yields the same FID.
+    Why the val split holds exactly the samples evaluated: the split is partitioned among evaluator
+    processes in contiguous ranges of sample index, and ``--max-samples N`` keeps the first N in
+    that global order, so with N at most half the split the first process gets every sample and
+    the second one nothing (it still reads and decodes its range, then drops it).
 (b) Interference. ``pix2pix_demo`` at ngf/ndf 16, batch 4, 1 process, ``data.workers=0`` (the
     whole training is one busy thread), ``train.log_every_kimg=0.004`` (a ``Timing/sec_per_kimg``
     point per iteration), no image grids or periodic checkpoints, for ``--iters`` iterations: once
@@ -294,11 +298,11 @@ class Setup:
     step: int
 
 
-def prepare(root: Path, gate: Gate) -> Setup:
+def prepare(root: Path, gate: Gate, val_count: int) -> Setup:
     t0 = time.perf_counter()
     shards, run_dir, inception = root / "shards", root / "run-a", root / "inception-standin.pth"
     run([sys.executable, SHARD, "write", "demo", "--out", str(shards), "--demo-count", "train=64",
-         "--demo-count", "val=64", "--samples-per-shard", "16", "--quiet"], root / "shard.log")
+         "--demo-count", f"val={val_count}", "--samples-per-shard", "16", "--quiet"], root / "shard.log")
     from pipeline.eval.standin import write_standin_inception
 
     write_standin_inception(inception)
@@ -688,7 +692,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
         root = args.keep or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
-        s = prepare(root, gate)
+        s = prepare(root, gate, args.samples)
         runs_a = part_a(s, gate, args.rounds_a, args.samples) if args.only in (None, "a") else []
         if args.only == "b":  # (b)'s evaluator uses the warm reference: compute it once
             measure_eval(s, gate, 1, "cold", 0, args.samples, root / "refcache-warm")
