@@ -133,6 +133,26 @@ def test_nan_on_one_rank_skips_the_update_on_all_ranks(demo_shards, tmp_path):
     assert skipped[-1][1] == 1
 
 
+@pytest.mark.multiprocess
+def test_a_rank_that_fails_ends_the_whole_job_promptly(demo_shards, tmp_path):
+    # A truncated shard with no bad-sample budget: whichever rank reads it stops with the budget's
+    # message. Before the fix, that rank then hung at exit joining its DataLoader worker (which
+    # ignores SIGTERM), and the other rank waited on it in a collective until the time limit.
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(demo_shards, shards)
+    for tar in sorted(shards.glob("train-*.tar")):
+        data = tar.read_bytes()
+        tar.write_bytes(data[: len(data) // 3])
+    t0 = time.monotonic()
+    r = run(launch_cmd(2, [f"data.url={shards}", f"run.dir={tmp_path / 'run'}", "train.total_kimg=0.2",
+                           "data.workers=1", "data.max_bad_samples=0", *SMALL]), timeout=150)
+    assert r.returncode != 0, explain(r)
+    assert "exceed the budget data.max_bad_samples=0" in r.stderr, explain(r)
+    assert time.monotonic() - t0 < 120
+
+
 # ---------------------------------------------------------------- exact resume
 
 

@@ -9,6 +9,7 @@ import logging
 import os
 import shlex
 import sys
+import traceback
 
 from ..config import ConfigError, load_config, to_dict
 
@@ -56,4 +57,15 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     from .loop import train
 
-    return train(cfg, command=shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]))
+    try:
+        return train(cfg, command=shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]))
+    except Exception:
+        # DataLoader workers ignore SIGTERM (so that SLURM's notice cannot kill them before the
+        # rank saves); after an exception, multiprocessing's exit handler would terminate and
+        # then join them forever, and this rank, and every rank waiting on it, would hang. Report
+        # and leave now: the launcher ends the other ranks, and orphaned workers notice their
+        # parent is gone and exit.
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
