@@ -133,6 +133,18 @@ class TrainConfig:
 
 
 @dataclass
+class DistributedConfig:
+    # auto: DeepSpeed when `accelerate launch` was given a DeepSpeed config file
+    # (launch/accelerate/deepspeed_zero2.yaml sets ACCELERATE_USE_DEEPSPEED), else DDP.
+    backend: str = choice("auto", "auto", "ddp", "deepspeed")
+    # ZeRO stage of the G and D engines (optimizer state, and at 2 gradients, partitioned over
+    # ranks); None: the launcher's deepspeed_config zero_stage, else 2. Stage 3 is not supported:
+    # G_ema, the snapshots and the evaluator need every parameter on every rank.
+    zero_stage: int | None = choice(None, None, 1, 2)
+    reduce_bucket_mb: float = bounded(200.0, 1.0)  # DeepSpeed's reduce_bucket_size / allgather_bucket_size
+
+
+@dataclass
 class CheckpointConfig:
     every_kimg: float = bounded(10.0, 0.0)
     keep_last: int = bounded(2, 2)
@@ -163,6 +175,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     name: str = "unnamed"
@@ -301,8 +314,26 @@ def validate(cfg: Config) -> None:
     if cfg.model.generator not in generators[cfg.model.family]:
         raise ConfigError(f"model.generator: {cfg.model.generator!r} is not a {cfg.model.family} generator; "
                           f"choose one of: {', '.join(generators[cfg.model.family])}")
+    if cfg.distributed.backend == "deepspeed":
+        deepspeed_limits(cfg)
     if cfg.loss.gp_weight and cfg.loss.weight_clip:
         raise ConfigError("loss.gp_weight and loss.weight_clip are alternatives; set one of them to 0")
+
+
+def deepspeed_limits(cfg: Config) -> None:
+    """What the DeepSpeed engines cannot do that DDP can; also checked at start-up when
+    ``distributed.backend=auto`` resolves to deepspeed."""
+    if cfg.train.fix_global_kimg > 0:
+        raise ConfigError("train.fix_global_kimg needs distributed.backend=ddp: ZeRO partitions the gradients, "
+                          "so the fixed global generator's cannot be dropped before the step")
+    if cfg.loss.weight_clip > 0:
+        raise ConfigError("loss.weight_clip needs distributed.backend=ddp: ZeRO keeps the fp32 master weights "
+                          "inside its optimizer, where clipping the module's copy does not reach")
+    if cfg.train.compile:
+        raise ConfigError("train.compile needs distributed.backend=ddp (DeepSpeed engines are not compiled here)")
+    if cfg.train.precision == "fp16":
+        raise ConfigError("train.precision=fp16 needs distributed.backend=ddp; with deepspeed choose one of: "
+                          "auto, fp32, bf16 (DeepSpeed has no fp16 on CPU, so that path is untested here)")
 
 
 def to_dict(cfg: Config) -> dict:

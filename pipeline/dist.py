@@ -1,12 +1,14 @@
 """The seam over process state: rank and world size, main-process printing, agreement between
-ranks, buffer averaging, per-rank seeds. Only this module, the training loop and the eval watcher
-touch ``accelerate`` or ``torch.distributed``."""
+ranks, buffer averaging, per-rank seeds, and the DeepSpeed ZeRO engines. Only this module, the
+training loop and the eval watcher touch ``accelerate``, ``deepspeed`` or ``torch.distributed``."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
@@ -118,10 +120,94 @@ def make_accelerator(precision: str, accumulation: int = 1):
     # passes it through and torch warns that the name is deprecated.
     warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated", category=FutureWarning)
     cpu = not torch.cuda.is_available()
+    # A DeepSpeed launch config makes Accelerate build a DeepSpeed plugin of its own (one engine
+    # for everything); our engines are made by make_zero_engine, so Accelerate only sets up the
+    # process group here (resolve_backend has read the variable before).
+    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
     handlers = [DistributedDataParallelKwargs(broadcast_buffers=False, find_unused_parameters=False),
                 InitProcessGroupKwargs(timeout=timedelta(minutes=10))]  # accelerate picks gloo or nccl
     return Accelerator(cpu=cpu, mixed_precision="no", gradient_accumulation_steps=accumulation,
                        kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
+
+
+def resolve_backend(backend: str) -> str:
+    """``ddp`` or ``deepspeed``: ``auto`` follows the launcher (a DeepSpeed accelerate config sets
+    ``ACCELERATE_USE_DEEPSPEED=true``)."""
+    if backend != "auto":
+        return backend
+    return "deepspeed" if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" else "ddp"
+
+
+def resolve_zero_stage(stage: int | None) -> int:
+    """The configured ZeRO stage, else the launcher's (``deepspeed_config: zero_stage``), else 2."""
+    if stage is not None:
+        return stage
+    launcher = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if launcher is None:
+        return 2
+    if launcher not in ("1", "2"):
+        raise ValueError(f"the accelerate config asks for DeepSpeed ZeRO stage {launcher}; G and D engines support "
+                         f"stage 1 or 2 (set zero_stage in the accelerate config, or distributed.zero_stage)")
+    return int(launcher)
+
+
+def make_zero_engine(module: torch.nn.Module, optimizer: torch.optim.Optimizer, *, stage: int, micro_batch: int,
+                     grad_clip: float, bucket_mb: float):
+    """One DeepSpeed engine for one network (G and D each get their own partitions). Our torch
+    optimizer is kept as the client optimizer; the engine owns gradient reduction, clipping and
+    the step. Returns ``(engine, optimizer)``, the latter DeepSpeed's wrapper, whose
+    ``param_groups`` are the client optimizer's.
+
+    The engines run in fp32: bf16 is the loop's autocast, as with DDP (norm layers, losses and
+    regularizers stay fp32), where DeepSpeed's bf16 mode would cast whole modules, BatchNorm
+    included. fp16 is refused by ``config.deepspeed_limits``."""
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    bucket = int(bucket_mb * 1e6)
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch * world_size(),
+        "zero_optimization": {"stage": stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
+                              "overlap_comm": torch.cuda.is_available(), "contiguous_gradients": True},
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        "gradient_clipping": grad_clip,
+        "zero_allow_untested_optimizer": True,  # torch's Adam as the client optimizer
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config,
+                                                      dist_init_required=False)
+    return engine, ds_optimizer
+
+
+def zero_save(engines: dict, local_dir: str) -> None:
+    """Every rank writes its ZeRO partitions (and rank 0 the module states) of each engine under
+    ``local_dir/<name>/``. Collective: call on every rank. Nothing is marked "latest": which
+    checkpoint counts is our commit record's business."""
+    for name, engine in engines.items():
+        engine.save_checkpoint(local_dir, tag=name, client_state={}, save_latest=False)
+
+
+def zero_load(engines: dict, local_dir: str) -> None:
+    """Restore module weights, fp32 master weights, optimizer and loss-scaler state of each engine
+    from ``local_dir/<name>/``. Collective. DeepSpeed's files are its own (pickled) format: they
+    are read only from checkpoints whose commit record verified every file's SHA-256."""
+    for name, engine in engines.items():
+        if not (Path(local_dir) / name).is_dir():
+            raise FileNotFoundError(f"no DeepSpeed state for {name} in {local_dir}")
+        path, _ = engine.load_checkpoint(local_dir, tag=name, load_optimizer_states=True,
+                                         load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the {name} engine from {local_dir}/{name}")
+
+
+def zero_grad_norm(engine) -> torch.Tensor:
+    """The global gradient norm the engine measured at its last step (before clipping)."""
+    norm = engine.get_global_grad_norm()
+    return torch.as_tensor(float("nan") if norm is None else float(norm))
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:

@@ -90,6 +90,33 @@ def list_fresh(url: str, storage_options: dict | None = None) -> list[str]:
     return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False, refresh=True))
 
 
+def list_files_fresh(url: str, storage_options: dict | None = None) -> list[str]:
+    """Every file below ``url`` (recursively), as paths relative to it, from a fresh listing."""
+    fs, path = fs_for(url, storage_options)
+    fs.invalidate_cache(path)
+    if not fs.exists(path):
+        return []
+    root = path.rstrip("/") + "/"
+    found = fs.find(path, withdirs=False, detail=False)
+    return sorted(p[len(root):] for p in found if p.startswith(root))
+
+
+def upload_tree(local_dir: str | Path, url: str, storage_options: dict | None = None) -> None:
+    """Each file under ``local_dir`` to the same relative path under ``url`` (each atomically)."""
+    base = Path(local_dir)
+    for f in sorted(p for p in base.rglob("*") if p.is_file()):
+        atomic_upload(f, join(url, f.relative_to(base).as_posix()), storage_options)
+
+
+def download_tree(url: str, local_dir: str | Path, storage_options: dict | None = None) -> None:
+    """Every file below ``url`` into ``local_dir``, at the same relative paths."""
+    fs, path = fs_for(url, storage_options)
+    for rel in list_files_fresh(url, storage_options):
+        target = Path(local_dir) / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(f"{path.rstrip('/')}/{rel}", str(target))
+
+
 def makedirs(url: str, storage_options: dict | None = None) -> None:
     """Create the directory ``url`` and its parents; nothing to do on an object store."""
     fs, path = fs_for(url, storage_options)

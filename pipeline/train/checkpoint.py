@@ -3,16 +3,24 @@
 Every file is written first; ``COMMIT.json`` (step, kimg, world size, each file's size and
 SHA-256, the config) is written last. "Latest" is the highest step whose commit verifies; an
 uncommitted or damaged checkpoint is passed over loudly. Tensors are stored with ``torch.save``
-and read back with ``weights_only=True``; everything else is JSON. Nothing is unpickled.
+and read back with ``weights_only=True``; everything else is JSON. Nothing of ours is unpickled;
+the one exception is DeepSpeed's own engine state under ``zero/`` (partitioned optimizer state only
+the engine can write and read), which is hashed into the commit record like every other file and
+so is read only from a checkpoint that verified.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io as _io
 import json
 import logging
 import re
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +32,7 @@ log = logging.getLogger(__name__)
 COMMIT = "COMMIT.json"
 CHECKPOINTS = "checkpoints"
 SNAPSHOTS = "snapshots"
+ZERO_DIR = "zero"  # DeepSpeed engines' state inside a checkpoint: zero/G/..., zero/D/...
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -54,11 +63,12 @@ def fingerprint(state: dict[str, torch.Tensor]) -> str:
 
 
 def commit(ckpt_url: str, meta: dict, storage_options: dict | None = None) -> dict:
-    """Hash every file in ``ckpt_url`` and write ``COMMIT.json`` last: the checkpoint exists now."""
+    """Hash every file below ``ckpt_url`` (DeepSpeed's engine directories included) and write
+    ``COMMIT.json`` last: the checkpoint exists now."""
     files = {}
-    for name in io.list_fresh(ckpt_url, storage_options):
-        if name == COMMIT or name.startswith("."):
-            continue
+    for name in io.list_files_fresh(ckpt_url, storage_options):
+        if name == COMMIT or any(part.startswith(".") for part in name.split("/")):
+            continue  # the record itself, and temporary files of atomic writes
         sha, size = io.sha256_url(io.join(ckpt_url, name), storage_options)
         files[name] = {"bytes": size, "sha256": sha}
     record = {**meta, "files": files}
@@ -152,3 +162,35 @@ def write_json(url: str, obj: Any, storage_options: dict | None = None) -> None:
 
 def read_json(url: str, storage_options: dict | None = None) -> Any:
     return json.loads(io.read_bytes(url, storage_options))
+
+
+@contextlib.contextmanager
+def staged_upload(url: str, storage_options: dict | None = None) -> Iterator[str]:
+    """A local directory whose files end up under ``url``: ``url`` itself when it is local,
+    else a temporary directory uploaded (file by file, each atomically) on a clean exit. For
+    writers that only know local paths (DeepSpeed's engines)."""
+    if io.is_local(url):
+        _, path = io.fs_for(url, storage_options)
+        Path(path).mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    tmp = tempfile.mkdtemp(prefix="gan-ckpt-up-")
+    try:
+        yield tmp
+        io.upload_tree(tmp, url, storage_options)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def local_copy(url: str, storage_options: dict | None = None) -> Iterator[str]:
+    """``url``'s directory as a local path: itself, or a temporary download removed afterwards."""
+    if io.is_local(url):
+        yield io.fs_for(url, storage_options)[1]
+        return
+    tmp = tempfile.mkdtemp(prefix="gan-ckpt-down-")
+    try:
+        io.download_tree(url, tmp, storage_options)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -11,7 +11,7 @@ import shlex
 import sys
 import traceback
 
-from ..config import ConfigError, load_config, to_dict
+from ..config import ConfigError, deepspeed_limits, load_config, to_dict
 
 
 def _is_first_process() -> bool:
@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        from ..dist import resolve_backend
+
+        if cfg.distributed.backend == "auto" and resolve_backend("auto") == "deepspeed":
+            deepspeed_limits(cfg)  # launched with a DeepSpeed accelerate config: the same checks, as early
     except ConfigError as exc:
         if _is_first_process():
             print(f"gan-train: config error: {exc}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """The training loop: one readable function from launch to exit, over any family.
 
-Progress is counted in images seen. G and D are separate DDP modules; precision is ours
+Progress is counted in images seen. G and D are separate DDP modules (or, with
+``distributed.backend=deepspeed``, separate DeepSpeed ZeRO engines); precision is ours
 (autocast + one GradScaler per network for fp16); a non-finite step is skipped on every rank;
 checkpoints are committed last and resume exactly, data position included.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .. import dist, io
-from ..config import Config, to_dict
+from ..config import Config, deepspeed_limits, to_dict
 from ..data.manifest import load_manifest
 from ..data.stream import make_stream
 from ..data.transforms import Augment
@@ -110,6 +111,7 @@ def train(cfg: Config, command: str = "") -> int:
     preemption = Preemption()
     # ------------------------------------------------------------ processes, devices, precision
     precision = resolve_precision(cfg.train.precision)
+    backend = dist.resolve_backend(cfg.distributed.backend)  # before make_accelerator: it reads the launcher's
     accelerator = dist.make_accelerator(precision)
     device, rank, world = accelerator.device, dist.rank(), dist.world_size()
     bpd = cfg.train.batch_per_device or cfg.train.batch_size // world
@@ -117,6 +119,13 @@ def train(cfg: Config, command: str = "") -> int:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} is not a multiple of "
                          f"batch_per_device={bpd} x {world} processes")
     accum = cfg.train.batch_size // (bpd * world)
+    if backend == "deepspeed":
+        deepspeed_limits(cfg)
+        if accum != 1:
+            # The divergence guard skips a step on every rank before any gradient exists; with
+            # accumulation inside an engine, earlier micro-batches' gradients could not be dropped.
+            raise ValueError(f"distributed.backend=deepspeed needs no gradient accumulation: train.batch_size="
+                             f"{cfg.train.batch_size} must equal batch_per_device={bpd} x {world} processes")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     so = cfg.data.storage_options or None
@@ -131,16 +140,38 @@ def train(cfg: Config, command: str = "") -> int:
     G, D = nets["G"], nets["D"]
     if cfg.train.channels_last:
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    # The newest committed checkpoint, chosen once by rank 0 for everyone.
+    found = dist.broadcast_object(ckpt.latest(run_dir, storage_options=so) if dist.is_main() else None)
+    if found is None and cfg.model.init_from:
+        # Before the engines exist: DeepSpeed copies the weights into its fp32 master partitions.
+        source = ckpt.load_tensors(io.join(ckpt.resolve_init(cfg.model.init_from, so), "G.pt"), so)
+        (family.init_from or (lambda g, st: g.load_state_dict(st)))(G, source)
+        dist.main_print(f"G initialised from {cfg.model.init_from}")
     G_ema = make_ema(G).to(device)
     betas = (cfg.optim.beta1, cfg.optim.beta2)
-    # G and D are prepared separately: two DDP modules, never one wrapper around the whole GAN.
-    G_ddp, D_ddp = accelerator.prepare(G), accelerator.prepare(D)
-    G, D = dist.unwrap(G_ddp), dist.unwrap(D_ddp)
     impl = adam_kwargs(cfg.optim.adam)
-    opt = {"G": torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_G, betas=betas, **impl),
-           "D": torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_D, betas=betas, **impl)}
     base_lr = {"G": cfg.optim.lr_G, "D": cfg.optim.lr_D}
-    scalers = make_scalers(precision, device)
+    engines = None
+    if backend == "deepspeed":
+        # One engine per network, never one around the whole GAN: own partitions, own loss scaler.
+        stage = dist.resolve_zero_stage(cfg.distributed.zero_stage)
+        G, D = G.to(device), D.to(device)
+        opt, engines = {}, {}
+        for k, net in (("G", G), ("D", D)):
+            adam = torch.optim.Adam(net.parameters(), lr=base_lr[k], betas=betas, **impl)
+            engines[k], opt[k] = dist.make_zero_engine(net, adam, stage=stage, micro_batch=bpd,
+                                                       grad_clip=cfg.optim.grad_clip,
+                                                       bucket_mb=cfg.distributed.reduce_bucket_mb)
+        G_ddp, D_ddp = engines["G"], engines["D"]
+        scalers = None  # fp32 engines; bf16 is autocast
+        dist.main_print(f"DeepSpeed ZeRO stage {stage}: G and D on separate engines ({precision})")
+    else:
+        # G and D are prepared separately: two DDP modules, never one wrapper around the whole GAN.
+        G_ddp, D_ddp = accelerator.prepare(G), accelerator.prepare(D)
+        G, D = dist.unwrap(G_ddp), dist.unwrap(D_ddp)
+        opt = {"G": torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_G, betas=betas, **impl),
+               "D": torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_D, betas=betas, **impl)}
+        scalers = make_scalers(precision, device)
     if cfg.train.compile:
         G_ddp, D_ddp = torch.compile(G_ddp), torch.compile(D_ddp)
     modules = {"G": G_ddp, "D": D_ddp}
@@ -151,20 +182,31 @@ def train(cfg: Config, command: str = "") -> int:
         io.remove(io.join(run_dir, PREEMPTED_MARKER), so)
         io.remove(io.join(run_dir, DONE_MARKER), so)
         io.atomic_write_json(io.join(run_dir, "config.json"), to_dict(cfg), so)
-        io.atomic_write_json(io.join(run_dir, "run.json"), describe_run(command, world, precision, accum), so)
+        io.atomic_write_json(io.join(run_dir, "run.json"),
+                             {**describe_run(command, world, precision, accum), "backend": backend}, so)
     state = {"step": 0, "nimg": 0, "skipped_steps": 0, "consecutive_bad": 0, "rollbacks": 0}
     positions: dict[int, tuple[int, int]] = {}
     flags = {"stop": False}  # a preemption signal seen by any rank
 
     def restore(found: ckpt.Found) -> None:
+        saved = ckpt.read_json(io.join(found.url, "state.json"), so)
+        saved_backend = saved.get("backend", "ddp")
+        if saved_backend != backend:
+            raise RuntimeError(f"{found.url} was written with distributed.backend={saved_backend}; resume it with "
+                               f"the same backend (this run uses {backend})")
+        if engines and saved["world_size"] != world:
+            raise RuntimeError(f"{found.url} holds DeepSpeed ZeRO partitions for {saved['world_size']} processes; "
+                               f"resume it with {saved['world_size']} processes (this run has {world})")
         G.load_state_dict(ckpt.load_tensors(io.join(found.url, "G.pt"), so))
         D.load_state_dict(ckpt.load_tensors(io.join(found.url, "D.pt"), so))
         G_ema.load_state_dict(ckpt.load_tensors(io.join(found.url, "G_ema.pt"), so))
-        for k in ("G", "D"):
+        if engines:
+            with ckpt.local_copy(io.join(found.url, ckpt.ZERO_DIR), so) as local:
+                dist.zero_load(engines, local)  # weights, fp32 masters, optimizer and scaler state
+        for k in ("G", "D") if not engines else ():
             opt[k].load_state_dict(ckpt.load_tensors(io.join(found.url, f"opt_{k}.pt"), so))
             if scalers:
                 scalers[k].load_state_dict(ckpt.load_tensors(io.join(found.url, f"scaler_{k}.pt"), so))
-        saved = ckpt.read_json(io.join(found.url, "state.json"), so)
         state.update({k: saved[k] for k in state})
         positions.clear()
         mine = ckpt.load_tensors(io.join(found.url, f"rank-{rank:03d}.pt"), so) \
@@ -181,17 +223,11 @@ def train(cfg: Config, command: str = "") -> int:
             torch.cuda.set_rng_state(mine["cuda_rng"], device)
         positions.update({int(s): (int(e), int(i)) for s, (e, i) in mine["positions"].items()})
 
-    found = dist.broadcast_object(ckpt.latest(run_dir, storage_options=so) if dist.is_main() else None)
     if found is not None:
         restore(found)
         dist.main_print(f"resumed from {found.url} at kimg {state['nimg'] / 1000:.3f}")
     else:
         torch.manual_seed(dist.seed_for(cfg.run.seed, rank))
-        if cfg.model.init_from:
-            source = ckpt.load_tensors(io.join(ckpt.resolve_init(cfg.model.init_from, so), "G.pt"), so)
-            (family.init_from or (lambda g, st: g.load_state_dict(st)))(G, source)
-            G_ema.load_state_dict(G.state_dict())
-            dist.main_print(f"G initialised from {cfg.model.init_from}")
 
     # ------------------------------------------------------------ the data stream
     workers = cfg.data.workers
@@ -243,14 +279,18 @@ def train(cfg: Config, command: str = "") -> int:
         if device.type == "cuda":
             mine["cuda_rng"] = torch.cuda.get_rng_state(device)
         ckpt.save_tensors(io.join(url, f"rank-{rank:03d}.pt"), mine, so)
+        if engines:  # collective: every rank writes its own optimizer partitions, inside this step's directory
+            with ckpt.staged_upload(io.join(url, ckpt.ZERO_DIR), so) as local:
+                dist.zero_save(engines, local)
         if dist.is_main():
             for name, st in shared.items():
                 ckpt.save_tensors(io.join(url, f"{name}.pt"), st, so)
-            for k in ("G", "D"):
+            for k in ("G", "D") if not engines else ():
                 ckpt.save_tensors(io.join(url, f"opt_{k}.pt"), opt[k].state_dict(), so)
                 if scalers:
                     ckpt.save_tensors(io.join(url, f"scaler_{k}.pt"), scalers[k].state_dict(), so)
-            ckpt.write_json(io.join(url, "state.json"), {**state, "world_size": world, "workers": workers}, so)
+            ckpt.write_json(io.join(url, "state.json"), {**state, "world_size": world, "workers": workers,
+                                                         "backend": backend}, so)
         dist.barrier()  # orders: every rank's file is written before rank 0 hashes and commits
         if dist.is_main():
             meta = {"step": state["step"], "nimg": state["nimg"], "kimg": state["nimg"] / 1000,
@@ -294,6 +334,20 @@ def train(cfg: Config, command: str = "") -> int:
         opt[net].zero_grad(set_to_none=True)
         return True, norm
 
+    def zero_step(net: str, loss: torch.Tensor, losses: list[dict]) -> tuple[bool, torch.Tensor]:
+        """The DeepSpeed path of ``optimizer_step``: agree on the loss first (a skipped step must
+        leave no gradient in the engine), then the engine's backward and step. Returns (stepped,
+        grad norm)."""
+        loss_ok = bool(torch.isfinite(loss).item()) and all(torch.isfinite(out["loss"]).item() for out in losses)
+        bad, stop = dist.any_rank([not loss_ok, preemption.signal is not None], device)
+        flags["stop"] = stop
+        if bad:
+            return False, torch.tensor(float("nan"))
+        engines[net].backward(loss)
+        engines[net].step()
+        norm = dist.zero_grad_norm(engines[net])
+        return bool(torch.isfinite(norm).item()), norm
+
     # ------------------------------------------------------------ the loop
     total_nimg = int(cfg.train.total_kimg * 1000)
     ckpt_every = max(1, int(cfg.checkpoint.every_kimg * 1000))
@@ -325,10 +379,14 @@ def train(cfg: Config, command: str = "") -> int:
                         inject = phase.net == "G" and rank == cfg.train.debug_nan_rank and \
                             nan_window[0] <= state["step"] < nan_window[1]
                         loss = out["loss"] * (float("nan") if inject else 1.0) / accum
-                        (scalers[phase.net].scale(loss) if scalers else loss).backward()
+                        if not engines:
+                            (scalers[phase.net].scale(loss) if scalers else loss).backward()
                     losses.append(out)
+                if engines:
+                    ok, norm = zero_step(phase.net, loss, losses)  # backward while D is still frozen
+                else:
+                    ok, norm = optimizer_step(phase.net, losses, extra_bad=False)
                 D.requires_grad_(True)
-                ok, norm = optimizer_step(phase.net, losses, extra_bad=False)
                 if ok and phase.after_step:
                     phase.after_step(D if phase.net == "D" else G, cfg)
                 stepped[phase.net] = stepped.get(phase.net, True) and ok

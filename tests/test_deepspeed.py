@@ -1,0 +1,164 @@
+"""DeepSpeed ZeRO for G and D: real `accelerate launch` of 2 CPU processes (gloo) with the shipped
+launch/accelerate/deepspeed_zero2.yaml; separate engines, checkpoints inside our commit protocol,
+exact resume after a preemption, the divergence guard, and the errors for what ZeRO cannot do."""
+
+from __future__ import annotations
+
+import enum
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_train import (
+    REPO,
+    SMALL,
+    TRAIN,
+    assert_identical,
+    env,
+    explain,
+    free_port,
+    launch_cmd,
+    read_scalars,
+    run,
+    wait_for_commit,
+    workers_of,
+)
+
+from pipeline.train import checkpoint as ckpt
+
+pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
+pytestmark = pytest.mark.multiprocess
+
+ACCEL_ZERO2 = str(REPO / "launch" / "accelerate" / "deepspeed_zero2.yaml")
+
+
+def zero_cmd(overrides: list[str]) -> list[str]:
+    # The shipped GPU file, 2 processes: on a machine without CUDA the ranks join a gloo group.
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", ACCEL_ZERO2,
+            "--num_processes", "2", "--main_process_port", str(free_port()), TRAIN, "--config", "pix2pix_demo",
+            *overrides]
+
+
+def zero_states(run_dir) -> dict:
+    """G, D, G_ema and every engine file (fp32 master partitions, Adam moments, step counters) of
+    the latest checkpoint. DeepSpeed's own files are pickles: read here, in a test, on purpose."""
+    found = ckpt.latest(str(run_dir))
+    assert found is not None, f"no committed checkpoint in {run_dir}"
+    out = {name: ckpt.load_tensors(f"{found.url}/{name}.pt") for name in ("G", "D", "G_ema")}
+    for name in sorted(found.record["files"]):
+        if name.startswith("zero/") and name.endswith(".pt"):
+            state = torch.load(f"{found.url}/{name}", map_location="cpu", weights_only=False)
+            state.pop("ds_config", None)  # holds nothing of the run's progress
+            out[name] = plain(state)
+    return out
+
+
+def plain(obj):
+    """Containers and tensors as they are, enums as values, other objects (DeepSpeed's loss
+    scaler) as their fields."""
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [plain(v) for v in obj]
+    if hasattr(obj, "__dict__") and not isinstance(obj, torch.Tensor | type):
+        return {"__class__": type(obj).__name__, **plain(vars(obj))}
+    return obj
+
+
+def test_zero2_bf16_trains_commits_engine_state_and_resumes_bit_identical(demo_shards, tmp_path):
+    args = [f"data.url={demo_shards}", "train.total_kimg=0.064", "checkpoint.every_kimg=0.016",
+            "data.workers=1", "train.precision=bf16", *SMALL]
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    r = run(zero_cmd([f"run.dir={a_dir}", *args]), timeout=300)
+    assert r.returncode == 0, explain(r)
+    assert "DeepSpeed ZeRO stage 2: G and D on separate engines (bf16)" in r.stdout + r.stderr
+    found = ckpt.latest(str(a_dir))
+    files = set(found.record["files"])
+    # Every rank's optimizer partition of each engine is inside the commit record, hashed.
+    for net in ("G", "D"):
+        assert {f"zero/{net}/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                f"zero/{net}/zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= {f.replace("bf16_", "") for f in files}
+    assert not any(f.startswith("opt_") for f in files)  # the engines own the optimizer state
+    ranks = [ckpt.load_tensors(f"{found.url}/rank-{r:03d}.pt") for r in (0, 1)]
+    assert ranks[0]["fingerprints"] == ranks[1]["fingerprints"]
+    states = zero_states(a_dir)
+    g_part = next(v for k, v in states.items() if k.startswith("zero/G/") and "zero_pp_rank_1" in k)
+    # ZeRO really partitions: rank 1 holds fp32 master weights for a part of G only.
+    part = sum(t.numel() for t in g_part["optimizer_state_dict"]["single_partition_of_fp32_groups"])
+    assert 0 < part < sum(t.numel() for t in states["G"].values() if t.is_floating_point())
+    assert all(t.dtype == torch.float32 for t in states["G"].values() if t.is_floating_point())
+    scalars = read_scalars(a_dir)
+    assert {"Loss/G_GAN", "Loss/D_real", "Grad/G_norm", "Grad/D_norm"} <= set(scalars)
+    assert all(v == v and v > 0 for _, v in scalars["Grad/G_norm"])  # the engines' measured norms
+
+    cmd = zero_cmd([f"run.dir={b_dir}", *args])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+                            start_new_session=True)
+    wait_for_commit(b_dir, 4, proc, timeout=240)
+    for worker in workers_of(proc):  # SLURM's preemption notice reaches every task
+        worker.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=180)
+    assert "preempted: saved at kimg" in out + err, err[-4000:]
+    assert ckpt.latest(str(b_dir)).step < 16
+    r = run(cmd, timeout=300)
+    assert r.returncode == 0, explain(r)
+    assert "resumed from" in r.stdout + r.stderr
+    assert_identical(zero_states(a_dir), zero_states(b_dir))
+
+
+def test_zero1_skips_a_nan_step_on_every_rank(demo_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    r = run(zero_cmd([f"data.url={demo_shards}", f"run.dir={run_dir}", "distributed.zero_stage=1",
+                      "train.total_kimg=0.024", "checkpoint.every_kimg=0.024",
+                      "data.workers=1", "train.debug_nan_step=2", "train.debug_nan_rank=1", *SMALL]), timeout=300)
+    assert r.returncode == 0, explain(r)
+    assert "DeepSpeed ZeRO stage 1: G and D on separate engines (fp32)" in r.stdout + r.stderr
+    assert "step 3 skipped on every rank" in r.stderr
+    found = ckpt.latest(str(run_dir))
+    ranks = [ckpt.load_tensors(f"{found.url}/rank-{r:03d}.pt") for r in (0, 1)]
+    assert ranks[0]["fingerprints"] == ranks[1]["fingerprints"]
+    states = zero_states(run_dir)
+    assert all(torch.isfinite(t).all() for t in states["G"].values() if t.is_floating_point())
+    assert states["zero/G/zero_pp_rank_1_mp_rank_00_optim_states.pt"]["optimizer_state_dict"]["zero_stage"] == 1
+    assert read_scalars(run_dir)["Train/skipped_steps"][-1][1] == 1
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.fix_global_kimg=1", "train.fix_global_kimg needs distributed.backend=ddp"),
+    ("loss.weight_clip=0.01", "loss.weight_clip needs distributed.backend=ddp"),
+    ("train.precision=fp16", "train.precision=fp16 needs distributed.backend=ddp; with deepspeed choose one of: "
+                             "auto, fp32, bf16"),
+])
+def test_what_zero_cannot_do_is_a_one_line_config_error(override, message):
+    # With the backend named: one line, exit 2, before any process group exists.
+    r = run([sys.executable, TRAIN, "--config", "pix2pix_demo", override, "distributed.backend=deepspeed"],
+            timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and message in lines[0], explain(r)
+    # Under the DeepSpeed launch config (backend auto): the same line from the rank, no traceback
+    # of ours (the launcher adds its own report of a failed child).
+    r = run(zero_cmd([override]), timeout=120)
+    assert r.returncode != 0
+    assert f"gan-train: config error: {message}" in r.stderr, explain(r)
+    assert "pipeline/" not in r.stderr, explain(r)
+
+
+def test_accumulation_and_a_ddp_checkpoint_are_refused_clearly(demo_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    r = run(zero_cmd([f"data.url={demo_shards}", f"run.dir={run_dir}", *SMALL, "train.batch_per_device=1"]),
+            timeout=180)
+    assert r.returncode != 0
+    assert "distributed.backend=deepspeed needs no gradient accumulation" in r.stderr, explain(r)
+    # A DDP run's checkpoint has no engine state: resuming it under DeepSpeed must say so, not
+    # quietly start the optimizers afresh.
+    r = run(launch_cmd(1, [f"data.url={demo_shards}", f"run.dir={run_dir}", "train.total_kimg=0.004",
+                           "checkpoint.every_kimg=0.004", "data.workers=0", *SMALL]))
+    assert r.returncode == 0, explain(r)
+    r = run(zero_cmd([f"data.url={demo_shards}", f"run.dir={run_dir}", "train.total_kimg=0.008", *SMALL]),
+            timeout=180)
+    assert r.returncode != 0
+    assert "was written with distributed.backend=ddp; resume it with the same backend" in r.stderr, explain(r)
