@@ -18,7 +18,8 @@ RUN apt-get update \
 WORKDIR /opt/gan-pipeline
 COPY pyproject.toml README.md constraints.txt ./
 COPY pipeline ./pipeline
-RUN pip install --no-cache-dir -c constraints.txt .
+RUN pip install --no-cache-dir -c constraints.txt . \
+ && pip install --no-cache-dir --no-build-isolation -c constraints.txt deepspeed
 COPY launch ./launch
 COPY configs ./configs
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install gan-pipeline with its test extras into it.
+# Create .venv (if missing) and install gan-pipeline with its test extras and DeepSpeed into it.
 # torch/torchvision are pinned in pyproject.toml; pip takes them from the local wheel cache
 # when the machine has one (PIP_FIND_LINKS / pip.conf), otherwise from PyPI.
 set -euo pipefail
@@ -10,3 +10,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+# DeepSpeed is a source package whose build imports torch: built against the torch installed
+# above (no isolated build environment, which would fetch a torch of its own), at the pinned version.
+.venv/bin/python -m pip install --quiet --no-build-isolation -c constraints.txt deepspeed

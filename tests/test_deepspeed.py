@@ -162,3 +162,19 @@ def test_accumulation_and_a_ddp_checkpoint_are_refused_clearly(demo_shards, tmp_
             timeout=180)
     assert r.returncode != 0
     assert "was written with distributed.backend=ddp; resume it with the same backend" in r.stderr, explain(r)
+
+
+@pytest.mark.s3
+def test_zero2_run_directory_on_s3_commits_engine_state_and_resumes(s3_server, demo_shards):
+    # DeepSpeed writes local files only: each rank stages its own into a local folder and uploads
+    # them before the commit; a resume downloads them. Against a real S3 server on loopback.
+    url = s3_server.url("runs/zero")
+    common = [f"data.url={demo_shards}", f"run.dir={url}", "checkpoint.every_kimg=0.008", "data.workers=1", *SMALL]
+    r = run(zero_cmd([*common, "train.total_kimg=0.008"]), timeout=240)
+    assert r.returncode == 0, explain(r)
+    found = ckpt.latest(url)  # verifies every file's SHA-256 in the bucket, engine files included
+    partitions = [f for f in found.record["files"] if f.startswith("zero/") and "zero_pp_rank_" in f]
+    assert len(partitions) == 4, found.record["files"]  # 2 engines x 2 ranks
+    r = run(zero_cmd([*common, "train.total_kimg=0.016"]), timeout=240)
+    assert r.returncode == 0 and "resumed from s3://" in r.stdout + r.stderr, explain(r)
+    assert ckpt.list_steps(url) == [2, 4]

@@ -1,5 +1,5 @@
 """Multi-node without SLURM: two `accelerate launch` "machines" on 127.0.0.1 (machine rank 0
-first), one process each, train together and stay in sync."""
+first), one process each, train together and stay in sync, with DDP and with DeepSpeed ZeRO-2."""
 
 from __future__ import annotations
 
@@ -16,13 +16,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.multiprocess
-def test_two_machines_on_loopback_train_in_sync(demo_shards, tmp_path):
+@pytest.mark.parametrize("accel_config", ["multi_node.yaml", "deepspeed_zero2.yaml"])
+def test_two_machines_on_loopback_train_in_sync(demo_shards, tmp_path, accel_config):
+    if accel_config.startswith("deepspeed"):
+        pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
     port = free_port()
     run_dir = tmp_path / "run"
     machines = []
     for machine_rank in (0, 1):  # machine rank 0 hosts the rendezvous: it starts first
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "launch" / "accelerate" / "multi_node.yaml"), "--num_machines", "2",
+               str(REPO / "launch" / "accelerate" / accel_config), "--num_machines", "2",
                "--num_processes", "2", "--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1",
                "--main_process_port", str(port), str(REPO / "launch" / "train.py"), "--config", "pix2pix_demo",
                f"data.url={demo_shards}", f"run.dir={run_dir}", "train.total_kimg=0.016",
@@ -43,3 +46,5 @@ def test_two_machines_on_loopback_train_in_sync(demo_shards, tmp_path):
     assert found.record["world_size"] == 2 and found.record["nimg"] == 16
     ranks = [ckpt.load_tensors(f"{found.url}/rank-{r:03d}.pt") for r in (0, 1)]
     assert ranks[0]["fingerprints"] == ranks[1]["fingerprints"]
+    backend = "deepspeed" if accel_config.startswith("deepspeed") else "ddp"
+    assert ckpt.read_json(f"{found.url}/state.json")["backend"] == backend

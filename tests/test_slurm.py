@@ -122,10 +122,14 @@ def assert_ranks_agree(run_dir: Path) -> ckpt.Found:
 @needs_slurm
 @pytest.mark.slurm
 @pytest.mark.timeout(900)
-def test_train_sbatch_trains_across_two_nodes(cluster, shards, tmp_path):
+@pytest.mark.parametrize("accel_config", ["multi_node.yaml", "deepspeed_zero2.yaml"])
+def test_train_sbatch_trains_across_two_nodes(cluster, shards, tmp_path, accel_config):
+    if accel_config.startswith("deepspeed"):
+        pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
     run_dir = tmp_path / "run"
     job = submit_train(cluster, tmp_path, [f"data.url={shards}", f"run.dir={run_dir}", "train.total_kimg=0.016",
-                                           "checkpoint.every_kimg=0.008", *SMALL])
+                                           "checkpoint.every_kimg=0.008", *SMALL],
+                       ACCEL_CONFIG=f"launch/accelerate/{accel_config}")
     info = wait_final(cluster, job, tmp_path, timeout=600)
     report = job_report(cluster, tmp_path)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", report
@@ -133,7 +137,9 @@ def test_train_sbatch_trains_across_two_nodes(cluster, shards, tmp_path):
     found = assert_ranks_agree(run_dir)
     assert found.record["nimg"] == 16 and ckpt.list_steps(str(run_dir)) == [2, 4]
     assert (run_dir / "DONE.json").exists() and not (run_dir / "PREEMPTED.json").exists()
-    assert json.loads((run_dir / "run.json").read_text())["world_size"] == 2
+    run_info = json.loads((run_dir / "run.json").read_text())
+    assert run_info["world_size"] == 2
+    assert run_info["backend"] == ("deepspeed" if accel_config.startswith("deepspeed") else "ddp")
     logs = sorted(p.name for p in (tmp_path / "logs").iterdir())
     assert logs == [f"gan-train-{job}-node0.out", f"gan-train-{job}-node1.out", f"gan-train-{job}-ranks"], logs
     # One directory per node's agent, each with its rank's streams.
@@ -143,9 +149,6 @@ def test_train_sbatch_trains_across_two_nodes(cluster, shards, tmp_path):
     assert "AWS_SECRET" not in batch + report
 
 
-@needs_slurm
-@pytest.mark.slurm
-@pytest.mark.timeout(900)
 def notice_once_training(cluster: SlurmCluster, job: int, run_dir: Path, tmp: Path) -> int:
     """Wait for training to be under way (a committed checkpoint), then give the notice SLURM gives
     at --signal=USR1@120: SIGUSR1 to every process of the job's steps, not to the batch shell.
