@@ -34,11 +34,10 @@ pytestmark = pytest.mark.multiprocess
 ACCEL_ZERO2 = str(REPO / "launch" / "accelerate" / "deepspeed_zero2.yaml")
 
 
-def zero_cmd(overrides: list[str]) -> list[str]:
+def zero_cmd(overrides: list[str], config: str = "pix2pix_demo") -> list[str]:
     # The shipped GPU file, 2 processes: on a machine without CUDA the ranks join a gloo group.
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", ACCEL_ZERO2,
-            "--num_processes", "2", "--main_process_port", str(free_port()), TRAIN, "--config", "pix2pix_demo",
-            *overrides]
+            "--num_processes", "2", "--main_process_port", str(free_port()), TRAIN, "--config", config, *overrides]
 
 
 def zero_states(run_dir) -> dict:
@@ -178,3 +177,18 @@ def test_zero2_run_directory_on_s3_commits_engine_state_and_resumes(s3_server, d
     r = run(zero_cmd([*common, "train.total_kimg=0.016"]), timeout=240)
     assert r.returncode == 0 and "resumed from s3://" in r.stdout + r.stderr, explain(r)
     assert ckpt.list_steps(url) == [2, 4]
+
+
+def test_pix2pixhd_trains_on_zero2_engines(demo_shards, tmp_path):
+    # The flagship family: multiscale D whose D(real) graph, built in G's phase, is reused in D's.
+    from test_pix2pixhd_train import TINY_HD
+
+    run_dir = tmp_path / "run"
+    r = run(zero_cmd([f"data.url={demo_shards}", f"run.dir={run_dir}", "train.total_kimg=0.008",
+                      "checkpoint.every_kimg=0.004", "data.workers=1", "train.precision=bf16", "loss.vgg_weight=0",
+                      *TINY_HD], config="pix2pixhd_demo"), timeout=240)
+    assert r.returncode == 0, explain(r)
+    found = ckpt.latest(str(run_dir))
+    ranks = [ckpt.load_tensors(f"{found.url}/rank-{r:03d}.pt") for r in (0, 1)]
+    assert ranks[0]["fingerprints"] == ranks[1]["fingerprints"]
+    assert {"Loss/G_GAN", "Loss/G_GAN_Feat", "Loss/D_real", "Loss/D_fake"} <= set(read_scalars(run_dir))
