@@ -68,6 +68,7 @@ def plain(obj):
     return obj
 
 
+@pytest.mark.timeout(600)  # three 2-process launches; ~150 s on a loaded 2-core machine
 def test_zero2_bf16_trains_commits_engine_state_and_resumes_bit_identical(demo_shards, tmp_path):
     args = [f"data.url={demo_shards}", "train.total_kimg=0.064", "checkpoint.every_kimg=0.016",
             "data.workers=1", "train.precision=bf16", *SMALL]
