@@ -8,8 +8,9 @@ same encoded bytes are then read six ways, each a pass over every sample:
 
 - ``decode-only``: bytes already in memory, ``decode_field`` per field; no I/O, no augment. The
   upper bound.
-- ``decode+augment``: in memory, ``decode_field`` then the paired ``augment`` (random crop +
-  flip, tensors out). Not a target; it tells the loader's own overhead apart from augment cost.
+- ``decode+augment``: in memory, ``decode_augment`` (``decode_field`` then the paired random crop
+  + flip, one field at a time, uint8/int tensors out; the per-sample draws of ``SampleRandom``).
+  Not a target; it tells the loader's own overhead apart from augment cost.
 - ``map-style folder``: a plain ``torch.utils.data.Dataset`` over one file per field in a folder,
   read in a shuffled order, decoded and augmented with the same functions. The baseline users know.
 - ``stream local (train)`` / ``(eval)``: ``make_stream`` over the local shards (train: shuffle
@@ -19,7 +20,9 @@ same encoded bytes are then read six ways, each a pass over every sample:
 
 How it is measured. ``torch.set_num_threads(1)``; everything runs in this process
 (``num_workers=0``) and samples are taken straight from the dataset (no DataLoader, no collate),
-so ``time.process_time()`` is the CPU cost of the work. Each case gets one warm-up pass, then the
+so ``time.process_time()`` is the CPU cost of the work. Before any case runs, the process sets
+glibc's allocator as every stream-reading process does (``stream.keep_freed_memory``), so the
+baselines and the loader run under the same settings. Each case gets one warm-up pass, then the
 cases take turns (round-robin, so drifting machine load hits them alike) for ``--repeats`` passes;
 the median pass is reported. Ratios use CPU time except where marked. For S3, process CPU time
 counts this process only (the client, including s3fs's event-loop thread) because the server runs
@@ -32,9 +35,9 @@ busy core), is below 0.5; ``--force-workers`` runs it anyway, labelled as noisy.
 Why two resolutions. What the streaming loader adds per sample has a fixed part (tar headers,
 key grouping, the shuffle buffer, the rng, dict building) and a part that grows with the encoded
 bytes (reading the members out of the tar into memory: ``decode-only`` starts from bytes already in
-memory). Decoding, and the augment (crop, flip, float conversion), grow with the pixels. So the
-streaming/decode-only ratio is not one number for the loader: it depends on the per-sample decode
-cost. The summary at the end prints both resolutions side by side, with the loader's own work
+memory). Decoding, and the augment (crop and flip folded into one copy per field), grow with the
+pixels. So the streaming/decode-only ratio is not one number for the loader: it depends on the
+per-sample decode cost. The summary at the end prints both resolutions side by side, with the loader's own work
 (stream minus decode+augment) in ms per sample and per encoded MB.
 
     .venv/bin/python bench/data_throughput.py            # 300 samples x 7 repeats, + 48 at 1024x512 x 7
@@ -73,8 +76,8 @@ from pipeline import io  # noqa: E402
 from pipeline.data.manifest import MANIFEST_NAME, load_manifest  # noqa: E402
 from pipeline.data.shards import WriteOptions, write_dataset  # noqa: E402
 from pipeline.data.sources import make_source  # noqa: E402
-from pipeline.data.stream import make_stream  # noqa: E402
-from pipeline.data.transforms import Augment, augment, decode_field  # noqa: E402
+from pipeline.data.stream import keep_freed_memory, make_stream  # noqa: E402
+from pipeline.data.transforms import Augment, SampleRandom, decode_augment, decode_field  # noqa: E402
 
 TARGET_STREAM_VS_DECODE = 0.9
 TARGET_S3_VS_LOCAL = 0.8
@@ -133,10 +136,12 @@ def write_folder(root: Path, raws: list[tuple[str, dict[str, bytes]]]) -> Path:
 
 class FolderPairs(torch.utils.data.Dataset):
     """The map-style baseline: sample ``i`` is ``<field>/<key_i>.<ext>`` for every field, decoded
-    with ``decode_field`` and augmented with ``augment`` (one rng per index, as a user would)."""
+    with ``decode_field`` and augmented with ``augment`` (one rng per index, the loader's kind)."""
 
-    def __init__(self, folder: Path, kinds: dict[str, str], aug: Augment, seed: int = 0, train: bool = True):
+    def __init__(self, folder: Path, kinds: dict[str, str], aug: Augment, num_classes: int | None, seed: int = 0,
+                 train: bool = True):
         self.folder, self.kinds, self.aug, self.seed, self.train = folder, kinds, aug, seed, train
+        self.num_classes = num_classes
         lead = next(iter(kinds))
         self.files = {stem: {} for stem in kinds}
         for stem in kinds:
@@ -149,11 +154,11 @@ class FolderPairs(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         key = self.keys[i]
-        images = {}
-        for stem, kind in self.kinds.items():
+        encoded = {}
+        for stem in self.kinds:
             with open(self.files[stem][key], "rb") as f:
-                images[stem] = decode_field(kind, f.read())
-        out = augment(images, self.kinds, self.aug, np.random.default_rng([self.seed, i]), self.train)
+                encoded[stem] = f.read()
+        out = decode_augment(encoded, self.kinds, self.aug, SampleRandom(self.seed, i), self.train, self.num_classes)
         out["__key__"] = key
         return out
 
@@ -228,7 +233,7 @@ def stream_pass(stream, n: int) -> Callable[[], list[str]]:
     return run
 
 
-def build_cases(raws, kinds: dict[str, str], aug: Augment, folder: Path, shard_dir: Path,
+def build_cases(raws, kinds: dict[str, str], num_classes: int | None, aug: Augment, folder: Path, shard_dir: Path,
                 s3_url: str | None) -> list[Case]:
     n = len(raws)
 
@@ -238,14 +243,13 @@ def build_cases(raws, kinds: dict[str, str], aug: Augment, folder: Path, shard_d
                 decode_field(kinds[name.split(".", 1)[0]], data)
         return [key for key, _ in raws]
 
-    def decode_augment() -> list[str]:
+    def decode_and_augment() -> list[str]:
         for i, (_, fields) in enumerate(raws):
-            images = {name.split(".", 1)[0]: decode_field(kinds[name.split(".", 1)[0]], data)
-                      for name, data in fields.items()}
-            augment(images, kinds, aug, np.random.default_rng([0, i]), True)
+            encoded = {name.split(".", 1)[0]: data for name, data in fields.items()}
+            decode_augment(encoded, kinds, aug, SampleRandom(0, i), True, num_classes)
         return [key for key, _ in raws]
 
-    dataset = FolderPairs(folder, kinds, aug)
+    dataset = FolderPairs(folder, kinds, aug, num_classes)
     passes = itertools.count()
 
     def map_style() -> list[str]:
@@ -253,7 +257,7 @@ def build_cases(raws, kinds: dict[str, str], aug: Augment, folder: Path, shard_d
         return [dataset[int(i)]["__key__"] for i in order]
 
     cases = [Case("decode-only (in memory)", decode_only),
-             Case("decode+augment (in memory)", decode_augment),
+             Case("decode+augment (in memory)", decode_and_augment),
              Case("map-style folder Dataset", map_style),
              Case("stream local (train)", stream_pass(make_stream(str(shard_dir), SPLIT, train=True, augment=aug), n)),
              Case("stream local (eval)", stream_pass(make_stream(str(shard_dir), SPLIT, train=False, augment=aug), n))]
@@ -273,12 +277,15 @@ def run_rounds(cases: list[Case], repeats: int) -> None:
 
 def one_thread_worker(worker_id: int) -> None:
     """DataLoader worker init: one torch thread per worker, as in this process (a spawned worker
-    would otherwise size its pool by the cores, and 2 workers x 2 threads oversubscribe 2 cores)."""
+    would otherwise size its pool by the cores, and 2 workers x 2 threads oversubscribe 2 cores),
+    and the allocator settings of this process (a stream's workers set them themselves; the
+    map-style loader's get them here, so both run alike)."""
     torch.set_num_threads(1)
+    keep_freed_memory()
 
 
-def two_worker_lines(folder: Path, shard_dir: Path, kinds, aug: Augment, n: int, repeats: int,
-                     batch: int) -> list[str]:
+def two_worker_lines(folder: Path, shard_dir: Path, kinds, num_classes: int | None, aug: Augment, n: int,
+                     repeats: int, batch: int) -> list[str]:
     """Wall time of a real 2-worker DataLoader for the map-style and streaming loaders.
 
     The map-style loader runs epoch after epoch (persistent workers), as users run it. The training
@@ -287,7 +294,7 @@ def two_worker_lines(folder: Path, shard_dir: Path, kinds, aug: Augment, n: int,
     """
     ctx = "spawn"  # s3fs may have an event-loop thread in this process: never fork it
     windows = -(-n // batch)
-    mapped = torch.utils.data.DataLoader(FolderPairs(folder, kinds, aug), batch_size=batch, shuffle=True,
+    mapped = torch.utils.data.DataLoader(FolderPairs(folder, kinds, aug, num_classes), batch_size=batch, shuffle=True,
                                          num_workers=2, persistent_workers=True, multiprocessing_context=ctx,
                                          worker_init_fn=one_thread_worker)
     walls = []
@@ -433,6 +440,8 @@ def header(args, start_load: tuple[float, ...]) -> None:
     print(f"torch {torch.__version__} (threads: {torch.get_num_threads()})   python {platform.python_version()}   "
           f"pillow {PIL.__version__}   numpy {np.__version__}")
     print(f"num_workers=0, no collate; {args.repeats} repeats after 1 warm-up, median; cases interleaved")
+    print("allocator: " + ("glibc, freed memory kept mapped (stream.keep_freed_memory), for every case"
+                           if args.allocator else "defaults (stream.keep_freed_memory did not apply)"))
 
 
 def data_line(res: Resolution, shard_dir: Path, raws) -> None:
@@ -504,7 +513,7 @@ def run_resolution(args, res: Resolution, root: Path, server: MotoProcess | None
     if server is not None:
         s3_url = f"s3://{bucket}/{res.name}/shards"
         upload_shards(shard_dir, s3_url)
-    cases = build_cases(raws, kinds, aug, folder, shard_dir, s3_url)
+    cases = build_cases(raws, kinds, manifest.num_classes, aug, folder, shard_dir, s3_url)
     if args.profile:
         names = ("decode", "decode_aug", "map", "stream", "stream_eval", "s3")
         profile(cases[names.index(args.profile)], args.repeats)
@@ -526,7 +535,8 @@ def run_resolution(args, res: Resolution, root: Path, server: MotoProcess | None
         now = os.getloadavg()[0]  # includes this benchmark's own busy core: a hint of others' load, no more
         print(f"\n2-worker DataLoader (batch {res.loader_batch}, 1 torch thread per worker), wall time only ({why}; "
               f"1-minute load average now {now:.2f}, this benchmark's own core included):")
-        print("\n".join(two_worker_lines(folder, shard_dir, kinds, aug, len(raws), args.repeats, res.loader_batch)))
+        print("\n".join(two_worker_lines(folder, shard_dir, kinds, manifest.num_classes, aug, len(raws), args.repeats,
+                                         res.loader_batch)))
     else:
         print(f"\n2-worker DataLoader lines skipped: load average at start {start_load[0]:.2f} >= {LOW_LOAD}")
     return figures
@@ -536,6 +546,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     start_load = os.getloadavg()  # before this process adds its own busy core to it
     torch.set_num_threads(1)
+    # What every process that iterates a stream does first; set here, before any case runs, so that
+    # the baselines run with the same allocator settings as the loader.
+    args.allocator = keep_freed_memory()
     start = time.perf_counter()
     resolutions = [Resolution(args.size, args.crop, args.samples, args.samples_per_shard, 16)]
     if not (args.no_hd or args.profile):

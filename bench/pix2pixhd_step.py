@@ -6,7 +6,8 @@ n_downsample_global 4, n_blocks_global 9, instance norm, num_D 2, n_layers_D 3, 
 matching (lambda_feat 10), no VGG, batch 1, Adam(2e-4, 0.5, 0.999). Every variant trains the same
 networks (built by ``steps_pix2pixhd.build`` from the same seed) on the same batch: a fixed
 random label map (piecewise-constant classes plus a few Cityscapes-style "thing" instances with
-ids ``class * 1000 + k``), its instance map, and a random target image in [-1, 1].
+ids ``class * 1000 + k``), its instance map, and a random uint8 target image, all as the loader
+hands them over (both sides convert the image to [-1, 1] with the loader's ``float_image``).
 
 - ``ours fp32``: one iteration as ``pipeline/train/loop.py`` runs the pix2pixhd family: the
   family's own ``prepare`` (one-hot + edges), then its phases in order (G, then D on the same
@@ -79,6 +80,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from pipeline.data.transforms import float_image  # noqa: E402
 from pipeline.train.loop import adam_kwargs  # noqa: E402
 
 RESULT_TAG = "RESULT "
@@ -128,17 +130,17 @@ def make_config():
 
 
 def make_batch(seed: int = SEED) -> dict:
-    """A collated batch as the stream delivers it: ``label`` int64 [1, H, W], ``instance`` int32
-    [1, H, W], ``image`` float32 [1, 3, H, W] in [-1, 1]."""
+    """A collated batch as the stream delivers it: ``label`` uint8 [1, H, W] (35 classes),
+    ``instance`` int32 [1, H, W], ``image`` uint8 [1, 3, H, W]."""
     g = torch.Generator().manual_seed(seed)
     coarse = torch.randint(0, LABEL_NC, (1, 1, H // 32, W // 32), generator=g).float()
-    label = F.interpolate(coarse, size=(H, W), mode="nearest").long()[:, 0]
+    label = F.interpolate(coarse, size=(H, W), mode="nearest").to(torch.uint8)[:, 0]
     instance = label.clone().int()  # stuff classes: instance id = class id
     for k, (cls, y, x, h, w) in enumerate([(26, 70, 20, 30, 60), (26, 75, 60, 28, 50), (24, 40, 150, 60, 18),
                                            (24, 45, 165, 55, 16), (33, 90, 200, 25, 30)]):
         label[:, y:y + h, x:x + w] = cls
         instance[:, y:y + h, x:x + w] = cls * 1000 + k
-    image = torch.rand((1, 3, H, W), generator=g) * 2 - 1
+    image = torch.randint(0, 256, (1, 3, H, W), generator=g, dtype=torch.uint8)
     return {"label": label, "instance": instance, "image": image}
 
 
@@ -251,7 +253,7 @@ class OfficialStyle:
 
     def forward(self, raw: dict) -> dict:
         input_label = self.encode_input(raw["label"].unsqueeze(1), raw["instance"].unsqueeze(1))
-        real_image = raw["image"]
+        real_image = float_image(raw["image"])  # the loader's conversion: both sides see the same floats
         fake_image = self.G(input_label)
         pred_fake_pool = self.D(torch.cat((input_label, fake_image.detach()), dim=1))  # pool_size 0
         loss_D_fake = self.gan_loss(pred_fake_pool, False)

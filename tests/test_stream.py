@@ -12,6 +12,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from synthetic_data import NUM_CLASSES, SyntheticSource, render
@@ -138,27 +139,81 @@ def test_training_with_uneven_shards_keeps_ranks_in_step(tmp_path, damage):
 
 def check_rule(sample: dict) -> None:
     """The synthetic pixel rule survives any paired transform (see synthetic_data)."""
-    image = ((sample["image"] + 1) * 127.5).round().to(torch.int64)
-    label, instance = sample["label"], sample["instance"]
+    image = sample["image"].to(torch.int64)
+    label, instance = sample["label"].to(torch.int64), sample["instance"].to(torch.int64)
     k = int(image[2, 0, 0])
     assert torch.equal(image[0], label * 20)
-    assert torch.equal(instance.to(torch.int64), label * 1000 + k)
+    assert torch.equal(instance, label * 1000 + k)
 
 
 def test_paired_augmentation_applies_one_crop_and_flip_to_every_field(tmp_path):
     write(tmp_path, {"train": 12}, per_shard=12)
     stream = make_stream(str(tmp_path), "train", train=True, augment=Augment(crop=(16, 12), flip=True))
-    flips = set()
+    flips, origins = set(), set()
     for n, sample in enumerate(stream):
         if n == 40:
             break
-        assert sample["image"].dtype == torch.float32 and sample["image"].shape == (3, 12, 16)
-        assert sample["label"].dtype == torch.int64 and sample["label"].shape == (12, 16)
-        assert sample["instance"].dtype == torch.int32
-        assert -1 <= sample["image"].min() and sample["image"].max() <= 1
+        # The loader's contract: integers as stored, uint8 images and (<= 256 classes) uint8 labels.
+        assert sample["image"].dtype == torch.uint8 and sample["image"].shape == (3, 12, 16)
+        assert sample["label"].dtype == torch.uint8 and sample["label"].shape == (12, 16)
+        assert sample["instance"].dtype == torch.int32 and sample["instance"].shape == (12, 16)
+        assert all(sample[f].is_contiguous() for f in ("image", "label", "instance"))
+        assert int(sample["label"].max()) < NUM_CLASSES
         check_rule(sample)
-        green = ((sample["image"][1, 0] + 1) * 127.5).round()
+        green = sample["image"][1, 0].to(torch.int64)
         flips.add(bool(green[0] > green[-1]))  # the column ramp runs backwards after a flip
+        origins.add(int(green.min()) // 8)  # the crop's first column
+    assert flips == {True, False}
+    assert len(origins) > 1  # random crops, not one fixed window
+
+
+def test_prepare_gives_the_floats_of_the_host_side_conversion(tmp_path):
+    """The float path of before (PIL crop and flip, ``np.array``, ``.float().mul_(1 / 127.5).sub_(1)``
+    and int64 labels on the host) and the uint8 stream + ``prepare`` give the same tensors, bit for
+    bit, on every sample of a real stream with random crops and flips."""
+    from PIL import Image
+
+    from pipeline.config import load_config
+    from pipeline.data.manifest import load_manifest
+    from pipeline.data.stream import _slot_rng
+    from pipeline.data.transforms import decode_field
+    from pipeline.train.family import DataInfo, get_family, one_hot
+
+    write(tmp_path, {"train": 10}, per_shard=4)
+    aug = Augment(crop=(16, 12), flip=True)
+    m = load_manifest(str(tmp_path))
+    info = DataInfo(m.task, m.num_classes, tuple(m.fields))
+    cfg = load_config(None, ["model.family=pix2pixhd", "model.generator=global"])
+    family = get_family("pix2pixhd")
+    raws = {}
+    for shard in m.shards("train"):
+        with tarfile.open(shard.url) as tar:
+            for member in tar:
+                key, _, name = member.name.partition(".")
+                raws.setdefault(key, {})[name.split(".")[0]] = tar.extractfile(member).read()
+    flips = set()
+    for n, sample in enumerate(make_stream(str(tmp_path), "train", train=True, augment=aug, seed=3)):
+        if n == 20:
+            break
+        b = family.prepare(torch.utils.data.default_collate([sample]), torch.device("cpu"), cfg, info)
+        rng = _slot_rng(3, sample["__slot__"], sample["__epoch__"], sample["__index__"])
+        fields = {name: decode_field(m.fields[name]["kind"], data) for name, data in raws[sample["__key__"]].items()}
+        _, box, flip = aug.params(fields["image"].size, rng, True)
+        flips.add(flip)
+        old = {}
+        for name, img in fields.items():
+            img = img.crop(box)
+            if flip:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            old[name] = np.array(img)
+        old_image = torch.from_numpy(old["image"]).permute(2, 0, 1).float().mul_(1 / 127.5).sub_(1.0).contiguous()
+        old_label = torch.from_numpy(old["label"].astype(np.int64))
+        assert b["image"].dtype == torch.float32 and torch.equal(b["image"][0], old_image)
+        assert -1 <= float(b["image"].min()) and float(b["image"].max()) <= 1
+        assert b["label"].dtype == torch.int64 and torch.equal(b["label"][0], old_label)
+        assert torch.equal(b["input"][:, :NUM_CLASSES], one_hot(old_label[None], NUM_CLASSES))
+        assert b["instance"].dtype == torch.int32
+        assert torch.equal(b["instance"][0, 0], torch.from_numpy(old["instance"].astype(np.int32)))
     assert flips == {True, False}
 
 
@@ -171,7 +226,8 @@ def test_resize_keeps_label_ids_and_eval_is_deterministic(tmp_path):
     for x, y in zip(a, b):
         assert torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"])
         assert x["label"].shape == (24, 40) and int(x["label"].max()) < NUM_CLASSES
-        assert torch.equal(x["instance"].to(torch.int64) // 1000, x["label"])
+        assert x["image"].dtype == torch.uint8 and x["label"].dtype == torch.uint8
+        assert torch.equal(x["instance"].to(torch.int64) // 1000, x["label"].to(torch.int64))
 
 
 def test_resume_from_consumed_positions_continues_exactly(tmp_path):

@@ -1,21 +1,43 @@
-"""Decoding and paired augmentation: one resize/crop/flip decision for every field of a sample.
+"""Decoding and paired augmentation: one resize/crop/flip decision for every field of a sample,
+and the conversion of the loader's integer tensors into what the networks take.
 
 Images are resized bicubically, label and instance maps with nearest neighbour, so a label map
-stays a label map. Output tensors:
+stays a label map. The loader hands over integers, as they are stored (tensors per sample):
 
-- ``image``-kind fields: ``float32 [3, H, W]`` in ``[-1, 1]``
-- ``label``-kind fields: ``int64 [H, W]`` (class ids)
-- ``instance``-kind fields: ``int32 [H, W]`` (instance ids, Cityscapes style)
+- ``image``-kind fields (photos, pix2pix ``input`` images): ``uint8 [3, H, W]``, values 0..255
+- ``label``-kind fields: ``uint8 [H, W]`` class ids when the manifest's ``num_classes`` is at
+  most 256 (Cityscapes' 35, ADE20K's 151, the demo's), else ``int32 [H, W]``
+- ``instance``-kind fields: ``int32 [H, W]`` (Cityscapes instance ids reach 33000 and more, in
+  16-bit PNGs)
+
+The dtype of a field is a function of the manifest, never of a sample: the shard writer copies a
+map's PNG bytes from the source unchanged (or re-encodes them at the same bit depth), so a dataset
+may mix 8- and 16-bit PNGs, and one batch must still collate to one dtype. A 16-bit label PNG in a
+dataset of at most 256 classes becomes uint8 (the writer checked its ids against ``num_classes``;
+an id that does not fit is refused here, never wrapped).
+
+Floats are made on the device, in each family's ``prepare`` (``float_image``, ``class_ids``):
+uint8 samples are 4x smaller than float32 ones, which is 4x less to pickle through the
+DataLoader's worker queues and 4x less to copy from host to device, and no worker spends a pass
+over the pixels on a conversion the device does for nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io as _io
 import re
+import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+from .pixels import pixels
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the shard writer never needs it
+    import torch
 
 MAP_KINDS = ("label", "instance")
 
@@ -48,6 +70,49 @@ def map_array(img: Image.Image) -> np.ndarray:
     return arr
 
 
+def map_dtype(kind: str, num_classes: int | None) -> np.dtype:
+    """The dtype the loader gives a ``label`` or ``instance`` field of a dataset (module doc)."""
+    if kind == "label" and num_classes is not None and num_classes <= 256:
+        return np.dtype(np.uint8)
+    return np.dtype(np.int32)
+
+
+class SampleRandom:
+    """The random draws of one sample's augmentation, a pure function of ``words`` (e.g. seed,
+    slot, epoch, index): counter-mode BLAKE2b, eight 64-bit words per block. A few µs per sample,
+    where a seeded numpy Generator costs ~45 µs (its SeedSequence): 2% of a small sample's decode.
+    The first block is hashed when the object is made (before the sample is decoded, not after).
+
+    ``integers(low, high)`` maps a word onto ``[low, high)`` by multiply-shift (bias below
+    ``(high - low) / 2**64``); ``random()`` is a float in ``[0, 1)`` from 53 bits.
+    """
+
+    __slots__ = ("_key", "_block", "_words")
+
+    def __init__(self, *words: int):
+        self._key = "/".join(str(int(w)) for w in words).encode()
+        self._block = 0
+        self._words = self._hash()
+
+    def _hash(self) -> list[int]:
+        digest = hashlib.blake2b(self._key, digest_size=64, salt=self._block.to_bytes(16, "little")).digest()
+        self._block += 1
+        return list(struct.unpack("<8Q", digest))[::-1]  # popped from the end: word 0 first
+
+    def _next(self) -> int:
+        if not self._words:
+            self._words = self._hash()
+        return self._words.pop()
+
+    def integers(self, low: int, high: int) -> int:
+        if high <= low:
+            raise ValueError(f"empty range [{low}, {high})")
+        return low + ((self._next() * (high - low)) >> 64)
+
+    def random(self) -> float:
+        return (self._next() >> 11) * (1.0 / (1 << 53))
+
+
 @dataclass(frozen=True)
 class Augment:
     """Paired augmentation: resize to ``resize`` (W, H), crop ``crop`` (W, H), random h-flip.
@@ -59,8 +124,9 @@ class Augment:
     crop: tuple[int, int] | None = None
     flip: bool = True
 
-    def params(self, size: tuple[int, int], rng: np.random.Generator, train: bool) -> tuple:
-        """The one decision shared by every field: (resize_to, crop_box, flip)."""
+    def params(self, size: tuple[int, int], rng, train: bool) -> tuple:
+        """The one decision shared by every field: (resize_to, crop_box, flip). ``rng`` has
+        ``integers(low, high)`` and ``random()`` (a ``SampleRandom`` or a numpy Generator)."""
         w, h = self.resize or size
         box = None
         if self.crop is not None:
@@ -76,31 +142,87 @@ class Augment:
         return (w, h), box, flip
 
 
-def augment(fields: dict[str, Image.Image], kinds: dict[str, str], aug: Augment,
-            rng: np.random.Generator, train: bool):
-    """Apply one augmentation decision to every field and convert to tensors (see module doc)."""
-    import torch
-
+def augment(fields: dict[str, Image.Image], kinds: dict[str, str], aug: Augment, rng, train: bool,
+            num_classes: int | None = None) -> dict[str, torch.Tensor]:
+    """Apply one augmentation decision to every (decoded) field; tensors as in the module doc.
+    ``num_classes`` is the manifest's, for the label dtype. See ``decode_augment`` for the loader's
+    way, which decodes and converts one field at a time."""
     sizes = {img.size for img in fields.values()}
     if len(sizes) != 1:
         raise DecodeError(f"fields disagree in size: {sorted(sizes)}")
-    size = sizes.pop()
-    (w, h), box, flip = aug.params(size, rng, train)
-    out = {}
-    for name, img in fields.items():
+    geometry = aug.params(sizes.pop(), rng, train)
+    return {name: _field_tensor(name, img, kinds[name], geometry, num_classes) for name, img in fields.items()}
+
+
+def decode_augment(encoded: dict[str, bytes], kinds: dict[str, str], aug: Augment, rng, train: bool,
+                   num_classes: int | None = None) -> dict[str, torch.Tensor]:
+    """``decode_field`` then ``augment`` for every field of a sample, one field at a time: the
+    first field's size makes the decision, and each PIL image is freed before the next field is
+    decoded. The same tensors as ``augment``; less memory alive at once (on a 1024x512 sample,
+    holding every decoded image while converting them cost ~1000 fresh pages, page faults, per
+    sample)."""
+    out: dict[str, torch.Tensor] = {}
+    size = geometry = None
+    for name, data in encoded.items():
         kind = kinds[name]
-        if (w, h) != img.size:
-            resample = Image.Resampling.NEAREST if kind in MAP_KINDS else Image.Resampling.BICUBIC
-            img = img.resize((w, h), resample)
-        if box is not None:
-            img = img.crop(box)
-        if flip:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        if kind == "image":
-            # np.array: one writable copy out of PIL; the float conversion is the only other pass
-            # over the pixels besides the in-place normalisation.
-            t = torch.from_numpy(np.array(img)).permute(2, 0, 1).float()
-            out[name] = t.mul_(1 / 127.5).sub_(1.0).contiguous()
-        else:
-            out[name] = torch.from_numpy(map_array(img).astype(np.int64 if kind == "label" else np.int32))
+        img = decode_field(kind, data)
+        if geometry is None:
+            size, geometry = img.size, aug.params(img.size, rng, train)
+        elif img.size != size:
+            raise DecodeError(f"fields disagree in size: {sorted({size, img.size})}")
+        out[name] = _field_tensor(name, img, kind, geometry, num_classes)
+        del img
     return out
+
+
+def _field_tensor(name: str, img: Image.Image, kind: str, geometry: tuple, num_classes: int | None) -> torch.Tensor:
+    """One field, resized, cropped and flipped: crop and flip are views of the image's pixel memory
+    (``pixels``, no copy), written once into a fresh array in the final layout and dtype (``[3, H, W]``
+    for images: the flip and the channel transpose fold into that one copy)."""
+    import torch
+
+    (w, h), box, flip = geometry
+    if (w, h) != img.size:
+        resample = Image.Resampling.NEAREST if kind in MAP_KINDS else Image.Resampling.BICUBIC
+        img = img.resize((w, h), resample)
+    x0, y0, x1, y1 = box or (0, 0, w, h)
+    view = pixels(img)[y0:y1, x0:x1]
+    if flip:
+        view = view[:, ::-1]
+    if kind == "image":
+        arr = np.empty((3, y1 - y0, x1 - x0), np.uint8)
+        arr[...] = view.transpose(2, 0, 1)
+    else:
+        dtype = map_dtype(kind, num_classes)
+        if view.dtype.itemsize > dtype.itemsize and view.size and int(view.max()) > np.iinfo(dtype).max:
+            raise DecodeError(f"{name} map has id {int(view.max())}, more than {dtype} holds "
+                              f"(the manifest says {num_classes} classes)")
+        arr = np.empty((y1 - y0, x1 - x0), dtype)
+        arr[...] = view
+    return torch.from_numpy(arr)
+
+
+# ------------------------------------------------------------------ on the device, in prepare()
+
+
+def float_image(image: torch.Tensor) -> torch.Tensor:
+    """Loader images, uint8 ``[N, 3, H, W]`` (already on the device) -> float32 in ``[-1, 1]``.
+
+    ``x * (1 / 127.5) - 1`` in this order, in place on the new float tensor: bit for bit the
+    values the loader produced when it converted on the host. Anything but uint8 is refused (a
+    float image would be scaled twice)."""
+    import torch
+
+    if image.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 images from the loader, got {image.dtype}")
+    return image.float().mul_(1 / 127.5).sub_(1.0)
+
+
+def class_ids(label: torch.Tensor) -> torch.Tensor:
+    """Loader label maps (uint8 or int32 ``[N, H, W]``, on the device) -> int64: ``one_hot``'s
+    scatter needs int64, and indexing with a uint8 tensor would be a boolean mask."""
+    import torch
+
+    if label.is_floating_point() or label.dtype == torch.bool:
+        raise TypeError(f"expected integer label maps from the loader, got {label.dtype}")
+    return label.long()

@@ -79,13 +79,18 @@ def verify(manifest: Manifest, storage_options: dict | None = None, splits: list
             try:
                 with io.open_url(shard.url, "rb", storage_options) as f:
                     reader = _HashingReader(f)
-                    for raw in _member_groups(reader, shard.url):
-                        count += 1
-                        problem = check_sample(raw, manifest)
-                        if problem:
-                            report.errors.append(f"{shard.url}#{raw['__key__']}: {problem}")
+                    try:
+                        for raw in _member_groups(reader, shard.url):
+                            count += 1
+                            problem = check_sample(raw, manifest)
+                            if problem:
+                                report.errors.append(f"{shard.url}#{raw['__key__']}: {problem}")
+                    except (tarfile.TarError, ValueError) as exc:
+                        # A damaged tar header: said, and the whole file still hashed below, so
+                        # the report also tells damage after writing from a shard written wrong.
+                        report.errors.append(f"{shard.url}: unreadable after {count} samples ({exc})")
                     sha, nbytes = reader.drain()
-            except (*io.storage_errors(), tarfile.TarError, ValueError) as exc:
+            except io.storage_errors() as exc:
                 report.errors.append(f"{shard.url}: unreadable after {count} samples ({exc})")
                 continue
             report.samples += count

@@ -133,7 +133,9 @@ class Evaluator:
         return result
 
     def _batches(self, cfg: Config, family, info: DataInfo, split: str):
-        """This rank's share of ``split``: (global sample index, prepared batch), exactly once."""
+        """This rank's share of ``split``: (global sample index, batch as the loader collates it:
+        uint8 images, integer maps, on the CPU), exactly once. Callers ``family.prepare`` it where G
+        needs it; the uint8 images go to the Inception features as they are."""
         stream = make_stream(cfg.data.url, split, train=False, rank=dist.rank(), world_size=dist.world_size(),
                              num_workers=self.opts.workers, fields=family.fields(info),
                              augment=Augment(cfg.data.load_size, cfg.data.crop_size, False),
@@ -149,16 +151,19 @@ class Evaluator:
                 continue
             batch = {k: (v[keep] if torch.is_tensor(v) else [x for x, m in zip(v, keep) if m])
                      for k, v in batch.items()}
-            yield index[keep], family.prepare(batch, self.device, cfg, info)
+            yield index[keep], batch
 
     @torch.no_grad()
     def _conditional(self, cfg, family, info, G, split):
         gen, real, sums, grid = [], [], {}, None
-        for index, b in self._batches(cfg, family, info, split):
+        for index, batch in self._batches(cfg, family, info, split):
+            b = family.prepare(batch, self.device, cfg, info)
             fake = family.generate(G, b, info).float().clamp(-1, 1)
             target = b["image"].float()
             gen.append((index, self.inception(metrics.to_uint8(fake))))
-            real.append((index, metrics.to_uint8(target)))
+            # The loader's uint8 photo: what to_uint8 of the prepared [-1, 1] image gives back, bit
+            # for bit, without the round trip.
+            real.append((index, batch["image"]))
             for name, values in self._paired(fake, target).items():
                 total, n = sums.get(name, (0.0, 0))
                 sums[name] = (total + float(values.double().sum()), n + len(values))
@@ -188,7 +193,7 @@ class Evaluator:
             fake = family.generate(G, {"z": zb, "image": torch.empty(0)}, info).float().clamp(-1, 1)
             gen.append((torch.arange(start, start + len(zb)), self.inception(metrics.to_uint8(fake))))
             grid = grid if grid is not None else [fake]
-        real = [(index, metrics.to_uint8(b["image"].float())) for index, b in self._batches(cfg, family, info, split)]
+        real = [(index, batch["image"]) for index, batch in self._batches(cfg, family, info, split)]
         return gen, real, {}, grid
 
     # ------------------------------------------------------------ gather, reference, write

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..config import Config
+from ..data.transforms import float_image
 from ..losses.adversarial import d_loss, g_loss
 from ..losses.regularizers import gradient_penalty, weight_clip_
 from ..models.dcgan import DCGANDiscriminator, DCGANGenerator
@@ -27,8 +28,9 @@ def fields(info: DataInfo) -> tuple[str, ...]:
 
 
 def prepare(batch: dict, device: torch.device, cfg: Config, info: DataInfo) -> dict:
-    """``image`` [N, 3, S, S] and ``z`` [N, z_dim] drawn from the rank's RNG."""
-    image = batch["image"].to(device, non_blocking=True)
+    """``image`` [N, 3, S, S] in [-1, 1] (the loader's uint8, converted on the device) and ``z``
+    [N, z_dim] drawn from the rank's RNG."""
+    image = float_image(batch["image"].to(device, non_blocking=True))
     if image.shape[-1] != cfg.model.image_size or image.shape[-2] != cfg.model.image_size:
         raise ValueError(f"dcgan expects {cfg.model.image_size}x{cfg.model.image_size} images, got "
                          f"{tuple(image.shape[-2:])}: set data.load_size / data.crop_size")

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Config
+from ..data.transforms import class_ids, float_image
 from ..losses.adversarial import d_loss, g_loss
 from ..models.layers import init_weights
 from ..models.pix2pix import NLayerDiscriminator, UnetGenerator
@@ -39,17 +40,20 @@ def fields(info: DataInfo) -> tuple[str, ...]:
 
 
 def prepare(batch: dict, device: torch.device, cfg: Config, info: DataInfo) -> dict:
-    """``input`` [N, C_in, H, W] (one-hot labels built on the device), ``image`` [N, 3, H, W]."""
-    image = batch["image"].to(device, non_blocking=True)
+    """``input`` [N, C_in, H, W] (one-hot labels built on the device), ``image`` [N, 3, H, W] in
+    [-1, 1], ``label`` [N, H, W] int64 (label2image) or None. The loader's uint8 images and integer
+    label maps are moved as they are and converted on the device (``data.transforms``)."""
+    image = float_image(batch["image"].to(device, non_blocking=True))
+    label = None
     if info.task == "label2image":
-        label = batch["label"].to(device, non_blocking=True)
+        label = class_ids(batch["label"].to(device, non_blocking=True))
         inp = one_hot(label, info.num_classes)
     else:
-        inp = batch["input"].to(device, non_blocking=True)
+        inp = float_image(batch["input"].to(device, non_blocking=True))
     if cfg.train.channels_last:
         inp, image = inp.contiguous(memory_format=torch.channels_last), image.contiguous(
             memory_format=torch.channels_last)
-    return {"input": inp, "image": image, "label": batch.get("label")}
+    return {"input": inp, "image": image, "label": label}
 
 
 def _noisy(x: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..config import Config
+from ..data.transforms import class_ids, float_image
 from ..losses.adversarial import d_loss, g_loss
 from ..losses.feature_matching import feature_matching_loss
 from ..models.pix2pixhd import Encoder, GlobalGenerator, LocalEnhancer, MultiscaleDiscriminator
@@ -82,8 +83,9 @@ def edges(instance: torch.Tensor) -> torch.Tensor:
 
 def prepare(batch: dict, device: torch.device, cfg: Config, info: DataInfo) -> dict:
     """``input`` [N, label_nc (+1 edges), H, W] built on the device (no per-step host work),
-    ``image`` [N, 3, H, W], ``instance`` [N, 1, H, W]."""
-    label = batch["label"].to(device, non_blocking=True)
+    ``image`` [N, 3, H, W] in [-1, 1], ``instance`` [N, 1, H, W] int32, ``label`` [N, H, W] int64.
+    The loader's uint8 images and integer maps are converted on the device (``data.transforms``)."""
+    label = class_ids(batch["label"].to(device, non_blocking=True))
     parts = [one_hot(label, info.num_classes)]
     instance = None
     if cfg.model.use_instance or cfg.model.use_features:
@@ -93,7 +95,7 @@ def prepare(batch: dict, device: torch.device, cfg: Config, info: DataInfo) -> d
     if cfg.model.use_instance:
         parts.append(edges(instance))
     inp = torch.cat(parts, 1)
-    image = batch["image"].to(device, non_blocking=True)
+    image = float_image(batch["image"].to(device, non_blocking=True))
     if cfg.train.channels_last:
         inp, image = (t.contiguous(memory_format=torch.channels_last) for t in (inp, image))
     return {"input": inp, "image": image, "instance": instance, "label": label}

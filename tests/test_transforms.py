@@ -1,0 +1,256 @@
+"""The loader's pieces below the stream: zero-copy pixel views, the uint8 contract and its
+conversion on the device, the per-sample random draws, paired crop/flip, and the tar reader
+(against WebDataset's own reader on the tar formats writers produce)."""
+
+from __future__ import annotations
+
+import gc
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.data.pixels import pixels
+from pipeline.data.sources.base import encode_png
+from pipeline.data.tar_samples import TarFormatError, TarSamples
+from pipeline.data.transforms import (
+    Augment,
+    DecodeError,
+    SampleRandom,
+    augment,
+    class_ids,
+    decode_augment,
+    decode_field,
+    float_image,
+    map_dtype,
+)
+from pipeline.eval.metrics import to_uint8
+from pipeline.train.family import one_hot
+
+RNG = np.random.default_rng(0)
+
+
+def png_image(arr: np.ndarray) -> Image.Image:
+    """``arr`` through a PNG and back, decoded the way the loader decodes."""
+    return Image.open(io.BytesIO(encode_png(arr)))
+
+
+# ---------------------------------------------------------------- pixel views
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "P", "I;16", "I;16B", "I", "1"])
+def test_pixel_views_equal_numpy_copies_and_stay_valid_after_the_image_is_gone(mode):
+    img = Image.fromarray(RNG.integers(0, 256, (37, 53, 3), dtype=np.uint8)).convert(mode) if mode != "I;16" \
+        else png_image(RNG.integers(0, 65536, (37, 53), dtype=np.uint16))
+    if mode in ("I;16B", "I"):
+        img = Image.new(mode, (53, 37))
+        for x in range(53):
+            img.putpixel((x, x % 37), 1000 * x + 7)
+    img.load()
+    expected = np.asarray(img).copy()
+    view = pixels(img)
+    assert view.shape == expected.shape and view.dtype == expected.dtype
+    assert np.array_equal(view, expected)
+    assert not view.flags.writeable  # PIL's memory is never written through a view
+    del img
+    gc.collect()
+    _ = [bytearray(1 << 20) for _ in range(8)]  # reuse freed memory, if the view did not keep it
+    assert np.array_equal(view, expected)
+
+
+def test_pixel_views_fall_back_to_a_copy_for_images_in_several_blocks():
+    big = Image.new("RGB", (4096, 4096), (1, 2, 3))  # 64 MB: more than one of Pillow's blocks
+    view = pixels(big)
+    assert view.shape == (4096, 4096, 3) and view[-1, -1].tolist() == [1, 2, 3]
+
+
+# ---------------------------------------------------------------- the uint8 contract
+
+
+def test_float_image_is_the_old_host_side_conversion_bit_for_bit_and_refuses_floats():
+    values = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16).expand(2, 3, 16, 16)
+    old = values.permute(0, 2, 3, 1).float().permute(0, 3, 1, 2).mul_(1 / 127.5).sub_(1.0)
+    new = float_image(values)
+    assert new.dtype == torch.float32 and torch.equal(new, old)
+    assert float(new.min()) == -1.0 and float(new.max()) == 1.0
+    # So the evaluator may hand the loader's uint8 straight to the Inception features: the FID
+    # inputs are exactly what to_uint8 of the prepared [-1, 1] image gave.
+    assert torch.equal(to_uint8(new), values)
+    with pytest.raises(TypeError, match="expected uint8 images"):
+        float_image(new)
+
+
+def test_class_ids_are_int64_so_one_hot_and_indexing_are_right():
+    label = torch.tensor([[[0, 2], [1, 2]]], dtype=torch.uint8)
+    ids = class_ids(label)
+    assert ids.dtype == torch.int64 and torch.equal(ids, label.long())
+    assert torch.equal(one_hot(ids, 3).argmax(1), ids)
+    palette = torch.tensor([[0.0], [1.0], [2.0]])
+    assert palette[ids].shape == (1, 2, 2, 1)  # indexing, where a uint8 index would be a mask
+    with pytest.raises(TypeError, match="integer label maps"):
+        class_ids(label.float())
+
+
+def test_map_dtypes_follow_the_manifest_not_the_sample():
+    assert map_dtype("label", 35) == np.uint8 and map_dtype("label", 256) == np.uint8
+    assert map_dtype("label", 257) == np.int32 and map_dtype("label", None) == np.int32
+    assert map_dtype("instance", 35) == np.int32
+    kinds = {"image": "image", "label": "label"}
+    photo = encode_png(RNG.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+    ids8 = np.arange(48, dtype=np.uint8).reshape(6, 8) % 35
+    for stored in (ids8, ids8.astype(np.uint16)):  # an 8-bit and a 16-bit PNG of one dataset
+        out = decode_augment({"image": photo, "label": encode_png(stored)}, kinds, Augment(), None, False, 35)
+        assert out["image"].dtype == torch.uint8 and out["label"].dtype == torch.uint8
+        assert np.array_equal(out["label"].numpy(), ids8)
+    wide = ids8.astype(np.uint16)
+    wide[0, 0] = 300  # does not fit the dataset's uint8: refused, never wrapped
+    with pytest.raises(DecodeError, match="id 300"):
+        decode_augment({"image": photo, "label": encode_png(wide)}, kinds, Augment(), None, False, 35)
+
+
+# ---------------------------------------------------------------- random draws, crop and flip
+
+
+def test_sample_random_is_a_pure_function_of_its_words_and_uniform_enough():
+    a, b = SampleRandom(7, 1, 2, 3), SampleRandom(7, 1, 2, 3)
+    draws = [a.integers(0, 33) for _ in range(20)] + [a.random()]
+    assert draws == [b.integers(0, 33) for _ in range(20)] + [b.random()]  # 20 draws: a second block
+    assert draws != [SampleRandom(7, 1, 2, 4).integers(0, 33) for _ in range(20)] + [0]
+    counts = np.bincount([SampleRandom(0, i).integers(0, 4) for i in range(4000)], minlength=4)
+    assert counts.min() > 900 and counts.max() < 1100
+    flips = sum(SampleRandom(1, i).random() < 0.5 for i in range(4000))
+    assert 1850 < flips < 2150
+    with pytest.raises(ValueError, match="empty range"):
+        a.integers(3, 3)
+
+
+def test_one_crop_and_flip_for_every_field_and_decode_augment_equals_augment():
+    h, w = 16, 24
+    y, x = np.mgrid[0:h, 0:w]
+    photo = np.stack([x * 10, y * 10, (x + y) % 256], -1).astype(np.uint8)
+    label = (x % 7).astype(np.uint8)
+    instance = (x * 1000 + y).astype(np.uint16)
+    encoded = {"image": encode_png(photo), "label": encode_png(label), "instance": encode_png(instance)}
+    kinds = {"image": "image", "label": "label", "instance": "instance"}
+    aug = Augment(crop=(15, 9))
+    seen = set()
+    for i in range(24):
+        out = decode_augment(encoded, kinds, aug, SampleRandom(5, i), True, 7)
+        _, (x0, y0, x1, y1), flip = aug.params((w, h), SampleRandom(5, i), True)
+        seen.add(flip)
+        cols = slice(x1 - 1, x0 - 1 if x0 else None, -1) if flip else slice(x0, x1)
+        assert np.array_equal(out["image"].numpy(), photo[y0:y1, cols].transpose(2, 0, 1))
+        assert np.array_equal(out["label"].numpy(), label[y0:y1, cols])
+        assert out["instance"].dtype == torch.int32
+        assert np.array_equal(out["instance"].numpy(), instance[y0:y1, cols].astype(np.int32))
+        decoded = {name: decode_field(kinds[name], data) for name, data in encoded.items()}
+        again = augment(decoded, kinds, aug, SampleRandom(5, i), True, 7)
+        assert all(torch.equal(out[k], again[k]) for k in kinds)
+        assert all(t.numpy().flags.writeable for t in out.values())
+    assert seen == {True, False}
+
+
+def test_fields_of_different_sizes_are_refused():
+    kinds = {"image": "image", "label": "label"}
+    encoded = {"image": encode_png(np.zeros((6, 8, 3), np.uint8)), "label": encode_png(np.zeros((5, 8), np.uint8))}
+    with pytest.raises(DecodeError, match=r"fields disagree in size: \[\(8, 5\), \(8, 6\)\]"):
+        decode_augment(encoded, kinds, Augment(), SampleRandom(0), True, 3)
+
+
+# ---------------------------------------------------------------- the tar reader
+
+
+def make_tar(members: list[tuple[str, bytes | None]], fmt=tarfile.PAX_FORMAT) -> bytes:
+    """A tar of ``(name, data)`` regular files; data None makes a directory."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def webdataset_samples(data: bytes) -> list[dict]:
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    def files():
+        for f in tar_file_iterator(io.BytesIO(data)):
+            f["__url__"] = "u"
+            yield f
+
+    return list(group_by_keys(files()))
+
+
+LONG = "d" * 120 + "/sub/" + "k" * 90  # a path that needs the ustar prefix, GNU long names or pax
+
+MEMBERS = [
+    ("a.image.png", b"A" * 700), ("a.label.png", b"a" * 3), ("dir", None), ("__index__", b"meta"),
+    ("b.image.PNG", b""), ("b.seg.label.png", b"x" * 513), ("noext", b"skip me"),
+    ("sub/c.image.png", b"C" * 1024), (f"{LONG}.image.png", b"L" * 5), (f"{LONG}.json", b"{}"),
+    ("d\u00e9j\u00e0.image.png", b"unicode"),
+]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_reader_groups_samples_as_webdataset_does(fmt):
+    members = [m for m in MEMBERS if fmt != tarfile.USTAR_FORMAT or not m[0].startswith(LONG)
+               and m[0].isascii()]  # ustar cannot hold those names
+    if fmt == tarfile.USTAR_FORMAT:
+        members.append(("p" * 60 + "/" + "q" * 60 + ".image.png", b"prefix"))  # the ustar prefix field
+    data = make_tar(members, fmt)
+    ours = list(TarSamples(io.BytesIO(data), "u"))
+    assert ours == webdataset_samples(data)
+    assert [s["__key__"] for s in ours][:3] == ["a", "b", "sub/c"]
+    assert ours[1] == {"__key__": "b", "__url__": "u", "image.png": b"", "seg.label.png": b"x" * 513}
+
+
+class CountingReader(io.BytesIO):
+    def __init__(self, data: bytes):
+        super().__init__(data)
+        self.read_bytes = 0
+
+    def read(self, size=-1):
+        out = super().read(size)
+        self.read_bytes += len(out)
+        return out
+
+
+def test_tar_reader_skips_before_start_without_reading_and_stops_before_stop():
+    samples = [(f"s{k}", {"image.png": bytes([k]) * 5000, "label.png": bytes([k]) * 300}) for k in range(6)]
+    data = make_tar([(f"{key}.{name}", v) for key, fields in samples for name, v in fields.items()])
+    f = CountingReader(data)
+    reader = TarSamples(f, "u", start=2, stop=4)
+    got = list(reader)
+    assert [s["__key__"] for s in got] == ["s2", "s3"]
+    assert got[0]["image.png"] == bytes([2]) * 5000 and reader.samples == 4
+    assert f.read_bytes < 2 * 5300 + 6 * 2 * 512 + 1024  # the data of s0, s1, s4, s5 was never read
+    everything = TarSamples(io.BytesIO(data), "u")
+    assert len(list(everything)) == 6 and everything.samples == 6
+
+
+def test_tar_reader_refuses_truncated_and_corrupt_archives():
+    data = make_tar([("s0.image.png", b"x" * 3000), ("s1.image.png", b"y" * 3000)])
+    reader = TarSamples(io.BytesIO(data[:5000]), "u")  # cut inside s1's data
+    with pytest.raises(TarFormatError, match="unexpected end of data in s1.image.png"):
+        list(reader)
+    assert reader.samples == 1
+    with pytest.raises(TarFormatError, match="a 100-byte tar header"):
+        list(TarSamples(io.BytesIO(data[:512 * 7 + 100]), "u"))
+    corrupt = bytearray(data)
+    corrupt[20] ^= 0x55  # a name byte: the header checksum no longer matches
+    with pytest.raises(TarFormatError, match="checksum"):
+        list(TarSamples(io.BytesIO(bytes(corrupt)), "u"))
+    with pytest.raises(TarFormatError, match="in a tar header"):  # a size field that is not a number
+        list(TarSamples(io.BytesIO(b"not a tar file at all" * 40), "u"))
+    ended = TarSamples(io.BytesIO(data[:512 * 7]), "u")  # cut at a member boundary: a short shard
+    assert [s["__key__"] for s in ended] == ["s0"] and ended.samples == 1
+    with pytest.raises(ValueError, match="duplicate file name"):
+        list(TarSamples(io.BytesIO(make_tar([("s.image.png", b"1"), ("s.image.png", b"2")])), "u"))
