@@ -153,7 +153,7 @@ def train(cfg: Config, command: str = "") -> int:
     base_lr = {"G": cfg.optim.lr_G, "D": cfg.optim.lr_D}
     engines = None
     if backend == "deepspeed":
-        # One engine per network, never one around the whole GAN: own partitions, own loss scaler.
+        # One engine per network, never one around the whole GAN: each has its own partitions.
         stage = dist.resolve_zero_stage(cfg.distributed.zero_stage)
         G, D = G.to(device), D.to(device)
         opt, engines = {}, {}
@@ -202,7 +202,7 @@ def train(cfg: Config, command: str = "") -> int:
         G_ema.load_state_dict(ckpt.load_tensors(io.join(found.url, "G_ema.pt"), so))
         if engines:
             with ckpt.local_copy(io.join(found.url, ckpt.ZERO_DIR), so) as local:
-                dist.zero_load(engines, local)  # weights, fp32 masters, optimizer and scaler state
+                dist.zero_load(engines, local)  # weights, fp32 master partitions, Adam state
         for k in ("G", "D") if not engines else ():
             opt[k].load_state_dict(ckpt.load_tensors(io.join(found.url, f"opt_{k}.pt"), so))
             if scalers:
