@@ -20,10 +20,8 @@ from pipeline.data.transforms import (
     Augment,
     DecodeError,
     SampleRandom,
-    augment,
     class_ids,
     decode_augment,
-    decode_field,
     float_image,
     map_dtype,
 )
@@ -127,7 +125,7 @@ def test_sample_random_is_a_pure_function_of_its_words_and_uniform_enough():
         a.integers(3, 3)
 
 
-def test_one_crop_and_flip_for_every_field_and_decode_augment_equals_augment():
+def test_one_crop_and_flip_for_every_field():
     h, w = 16, 24
     y, x = np.mgrid[0:h, 0:w]
     photo = np.stack([x * 10, y * 10, (x + y) % 256], -1).astype(np.uint8)
@@ -146,9 +144,6 @@ def test_one_crop_and_flip_for_every_field_and_decode_augment_equals_augment():
         assert np.array_equal(out["label"].numpy(), label[y0:y1, cols])
         assert out["instance"].dtype == torch.int32
         assert np.array_equal(out["instance"].numpy(), instance[y0:y1, cols].astype(np.int32))
-        decoded = {name: decode_field(kinds[name], data) for name, data in encoded.items()}
-        again = augment(decoded, kinds, aug, SampleRandom(5, i), True, 7)
-        assert all(torch.equal(out[k], again[k]) for k in kinds)
         assert all(t.numpy().flags.writeable for t in out.values())
     assert seen == {True, False}
 
