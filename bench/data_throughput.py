@@ -18,14 +18,18 @@ same encoded bytes are then read six ways, each a pass over every sample:
 - ``stream S3 (train)``: the same shards uploaded to a real S3-compatible server on loopback
   (moto's ``ThreadedMotoServer`` in a *separate* process), read through s3fs.
 
-How it is measured. ``torch.set_num_threads(1)``; everything runs in this process
-(``num_workers=0``) and samples are taken straight from the dataset (no DataLoader, no collate),
-so ``time.process_time()`` is the CPU cost of the work. Before any case runs, the process sets
-glibc's allocator as every stream-reading process does (``stream.keep_freed_memory``), so the
-baselines and the loader run under the same settings. Each case gets one warm-up pass, then the
-cases take turns (round-robin, so drifting machine load hits them alike) for ``--repeats`` passes;
-the median pass is reported. Ratios use CPU time except where marked. For S3, process CPU time
-counts this process only (the client, including s3fs's event-loop thread) because the server runs
+How it is measured. ``torch.set_num_threads(1)``, ``num_workers=0``: samples are taken straight
+from the dataset (no DataLoader, no collate), so ``time.process_time()`` is the CPU cost of the
+work. Each case runs in ``--replicas`` processes of its own (spawned, its data read there), and
+each such process first sets glibc's allocator as every stream-reading process does
+(``stream.keep_freed_memory``), so the baselines and the loader run under the same settings.
+Measured side by side in one process, the cases changed each other's costs by up to 15%,
+depending on which ran before which; and one process's timings carry that process's own luck,
+which more passes of it do not average out. Each process makes one warm-up pass, then
+``--repeats`` measured passes; the processes take turns, one working at a time, the order rotating
+from round to round, so drifting machine load hits them alike; a case's figure is the median over
+all its processes' passes. Ratios use CPU time except where marked. For S3, process CPU time
+counts the client process only (including s3fs's event-loop thread) because the server runs
 elsewhere; wall time also includes the server's work and the loopback round trips, on the same
 cores, so the S3/local *wall* ratio (the one held to the target) is a pessimistic stand-in for a
 remote store. An extra 2-worker DataLoader wall-time section runs only when the 1-minute load
@@ -40,7 +44,7 @@ pixels. So the streaming/decode-only ratio is not one number for the loader: it 
 per-sample decode cost. The summary at the end prints both resolutions side by side, with the loader's own work
 (stream minus decode+augment) in ms per sample and per encoded MB.
 
-    .venv/bin/python bench/data_throughput.py            # 300 samples x 7 repeats, + 48 at 1024x512 x 7
+    .venv/bin/python bench/data_throughput.py            # 300 + 48 (1024x512) samples, 3 processes x 7 passes
     .venv/bin/python bench/data_throughput.py --quick    # < 90 s
     .venv/bin/python bench/data_throughput.py --no-hd    # the 256x128 case only
     .venv/bin/python bench/data_throughput.py --profile stream   # cProfile of one case
@@ -53,6 +57,7 @@ import cProfile
 import gc
 import itertools
 import json
+import multiprocessing
 import os
 import platform
 import pstats
@@ -62,7 +67,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -214,65 +219,147 @@ def upload_shards(shard_dir: Path, url: str) -> None:
 @dataclass
 class Case:
     name: str
-    run: Callable[[], list[str]]  # one pass; returns the keys it produced
-    cpu: list[float] = field(default_factory=list)
+    samples: Callable[[], Iterator[str]]  # one pass: yields the key of every sample it produces
+    cpu: list[float] = field(default_factory=list)  # per measured pass
     wall: list[float] = field(default_factory=list)
-    keys: list[str] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)  # of the warm-up pass
 
-    def measure(self) -> None:
-        gc.collect()
-        c0, w0 = time.process_time(), time.perf_counter()
-        self.keys = self.run()
-        self.cpu.append(time.process_time() - c0)
-        self.wall.append(time.perf_counter() - w0)
+    def run(self) -> list[str]:
+        return list(self.samples())
 
 
-def stream_pass(stream, n: int) -> Callable[[], list[str]]:
-    def run() -> list[str]:
-        return [s["__key__"] for s in itertools.islice(iter(stream), n)]
-    return run
+def stream_pass(stream, n: int) -> Callable[[], Iterator[str]]:
+    """A pass over a stream: a fresh iterator (as at an epoch's start: shard opens, shuffle-buffer
+    fill), cut after ``n`` samples."""
+    def samples() -> Iterator[str]:
+        return (s["__key__"] for s in itertools.islice(iter(stream), n))
+    return samples
 
 
-def build_cases(raws, kinds: dict[str, str], num_classes: int | None, aug: Augment, folder: Path, shard_dir: Path,
-                s3_url: str | None) -> list[Case]:
-    n = len(raws)
+@dataclass(frozen=True)
+class Setup:
+    """What a process needs to build the cases of one resolution (picklable, sent to case processes)."""
 
-    def decode_only() -> list[str]:
-        for _, fields in raws:
+    shard_dir: Path
+    folder: Path
+    crop: tuple[int, int]
+    s3_url: str | None
+
+
+CASE_NAMES = ("decode-only (in memory)", "decode+augment (in memory)", "map-style folder Dataset",
+              "stream local (train)", "stream local (eval)", "stream S3 (train)")
+PROFILE_NAMES = dict(zip(("decode", "decode_aug", "map", "stream", "stream_eval", "s3"), CASE_NAMES))
+
+
+def build_case(name: str, setup: Setup) -> Case:
+    """One case, built (and its data read) in the process that will measure it."""
+    manifest = load_manifest(str(setup.shard_dir))
+    kinds = {field_name: spec["kind"] for field_name, spec in manifest.fields.items()}
+    num_classes, aug, n = manifest.num_classes, Augment(crop=setup.crop, flip=True), manifest.num_samples(SPLIT)
+    raws = read_raw_samples(setup.shard_dir) if "in memory" in name else []  # only where a case reads them
+
+    def decode_only() -> Iterator[str]:
+        for key, fields in raws:
             for name, data in fields.items():
                 decode_field(kinds[name.split(".", 1)[0]], data)
-        return [key for key, _ in raws]
+            yield key
 
-    def decode_and_augment() -> list[str]:
-        for i, (_, fields) in enumerate(raws):
+    def decode_and_augment() -> Iterator[str]:
+        for i, (key, fields) in enumerate(raws):
             encoded = {name.split(".", 1)[0]: data for name, data in fields.items()}
             decode_augment(encoded, kinds, aug, SampleRandom(0, i), True, num_classes)
-        return [key for key, _ in raws]
+            yield key
 
-    dataset = FolderPairs(folder, kinds, aug, num_classes)
     passes = itertools.count()
 
-    def map_style() -> list[str]:
+    def map_style() -> Iterator[str]:
         order = np.random.default_rng([1, next(passes)]).permutation(len(dataset))
-        return [dataset[int(i)]["__key__"] for i in order]
+        return (dataset[int(i)]["__key__"] for i in order)
 
-    cases = [Case("decode-only (in memory)", decode_only),
-             Case("decode+augment (in memory)", decode_and_augment),
-             Case("map-style folder Dataset", map_style),
-             Case("stream local (train)", stream_pass(make_stream(str(shard_dir), SPLIT, train=True, augment=aug), n)),
-             Case("stream local (eval)", stream_pass(make_stream(str(shard_dir), SPLIT, train=False, augment=aug), n))]
-    if s3_url:
-        cases.append(Case("stream S3 (train)", stream_pass(make_stream(s3_url, SPLIT, train=True, augment=aug), n)))
-    return cases
+    if name == "map-style folder Dataset":
+        dataset = FolderPairs(setup.folder, kinds, aug, num_classes)
+
+    makers = {"decode-only (in memory)": lambda: decode_only,
+              "decode+augment (in memory)": lambda: decode_and_augment,
+              "map-style folder Dataset": lambda: map_style,
+              "stream local (train)": lambda: stream_pass(make_stream(str(setup.shard_dir), SPLIT, train=True,
+                                                                      augment=aug), n),
+              "stream local (eval)": lambda: stream_pass(make_stream(str(setup.shard_dir), SPLIT, train=False,
+                                                                     augment=aug), n),
+              "stream S3 (train)": lambda: stream_pass(make_stream(setup.s3_url, SPLIT, train=True, augment=aug), n)}
+    return Case(name, makers[name]())
 
 
-def run_rounds(cases: list[Case], repeats: int) -> None:
-    for case in cases:  # warm-up: page cache, imports, s3fs session, allocator
-        case.run()
-    for r in range(repeats):
-        k = r % len(cases)
-        for case in cases[k:] + cases[:k]:
-            case.measure()
+def case_process(conn, name: str, setup: Setup) -> None:
+    """One case in a process of its own, measured when the parent says so. Its heap, allocator state
+    and Python objects are its own: measured in one process, the cases changed each other's costs
+    (a pass of one case after another's ran up to 15% slower than after its own), and how much
+    depended on the order, not on the case."""
+    torch.set_num_threads(1)
+    keep_freed_memory()  # what every stream-reading process does first; the baselines run alike
+    case = build_case(name, setup)
+    conn.send(case.run())  # the warm-up pass (page cache, imports, s3fs session, allocator): its keys
+    while conn.recv():
+        gc.collect()
+        c0, w0 = time.process_time(), time.perf_counter()
+        for _ in case.samples():
+            pass
+        conn.send((time.process_time() - c0, time.perf_counter() - w0))
+    conn.close()
+
+
+def run_rounds(names: list[str], setup: Setup, repeats: int, replicas: int) -> list[Case]:
+    """Each case in ``replicas`` processes of its own (``case_process``), each making one warm-up
+    pass and then ``repeats`` measured passes. The passes are taken in turns, one process working at
+    a time while the others wait on their pipes, the order rotating from round to round so drifting
+    machine load hits every case alike. A case's figure is the median over all its processes'
+    passes: one process's timings carry its own luck (where its buffers landed), which more passes
+    of the same process do not average out; in two runs with one process per case, the augment's
+    cost relative to a decode came out 0% in one run and 14% in the other."""
+    ctx = multiprocessing.get_context("spawn")  # s3fs may hold an event-loop thread here: never fork
+    slots = [(name, r) for r in range(replicas) for name in names]
+    workers: dict[tuple[str, int], tuple] = {}
+    cases = {name: Case(name, samples=lambda: iter(())) for name in names}
+
+    def reply(slot: tuple[str, int]):
+        proc, conn = workers[slot]
+        if not conn.poll(900):
+            raise SystemExit(f"case {slot[0]!r} gave no answer in 900 s")
+        try:
+            return conn.recv()
+        except EOFError:
+            raise SystemExit(f"case {slot[0]!r} died (exit code {proc.exitcode}); its traceback is above") from None
+
+    try:
+        for slot in slots:
+            conn, child = ctx.Pipe()
+            proc = ctx.Process(target=case_process, args=(child, slot[0], setup), daemon=True)
+            proc.start()
+            child.close()
+            workers[slot] = (proc, conn)
+        for slot in slots:
+            keys = reply(slot)
+            if slot[1] == 0:
+                cases[slot[0]].keys = keys
+            elif keys != cases[slot[0]].keys:
+                raise SystemExit(f"two processes of case {slot[0]!r} produced different samples")
+        for r in range(repeats):
+            k = r % len(slots)
+            for slot in slots[k:] + slots[:k]:
+                workers[slot][1].send(True)
+                cpu, wall = reply(slot)
+                cases[slot[0]].cpu.append(cpu)
+                cases[slot[0]].wall.append(wall)
+    finally:
+        for proc, conn in workers.values():
+            try:
+                conn.send(False)
+            except OSError:
+                pass
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    return list(cases.values())
 
 
 def one_thread_worker(worker_id: int) -> None:
@@ -439,7 +526,8 @@ def header(args, start_load: tuple[float, ...]) -> None:
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in start_load)}   cpus: {os.cpu_count()}")
     print(f"torch {torch.__version__} (threads: {torch.get_num_threads()})   python {platform.python_version()}   "
           f"pillow {PIL.__version__}   numpy {np.__version__}")
-    print(f"num_workers=0, no collate; {args.repeats} repeats after 1 warm-up, median; cases interleaved")
+    print(f"num_workers=0, no collate; each case in {args.replicas} processes of its own, {args.repeats} passes "
+          "each after 1 warm-up, median over all; the processes take turns, one at a time")
     print("allocator: " + ("glibc, freed memory kept mapped (stream.keep_freed_memory), for every case"
                            if args.allocator else "defaults (stream.keep_freed_memory did not apply)"))
 
@@ -463,7 +551,8 @@ def parse_size(text: str) -> tuple[int, int]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--samples", type=int, default=300, help="samples in the dataset = one pass")
-    p.add_argument("--repeats", type=int, default=7, help="measured passes per case")
+    p.add_argument("--repeats", type=int, default=7, help="measured passes per case process")
+    p.add_argument("--replicas", type=int, default=3, help="processes per case")
     p.add_argument("--size", type=parse_size, default=(256, 128), help="demo sample size WxH")
     p.add_argument("--crop", type=parse_size, default=(224, 112), help="random crop WxH")
     p.add_argument("--samples-per-shard", type=int, default=100)
@@ -480,7 +569,7 @@ def parse_args(argv=None):
                    help="instead of the table, cProfile --repeats passes of one case (first resolution)")
     args = p.parse_args(argv)
     if args.quick:
-        args.samples, args.repeats, args.samples_per_shard = 96, 3, 32
+        args.samples, args.repeats, args.replicas, args.samples_per_shard = 96, 3, 1, 32
         args.hd_samples, args.hd_samples_per_shard = 12, 4
     return args
 
@@ -513,20 +602,19 @@ def run_resolution(args, res: Resolution, root: Path, server: MotoProcess | None
     if server is not None:
         s3_url = f"s3://{bucket}/{res.name}/shards"
         upload_shards(shard_dir, s3_url)
-    cases = build_cases(raws, kinds, manifest.num_classes, aug, folder, shard_dir, s3_url)
+    setup = Setup(shard_dir, folder, res.crop, s3_url)
     if args.profile:
-        names = ("decode", "decode_aug", "map", "stream", "stream_eval", "s3")
-        profile(cases[names.index(args.profile)], args.repeats)
+        profile(build_case(PROFILE_NAMES[args.profile], setup), args.repeats)
         return None
     data_line(res, shard_dir, raws)
     print(f"  setup (render, shard, extract, upload): {time.perf_counter() - t0:.1f} s")
     requests_before = server.requests() if server else 0
-    run_rounds(cases, args.repeats)
+    cases = run_rounds([n for n in CASE_NAMES if s3_url or "S3" not in n], setup, args.repeats, args.replicas)
     notes = check_keys(cases, len(raws))
     if server:
-        per_pass = (server.requests() - requests_before) / (args.repeats + 1)
+        per_pass = (server.requests() - requests_before) / ((args.repeats + 1) * args.replicas)
         notes.append(f"S3: {per_pass:.0f} requests per pass (moto server in a separate process; "
-                     f"CPU = this process only, wall includes the server on the same cores)")
+                     f"CPU = the client process only, wall includes the server on the same cores)")
     figures = report(cases, notes)
     figures["kb_per_sample"] = statistics.mean(sum(len(b) for b in f.values()) for _, f in raws) / 1e3
     if start_load[0] < LOW_LOAD or args.force_workers:
