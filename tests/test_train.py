@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from pipeline.train import checkpoint as ckpt
+from pipeline.train.cli import CONFIG_ERROR_PAUSE_S
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = str(REPO / "launch" / "train.py")
@@ -332,6 +333,23 @@ def test_config_errors_are_one_line_before_any_process_starts(override, message)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_a_config_error_is_said_once_under_a_launcher_whichever_rank_exits_first():
+    # Every rank meets the error; only rank 0 says it. Rank 1 used to exit at once, and the
+    # launcher then stopped rank 0 before it had printed: the job failed with no reason given.
+    r = run(launch_cmd(2, ["train.bogus=1"]), timeout=180)
+    assert r.returncode != 0
+    assert r.stderr.count("gan-train: config error: unknown key 'train.bogus'") == 1, explain(r)
+
+
+def test_a_rank_other_than_0_still_says_its_config_error_when_nobody_stops_it():
+    # Rank 0 may be on another node: after its pause, a rank that nobody has stopped reports it.
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, TRAIN, "--config", "pix2pix_demo", "train.bogus=1"], capture_output=True,
+                       text=True, timeout=60, env={**env(), "RANK": "1", "WORLD_SIZE": "2"})
+    assert r.returncode == 2 and "gan-train: config error: unknown key 'train.bogus'" in r.stderr, explain(r)
+    assert time.monotonic() - t0 >= CONFIG_ERROR_PAUSE_S
 
 
 def test_dry_run_prints_config_run_dir_and_parameter_counts(demo_shards):

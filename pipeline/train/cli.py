@@ -9,9 +9,12 @@ import logging
 import os
 import shlex
 import sys
+import time
 import traceback
 
 from ..config import ConfigError, deepspeed_limits, load_config, to_dict
+
+CONFIG_ERROR_PAUSE_S = 5.0  # how long a rank other than 0 waits for rank 0 to report a config error
 
 
 def _is_first_process() -> bool:
@@ -52,8 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.distributed.backend == "auto" and resolve_backend("auto") == "deepspeed":
             deepspeed_limits(cfg)  # launched with a DeepSpeed accelerate config: the same checks, as early
     except ConfigError as exc:
-        if _is_first_process():
-            print(f"gan-train: config error: {exc}", file=sys.stderr)
+        if not _is_first_process():
+            # Rank 0 says it once, and when it exits the launcher stops this rank. Leaving first
+            # would let the launcher stop rank 0 before it has said anything; a rank that is still
+            # here after the pause (rank 0 elsewhere, on another node) says it too.
+            time.sleep(CONFIG_ERROR_PAUSE_S)
+        print(f"gan-train: config error: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
         return dry_run(cfg)
