@@ -219,7 +219,7 @@ def upload_shards(shard_dir: Path, url: str) -> None:
 @dataclass
 class Case:
     name: str
-    samples: Callable[[], Iterator[str]]  # one pass: yields the key of every sample it produces
+    samples: Callable[[], Iterator[str]] | None = None  # one pass: the key of every sample it produces
     cpu: list[float] = field(default_factory=list)  # per measured pass
     wall: list[float] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)  # of the warm-up pass
@@ -260,34 +260,28 @@ def build_case(name: str, setup: Setup) -> Case:
 
     def decode_only() -> Iterator[str]:
         for key, fields in raws:
-            for name, data in fields.items():
-                decode_field(kinds[name.split(".", 1)[0]], data)
+            for member, data in fields.items():
+                decode_field(kinds[member.split(".", 1)[0]], data)
             yield key
 
     def decode_and_augment() -> Iterator[str]:
         for i, (key, fields) in enumerate(raws):
-            encoded = {name.split(".", 1)[0]: data for name, data in fields.items()}
+            encoded = {member.split(".", 1)[0]: data for member, data in fields.items()}
             decode_augment(encoded, kinds, aug, SampleRandom(0, i), True, num_classes)
             yield key
 
-    passes = itertools.count()
-
-    def map_style() -> Iterator[str]:
-        order = np.random.default_rng([1, next(passes)]).permutation(len(dataset))
-        return (dataset[int(i)]["__key__"] for i in order)
-
+    if name.startswith("stream"):
+        url = setup.s3_url if "S3" in name else str(setup.shard_dir)
+        return Case(name, stream_pass(make_stream(url, SPLIT, train="(eval)" not in name, augment=aug), n))
     if name == "map-style folder Dataset":
-        dataset = FolderPairs(setup.folder, kinds, aug, num_classes)
+        dataset, passes = FolderPairs(setup.folder, kinds, aug, num_classes), itertools.count()
 
-    makers = {"decode-only (in memory)": lambda: decode_only,
-              "decode+augment (in memory)": lambda: decode_and_augment,
-              "map-style folder Dataset": lambda: map_style,
-              "stream local (train)": lambda: stream_pass(make_stream(str(setup.shard_dir), SPLIT, train=True,
-                                                                      augment=aug), n),
-              "stream local (eval)": lambda: stream_pass(make_stream(str(setup.shard_dir), SPLIT, train=False,
-                                                                     augment=aug), n),
-              "stream S3 (train)": lambda: stream_pass(make_stream(setup.s3_url, SPLIT, train=True, augment=aug), n)}
-    return Case(name, makers[name]())
+        def map_style() -> Iterator[str]:
+            order = np.random.default_rng([1, next(passes)]).permutation(len(dataset))
+            return (dataset[int(i)]["__key__"] for i in order)
+
+        return Case(name, map_style)
+    return Case(name, {"decode-only (in memory)": decode_only, "decode+augment (in memory)": decode_and_augment}[name])
 
 
 def case_process(conn, name: str, setup: Setup) -> None:
@@ -320,7 +314,7 @@ def run_rounds(names: list[str], setup: Setup, repeats: int, replicas: int) -> l
     ctx = multiprocessing.get_context("spawn")  # s3fs may hold an event-loop thread here: never fork
     slots = [(name, r) for r in range(replicas) for name in names]
     workers: dict[tuple[str, int], tuple] = {}
-    cases = {name: Case(name, samples=lambda: iter(())) for name in names}
+    cases = {name: Case(name) for name in names}  # the figures only: the work runs in the processes
 
     def reply(slot: tuple[str, int]):
         proc, conn = workers[slot]

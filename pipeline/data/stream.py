@@ -116,15 +116,6 @@ class SlotStats:
                 f"last at {where}: {reason}")
 
 
-def _member_groups(fileobj, url: str) -> Iterator[dict]:
-    """Raw samples of one tar stream, in order: ``{"__key__": ..., "<field>": bytes, ...}``.
-
-    Members are grouped by WebDataset's rule (key = name up to the first dot of the basename).
-    Every byte is read, in order (``verify`` hashes them as they pass). Nothing is decoded here.
-    """
-    return iter(TarSamples(fileobj, url))
-
-
 def read_segment(seg: Segment, stats: SlotStats, storage_options: dict | None = None) -> Iterator[dict]:
     """Raw samples of one segment; a truncated or unreadable shard costs its remaining samples.
     Samples before the segment's start are counted from their tar headers, not read."""
@@ -132,9 +123,7 @@ def read_segment(seg: Segment, stats: SlotStats, storage_options: dict | None = 
     try:
         with io.open_url(seg.shard.url, "rb", storage_options) as f:
             reader = TarSamples(f, seg.shard.url, start=seg.start, stop=seg.stop)
-            for raw in reader:
-                raw["__where__"] = f"{seg.shard.url}#{raw['__key__']}"
-                yield raw
+            yield from reader
     except (*io.storage_errors(), tarfile.TarError, ValueError) as exc:
         # A truncated tar, a dropped connection after the store's own retries: the rest of the
         # segment is lost and counted; the slot moves on, so no other rank waits on this one.
@@ -259,7 +248,7 @@ def iterate_slot(spec: StreamSpec, slot: int, num_slots: int) -> Iterator[dict]:
                 rng = _slot_rng(spec.seed, slot, epoch, index) if spec.train else None  # eval draws nothing
                 sample = _decode(raw, spec, kinds, rng)
             except (DecodeError, ValueError, OSError) as exc:
-                stats.record(raw.get("__where__", "?"), str(exc))
+                stats.record(f"{raw['__url__']}#{raw['__key__']}", str(exc))  # built only when needed
                 continue
             sample.update(__key__=sanitize_key(raw["__key__"]), __slot__=slot, __epoch__=epoch,
                           __index__=index, __bad__=stats.bad)

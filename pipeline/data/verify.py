@@ -13,7 +13,8 @@ from PIL import Image
 
 from .. import io
 from .manifest import Manifest
-from .stream import _member_groups, check_member_names
+from .stream import check_member_names
+from .tar_samples import TarSamples
 from .transforms import DecodeError, decode_field, map_array
 
 
@@ -80,7 +81,7 @@ def verify(manifest: Manifest, storage_options: dict | None = None, splits: list
                 with io.open_url(shard.url, "rb", storage_options) as f:
                     reader = _HashingReader(f)
                     try:
-                        for raw in _member_groups(reader, shard.url):
+                        for raw in TarSamples(reader, shard.url):
                             count += 1
                             problem = check_sample(raw, manifest)
                             if problem:
@@ -130,7 +131,7 @@ def contact_sheet(manifest: Manifest, split: str, count: int = 8,
     rows = []
     for shard in manifest.shards(split):
         with io.open_url(shard.url, "rb", storage_options) as f:
-            for raw in _member_groups(f, shard.url):
+            for raw in TarSamples(f, shard.url):
                 tiles = []
                 for stem, spec in manifest.fields.items():
                     member = next((k for k in raw if k.split(".", 1)[0] == stem), None)
