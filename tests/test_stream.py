@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import io
+import itertools
 import json
 import socket
 import subprocess
@@ -105,7 +106,7 @@ def test_eval_mode_two_ranks_two_workers_sees_every_sample_once(tmp_path):
     ranks = run_ranks(2, "--url", str(tmp_path), "--split", "val", "--workers", "2", "--batch", "3")
     got = collections.Counter(k for r in ranks for b in r["batches"] for k in b["__key__"])
     assert got == collections.Counter(keys)
-    assert [r["len"] for r in ranks] == [11, 12]
+    assert [r["len"] for r in ranks] == [4, 4]  # batches of 3 per slot, rounded up: slots of 5, 6, 6, 6
     assert sum(len(b["__key__"]) for b in ranks[0]["batches"]) == 11
 
 
@@ -139,7 +140,7 @@ def test_training_with_uneven_shards_keeps_ranks_in_step(tmp_path, damage):
 
 def check_rule(sample: dict) -> None:
     """The synthetic pixel rule survives any paired transform (see synthetic_data)."""
-    image = sample["image"].to(torch.int64)
+    image = sample["image"][..., :3].permute(2, 0, 1).to(torch.int64)  # RGBX [H, W, 4] -> [3, H, W]
     label, instance = sample["label"].to(torch.int64), sample["instance"].to(torch.int64)
     k = int(image[2, 0, 0])
     assert torch.equal(image[0], label * 20)
@@ -154,13 +155,13 @@ def test_paired_augmentation_applies_one_crop_and_flip_to_every_field(tmp_path):
         if n == 40:
             break
         # The loader's contract: integers as stored, uint8 images and (<= 256 classes) uint8 labels.
-        assert sample["image"].dtype == torch.uint8 and sample["image"].shape == (3, 12, 16)
+        assert sample["image"].dtype == torch.uint8 and sample["image"].shape == (12, 16, 4)
         assert sample["label"].dtype == torch.uint8 and sample["label"].shape == (12, 16)
         assert sample["instance"].dtype == torch.int32 and sample["instance"].shape == (12, 16)
         assert all(sample[f].is_contiguous() for f in ("image", "label", "instance"))
         assert int(sample["label"].max()) < NUM_CLASSES
         check_rule(sample)
-        green = sample["image"][1, 0].to(torch.int64)
+        green = sample["image"][0, :, 1].to(torch.int64)
         flips.add(bool(green[0] > green[-1]))  # the column ramp runs backwards after a flip
         origins.add(int(green.min()) // 8)  # the crop's first column
     assert flips == {True, False}
@@ -217,6 +218,24 @@ def test_prepare_gives_the_floats_of_the_host_side_conversion(tmp_path):
     assert flips == {True, False}
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_batches_are_the_samples_in_order_stacked(tmp_path, train):
+    write(tmp_path, {"val": 11}, per_shard=4)
+    aug = Augment(crop=(16, 12), flip=True)
+    singles = list(itertools.islice(make_stream(str(tmp_path), "val", train=train, augment=aug), 24 if train else 11))
+    stream = make_stream(str(tmp_path), "val", train=train, augment=aug, batch_size=4)
+    batches = list(itertools.islice(stream, 6 if train else 100))
+    # Training: endless, every batch full, across the epoch boundary; evaluation: 4 + 4 + 3.
+    assert [len(b["__key__"]) for b in batches] == ([4] * 6 if train else [4, 4, 3])
+    assert len(stream) == 3
+    for i, b in enumerate(batches):
+        part = singles[4 * i:4 * i + 4]
+        assert b["__key__"] == [x["__key__"] for x in part]
+        assert b["__epoch__"].tolist() == [x["__epoch__"] for x in part]
+        for name in ("image", "label", "instance"):
+            assert torch.equal(b[name], torch.stack([x[name] for x in part]))
+
+
 def test_resize_keeps_label_ids_and_eval_is_deterministic(tmp_path):
     write(tmp_path, {"val": 4}, per_shard=4)
     aug = Augment(resize=(48, 32), crop=(40, 24))
@@ -234,7 +253,7 @@ def test_resume_from_consumed_positions_continues_exactly(tmp_path):
     write(tmp_path, {"train": 21}, per_shard=6)
     make = lambda start=None: torch.utils.data.DataLoader(  # noqa: E731
         make_stream(str(tmp_path), "train", train=True, num_workers=2, seed=5, shuffle_buffer=8,
-                    augment=Augment(crop=(16, 12)), start=start), batch_size=3, num_workers=2)
+                    augment=Augment(crop=(16, 12)), start=start, batch_size=3), batch_size=None, num_workers=2)
     full = [b for _, b in zip(range(12), make())]
     # Consume 6 batches (a multiple of the worker count), note the position of every slot.
     positions = {}

@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data.pixels import pixels
+from pipeline.data.collate import Collate
+from pipeline.data.pixels import pixels, rgbx_words
 from pipeline.data.sources.base import encode_png
 from pipeline.data.tar_samples import TarFormatError, TarSamples
 from pipeline.data.transforms import (
@@ -24,6 +25,7 @@ from pipeline.data.transforms import (
     decode_augment,
     float_image,
     map_dtype,
+    rgb_image,
 )
 from pipeline.eval.metrics import to_uint8
 from pipeline.train.family import one_hot
@@ -70,15 +72,18 @@ def test_pixel_views_fall_back_to_a_copy_for_images_in_several_blocks():
 
 def test_float_image_is_the_old_host_side_conversion_bit_for_bit_and_refuses_floats():
     values = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16).expand(2, 3, 16, 16)
+    rgbx = torch.cat([values, torch.full((2, 1, 16, 16), 77, dtype=torch.uint8)], 1).permute(0, 2, 3, 1).contiguous()
     old = values.permute(0, 2, 3, 1).float().permute(0, 3, 1, 2).mul_(1 / 127.5).sub_(1.0)
-    new = float_image(values)
-    assert new.dtype == torch.float32 and torch.equal(new, old)
+    new = float_image(rgbx)
+    assert new.dtype == torch.float32 and new.is_contiguous() and torch.equal(new, old)
     assert float(new.min()) == -1.0 and float(new.max()) == 1.0
     # So the evaluator may hand the loader's uint8 straight to the Inception features: the FID
-    # inputs are exactly what to_uint8 of the prepared [-1, 1] image gave.
-    assert torch.equal(to_uint8(new), values)
-    with pytest.raises(TypeError, match="expected uint8 images"):
+    # inputs are exactly what to_uint8 of the prepared [-1, 1] image gave; the padding byte is gone.
+    assert torch.equal(to_uint8(new), values) and torch.equal(rgb_image(rgbx), values)
+    with pytest.raises(TypeError, match=r"expected the loader's uint8 \[N, H, W, 4\] images"):
         float_image(new)
+    with pytest.raises(TypeError, match=r"uint8 \[2, 3, 16, 16\]"):  # the old [N, 3, H, W] layout
+        float_image(values)
 
 
 def test_class_ids_are_int64_so_one_hot_and_indexing_are_right():
@@ -99,8 +104,10 @@ def test_map_dtypes_follow_the_manifest_not_the_sample():
     kinds = {"image": "image", "label": "label"}
     photo = encode_png(RNG.integers(0, 256, (6, 8, 3), dtype=np.uint8))
     ids8 = np.arange(48, dtype=np.uint8).reshape(6, 8) % 35
+    collate = Collate.for_fields(kinds, 35)
     for stored in (ids8, ids8.astype(np.uint16)):  # an 8-bit and a 16-bit PNG of one dataset
-        out = decode_augment({"image": photo, "label": encode_png(stored)}, kinds, Augment(), None, False, 35)
+        views = decode_augment({"image": photo, "label": encode_png(stored)}, kinds, Augment(), None, False, 35)
+        out = collate.one(views)
         assert out["image"].dtype == torch.uint8 and out["label"].dtype == torch.uint8
         assert np.array_equal(out["label"].numpy(), ids8)
     wide = ids8.astype(np.uint16)
@@ -135,12 +142,16 @@ def test_one_crop_and_flip_for_every_field():
     kinds = {"image": "image", "label": "label", "instance": "instance"}
     aug = Augment(crop=(15, 9))
     seen = set()
+    collate = Collate.for_fields(kinds, 7)
     for i in range(24):
-        out = decode_augment(encoded, kinds, aug, SampleRandom(5, i), True, 7)
+        views = decode_augment(encoded, kinds, aug, SampleRandom(5, i), True, 7)
+        assert not any(v.flags.writeable or v.flags.owndata for v in views.values())  # views of PIL's memory
+        out = collate.one(views)
         _, (x0, y0, x1, y1), flip = aug.params((w, h), SampleRandom(5, i), True)
         seen.add(flip)
         cols = slice(x1 - 1, x0 - 1 if x0 else None, -1) if flip else slice(x0, x1)
-        assert np.array_equal(out["image"].numpy(), photo[y0:y1, cols].transpose(2, 0, 1))
+        assert out["image"].shape == (y1 - y0, x1 - x0, 4)
+        assert np.array_equal(out["image"][..., :3].numpy(), photo[y0:y1, cols])
         assert np.array_equal(out["label"].numpy(), label[y0:y1, cols])
         assert out["instance"].dtype == torch.int32
         assert np.array_equal(out["instance"].numpy(), instance[y0:y1, cols].astype(np.int32))
@@ -153,6 +164,81 @@ def test_fields_of_different_sizes_are_refused():
     encoded = {"image": encode_png(np.zeros((6, 8, 3), np.uint8)), "label": encode_png(np.zeros((5, 8), np.uint8))}
     with pytest.raises(DecodeError, match=r"fields disagree in size: \[\(8, 5\), \(8, 6\)\]"):
         decode_augment(encoded, kinds, Augment(), SampleRandom(0), True, 3)
+
+
+# ---------------------------------------------------------------- batches: the one copy
+
+
+def test_rgbx_words_are_the_rgb_bytes_in_pillows_memory_and_a_copy_where_there_is_no_view():
+    photo = RNG.integers(0, 256, (9, 13, 3), dtype=np.uint8)
+    img = png_image(photo)
+    img.load()
+    words = rgbx_words(img)
+    assert words.shape == (9, 13) and words.dtype == np.uint32 and not words.flags.owndata
+    assert np.array_equal(np.ascontiguousarray(words).view(np.uint8).reshape(9, 13, 4)[..., :3], photo)
+    big = Image.new("RGB", (4096, 4096), (1, 2, 3))  # several of Pillow's blocks: no view, a copy
+    assert np.ascontiguousarray(rgbx_words(big)[-1:, -1:]).view(np.uint8).tolist()[0][:3] == [1, 2, 3]
+    with pytest.raises(ValueError, match="takes RGB images, not L"):
+        rgbx_words(img.convert("L"))
+
+
+def _samples(n: int, crop=(15, 9), prefix: str = "k") -> tuple[list[dict], dict[str, str]]:
+    """``n`` augmented samples (views) of random 16x24 fields, flips among them, with metadata."""
+    kinds = {"image": "image", "label": "label", "instance": "instance"}
+    out = []
+    for i in range(n):
+        encoded = {"image": encode_png(RNG.integers(0, 256, (16, 24, 3), dtype=np.uint8)),
+                   "label": encode_png(RNG.integers(0, 7, (16, 24), dtype=np.uint8)),
+                   "instance": encode_png(RNG.integers(0, 65536, (16, 24), dtype=np.uint16))}
+        views = decode_augment(encoded, kinds, Augment(crop=crop), SampleRandom(2, i), True, 7)
+        out.append({**views, "__key__": f"{prefix}{i}", "__index__": i})
+    return out, kinds
+
+
+def test_a_batch_is_its_samples_each_copied_once_in_the_loader_dtypes():
+    samples, kinds = _samples(6)
+    collate = Collate.for_fields(kinds, 7)
+    assert collate.fields == {"image": "rgbx", "label": "uint8", "instance": "int32"}
+    batch = collate(samples)
+    singles = [collate.one(s) for s in samples]
+    assert batch["image"].shape == (6, 9, 15, 4) and batch["image"].dtype == torch.uint8
+    assert batch["label"].shape == (6, 9, 15) and batch["label"].dtype == torch.uint8
+    assert batch["instance"].dtype == torch.int32 and int(batch["instance"].max()) > 32767  # widened, not wrapped
+    for name in kinds:
+        assert torch.equal(batch[name], torch.stack([one[name] for one in singles]))
+        assert batch[name].is_contiguous()
+    assert batch["__key__"] == [f"k{i}" for i in range(6)] and batch["__index__"].tolist() == list(range(6))
+    assert not batch["image"].is_shared()  # in the main process: private memory
+
+
+class _CollateInWorker(torch.utils.data.IterableDataset):
+    """Collates in a DataLoader worker and reports where the batch was allocated."""
+
+    def __iter__(self):
+        samples, kinds = _samples(2)
+        batch = Collate.for_fields(kinds, 7)(samples)
+        yield {name: batch[name].is_shared() for name in kinds}
+
+
+def test_a_batch_made_in_a_dataloader_worker_is_born_in_shared_memory():
+    # Moving a private tensor to the main process would copy it into shared memory first.
+    loader = torch.utils.data.DataLoader(_CollateInWorker(), batch_size=None, num_workers=1, timeout=60)
+    assert next(iter(loader)) == {"image": True, "label": True, "instance": True}
+
+
+def test_a_batch_of_different_sizes_or_fields_is_refused_by_name():
+    samples, kinds = _samples(2)
+    other, _ = _samples(1, crop=(14, 9), prefix="other")
+    collate = Collate.for_fields(kinds, 7)
+    with pytest.raises(ValueError, match=r"sample 'other0' is not the size of the first of its batch \('k0'\): "
+                                         r"fields \(w, h\) .*'image': \(14, 9\).* and .*'image': \(15, 9\).*crop"):
+        collate(samples[:1] + other)
+    del samples[1]["instance"]
+    with pytest.raises(ValueError, match=r"sample 'k1' has other fields than the first of its batch \('k0'\)"):
+        collate(samples)
+    samples[1]["extra"] = 1
+    with pytest.raises(ValueError, match=r"sample 'k1' has other fields than"):
+        collate(samples)
 
 
 # ---------------------------------------------------------------- the tar reader

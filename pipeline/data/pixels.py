@@ -9,6 +9,9 @@ buffer address with ctypes and wraps it in a read-only array whose base keeps th
 the image memory, alive. Where the export is missing or not in the layout expected below (an old
 Pillow, an image in several memory blocks), ``pixels`` falls back to ``np.asarray``: the same
 values, one copy more.
+
+``rgbx_words`` views an RGB image's memory as it is, one uint32 word per pixel (R, G, B and a
+padding byte): the loader copies photos in that form, whole words, never picking 3 bytes out of 4.
 """
 
 from __future__ import annotations
@@ -71,11 +74,10 @@ _schema_ok: dict[str, bool] = {}  # mode -> Pillow exports it in the layout of _
 _said: set[str] = set()
 
 
-def _fallback(img: Image.Image, why: str) -> np.ndarray:
+def _fallback(img: Image.Image, why: str) -> None:
     if why not in _said:  # a copy more per field, not other values: said once, at debug level
         _said.add(why)
-        log.debug("no zero-copy pixel view (%s): np.asarray copies instead", why)
-    return np.asarray(img)
+        log.debug("no zero-copy pixel view (%s): a copy instead", why)
 
 
 def _check_schema(img: Image.Image) -> bool:
@@ -93,25 +95,63 @@ def pixels(img: Image.Image) -> np.ndarray:
     """A read-only view of ``img``'s pixels: ``[H, W, 3]`` uint8 for RGB, ``[H, W]`` for the
     single-channel modes (uint8 for L and P, uint16 for I;16*, int32 for I), equal to
     ``np.asarray(img)``. Other modes are copied with ``np.asarray``."""
+    layout = _layout(img)
+    if layout is None:
+        return np.asarray(img)
+    typestr, per_pixel = layout
+    w, h = img.size
+    view = _export_view(img, typestr, per_pixel, (h, w, per_pixel) if per_pixel > 1 else (h, w))
+    if view is None:
+        return np.asarray(img)
+    return view[:, :, :3] if per_pixel > 1 else view
+
+
+def rgbx_words(img: Image.Image) -> np.ndarray:
+    """An RGB image's pixels as ``[H, W]`` uint32 words, each R, G, B and a padding byte in memory
+    order (Pillow's own RGBX storage), zero-copy where ``pixels`` is; the padding byte's value is
+    Pillow's (255 after a decode, 0 after a resize). Otherwise a copy through RGBA."""
+    if img.mode != "RGB":
+        raise ValueError(f"rgbx_words takes RGB images, not {img.mode}")
+    w, h = img.size
+    view = _export_view(img, _WORDS, 4, (h, w)) if _layout(img) is not None else None
+    if view is None:
+        return np.ascontiguousarray(np.asarray(img.convert("RGBA"))).view(np.uint32).reshape(h, w)
+    return view
+
+
+_WORDS = np.dtype(np.uint32).str  # 4 bytes of a pixel read as one native word
+
+
+def _layout(img: Image.Image) -> tuple[str, int] | None:
+    """``(numpy typestr, values per pixel)`` of ``img``'s export, or None where there is no view."""
     mode = img.mode
     ok = _schema_ok.get(mode)
     if ok is None:
         ok = _schema_ok[mode] = mode in _LAYOUTS and hasattr(img, "__arrow_c_array__") and _check_schema(img)
-    if not ok:
-        return np.asarray(img)
-    _, typestr, per_pixel = _LAYOUTS[mode]
+    return _LAYOUTS[mode][1:] if ok else None
+
+
+def _export_view(img: Image.Image, typestr: str, per_pixel: int, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The export's pixel buffer as an array of ``shape`` and ``typestr``; None where the export is
+    refused or not laid out as expected (then the caller copies). Only the array is exported, not
+    its schema (checked once per mode), and the core image is asked directly: this runs for every
+    field of every sample."""
+    core = img.im
+    if core is None:  # opened, not loaded
+        img.load()
+        core = img.im
     try:
-        capsules = img.__arrow_c_array__()
+        capsule = core.__arrow_c_array__()
     except ValueError as exc:  # e.g. "Image rows are not contiguous in memory" (several blocks)
-        return _fallback(img, str(exc))
-    array = _ArrowArray.from_address(_capsule_pointer(capsules[1], b"arrow_array"))
+        _fallback(img, str(exc))
+        return None
+    array = _ArrowArray.from_address(_capsule_pointer(capsule, b"arrow_array"))
     values = array.children[0].contents if per_pixel > 1 else array
     w, h = img.size
     if values.length != w * h * per_pixel or values.offset or array.offset or values.n_buffers != 2:
-        return _fallback(img, f"unexpected {mode} export layout")
+        _fallback(img, f"unexpected {img.mode} export layout")
+        return None
     base = _Export()
-    base.__array_interface__ = {"version": 3, "typestr": typestr, "data": (values.buffers[1], True),
-                                "shape": (h, w, per_pixel) if per_pixel > 1 else (h, w)}
-    base.keep = (capsules, img)
-    view = np.asarray(base)
-    return view[:, :, :3] if per_pixel > 1 else view
+    base.__array_interface__ = {"version": 3, "typestr": typestr, "data": (values.buffers[1], True), "shape": shape}
+    base.keep = (capsule, img)
+    return np.asarray(base)

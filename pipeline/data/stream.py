@@ -16,10 +16,15 @@ epoch) and ``__bad__`` (bad samples the slot has skipped so far). A consumer tha
 slot, the last ``(epoch, index + 1)`` it consumed can restart the stream exactly there with
 ``start=``; the skipped positions are re-read but not decoded.
 
-Samples hold integer tensors (``transforms`` has the dtypes): uint8 images ``[3, H, W]``, label
-maps uint8 (at most 256 classes) or int32, instance maps int32. Each family's ``prepare`` turns
-them into floats and int64 on the device: 4x less to pass between DataLoader workers and the main
-process, and 4x smaller host-to-device copies, than float32 images.
+With ``batch_size`` the stream yields batches of that many consecutive samples of one slot (what
+a DataLoader worker batches; use the stream with ``DataLoader(batch_size=None)``), made by
+``collate.Collate``: a sample's fields are views of its decoded pixels, cropped and flipped by
+strides, and the batch is the one copy of them. Without ``batch_size`` it yields samples, each
+field copied on its own. Either way fields are integer tensors (``transforms`` has the layouts and
+dtypes): uint8 RGBX images ``[H, W, 4]``, label maps uint8 (at most 256 classes) or int32, instance
+maps int32. Each family's ``prepare`` turns them into floats and int64 on the device: 3x less to
+pass between DataLoader workers and the main process, and 3x smaller host-to-device copies, than
+float32 images.
 
 Tar shards are read by ``tar_samples`` (headers parsed there, one read per member); members of
 samples before a slot's start are passed with ``seek``, never read.
@@ -46,6 +51,7 @@ import numpy as np
 import torch
 
 from .. import io
+from .collate import Collate
 from .manifest import Manifest, ShardInfo, load_manifest
 from .sources.base import sanitize_key
 from .tar_samples import TarSamples
@@ -164,6 +170,11 @@ class StreamSpec:
     max_bad_samples: int = 100
     storage_options: dict | None = None
     start: dict[int, tuple[int, int]] = field(default_factory=dict)
+    batch_size: int | None = None
+
+    def kinds(self) -> dict[str, str]:
+        """The fields read, with their kinds."""
+        return {name: self.manifest.fields[name]["kind"] for name in self.fields or self.manifest.fields}
 
 
 _MALLOC = {"M_TRIM_THRESHOLD": (-1, 128 << 20), "M_MMAP_THRESHOLD": (-3, 32 << 20)}  # mallopt(3), glibc
@@ -228,8 +239,7 @@ def iterate_slot(spec: StreamSpec, slot: int, num_slots: int) -> Iterator[dict]:
     if spec.train and total < num_slots:
         raise ValueError(f"split {spec.split!r} has {total} samples, fewer than the {num_slots} "
                          f"reading slots (ranks x workers); use fewer workers")
-    wanted = spec.fields or tuple(spec.manifest.fields)
-    kinds = {name: spec.manifest.fields[name]["kind"] for name in wanted}
+    kinds = spec.kinds()
     stats = SlotStats(budget=spec.max_bad_samples)
     epoch, skip = spec.start.get(slot, (0, 0))
     while True:
@@ -253,6 +263,7 @@ def iterate_slot(spec: StreamSpec, slot: int, num_slots: int) -> Iterator[dict]:
             sample.update(__key__=sanitize_key(raw["__key__"]), __slot__=slot, __epoch__=epoch,
                           __index__=index, __bad__=stats.bad)
             yield sample
+            del sample  # not kept through the next decode (its views hold the decoded pixels)
         if not spec.train:
             return
         epoch, skip = epoch + 1, 0
@@ -261,15 +272,17 @@ def iterate_slot(spec: StreamSpec, slot: int, num_slots: int) -> Iterator[dict]:
 class ShardStream(torch.utils.data.IterableDataset):
     """A stream over one split of a manifest; see the module docstring.
 
-    Use with ``torch.utils.data.DataLoader(stream, batch_size=..., num_workers=W)`` and build it
-    with the same ``num_workers=W`` (every rank must use the same ``W``). ``len()`` is the number
-    of positions this rank yields per epoch.
+    Use with ``torch.utils.data.DataLoader(stream, batch_size=None, num_workers=W)`` and build it
+    with ``batch_size`` and the same ``num_workers=W`` (every rank must use the same ``W``).
+    ``len()`` is what this rank yields per epoch: positions, or with ``batch_size`` batches
+    (rounded up per slot; a training batch may run across the end of an epoch).
     """
 
     def __init__(self, spec: StreamSpec, num_workers: int = 0):
         super().__init__()
         self.spec = spec
         self.num_workers = num_workers
+        self.collate = Collate.for_fields(spec.kinds(), spec.manifest.num_classes)
 
     def slots(self) -> tuple[list[int], int]:
         """This rank's slot ids and the total number of slots."""
@@ -281,7 +294,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         own, num_slots = self.slots()
         total = self.spec.manifest.num_samples(self.spec.split)
         spans = (slot_range(total, s, num_slots, self.spec.train) for s in own)
-        return sum(hi - lo for lo, hi in spans)
+        size = self.spec.batch_size or 1
+        return sum(-(-(hi - lo) // size) for lo, hi in spans)
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -292,17 +306,23 @@ class ShardStream(torch.utils.data.IterableDataset):
         worker = info.id if info is not None else 0
         slot = self.spec.rank * workers + worker
         keep_freed_memory()
-        return iterate_slot(self.spec, slot, self.spec.world_size * workers)
+        samples = iterate_slot(self.spec, slot, self.spec.world_size * workers)
+        if self.spec.batch_size is None:
+            return map(self.collate.one, samples)
+        return self.collate.batches(samples, self.spec.batch_size)
 
 
 def make_stream(url: str, split: str, *, train: bool, rank: int = 0, world_size: int = 1,
                 num_workers: int = 0, seed: int = 0, augment: Augment | None = None,
                 fields: tuple[str, ...] | None = None, shuffle_buffer: int = 256,
                 max_bad_samples: int = 100, storage_options: dict | None = None,
-                start: dict[int, tuple[int, int]] | None = None):
-    """A ``ShardStream`` over ``split`` of the manifest at ``url`` (a directory or the JSON)."""
+                start: dict[int, tuple[int, int]] | None = None, batch_size: int | None = None):
+    """A ``ShardStream`` over ``split`` of the manifest at ``url`` (a directory or the JSON);
+    batches of ``batch_size`` samples, or single samples without it."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     manifest = load_manifest(url, storage_options)
     manifest.split(split)  # a clear error for an unknown split, before any worker starts
     for name in fields or ():
@@ -311,5 +331,5 @@ def make_stream(url: str, split: str, *, train: bool, rank: int = 0, world_size:
     spec = StreamSpec(manifest=manifest, split=split, train=train, rank=rank, world_size=world_size,
                       seed=seed, augment=augment or Augment(), fields=fields, shuffle_buffer=shuffle_buffer,
                       max_bad_samples=max_bad_samples, storage_options=storage_options,
-                      start=dict(start or {}))
+                      start=dict(start or {}), batch_size=batch_size)
     return ShardStream(spec, num_workers=num_workers)

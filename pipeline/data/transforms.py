@@ -1,10 +1,15 @@
 """Decoding and paired augmentation: one resize/crop/flip decision for every field of a sample,
-and the conversion of the loader's integer tensors into what the networks take.
+and the conversion of the loader's integer batches into what the networks take.
 
 Images are resized bicubically, label and instance maps with nearest neighbour, so a label map
-stays a label map. The loader hands over integers, as they are stored (tensors per sample):
+stays a label map. ``augment`` copies nothing: a field comes back as a numpy view of the decoded
+image's memory, cropped and flipped by its strides, and ``collate`` copies each field once, into
+its batch. The loader hands over integers, as they are stored (per sample; a batch adds ``N``):
 
-- ``image``-kind fields (photos, pix2pix ``input`` images): ``uint8 [3, H, W]``, values 0..255
+- ``image``-kind fields (photos, pix2pix ``input`` images): ``uint8 [H, W, 4]``, each pixel R, G,
+  B and a padding byte (Pillow's own RGBX memory, copied in whole 4-byte words: picking 3 bytes
+  out of 4, or transposing to ``[3, H, W]``, cost the host a slow pass over the pixels that the
+  device does for nothing). ``float_image`` and ``rgb_image`` give ``[N, 3, H, W]`` on the device.
 - ``label``-kind fields: ``uint8 [H, W]`` class ids when the manifest's ``num_classes`` is at
   most 256 (Cityscapes' 35, ADE20K's 151, the demo's), else ``int32 [H, W]``
 - ``instance``-kind fields: ``int32 [H, W]`` (Cityscapes instance ids reach 33000 and more, in
@@ -17,9 +22,9 @@ dataset of at most 256 classes becomes uint8 (the writer checked its ids against
 an id that does not fit is refused here, never wrapped).
 
 Floats are made on the device, in each family's ``prepare`` (``float_image``, ``class_ids``):
-uint8 samples are 4x smaller than float32 ones, which is 4x less to pickle through the
-DataLoader's worker queues and 4x less to copy from host to device, and no worker spends a pass
-over the pixels on a conversion the device does for nothing.
+uint8 batches are 3x smaller than float32 ones, which is 3x less to pass through the DataLoader's
+worker queues and to copy from host to device, and no worker spends a pass over the pixels on a
+conversion the device does for nothing.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from .pixels import pixels
+from .pixels import pixels, rgbx_words
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: the shard writer never needs it
     import torch
@@ -143,18 +148,19 @@ class Augment:
 
 
 def augment(fields: dict[str, Image.Image], kinds: dict[str, str], aug: Augment, rng, train: bool,
-            num_classes: int | None = None) -> dict[str, torch.Tensor]:
-    """Apply one augmentation decision to every (decoded) field; tensors as in the module doc.
+            num_classes: int | None = None) -> dict[str, np.ndarray]:
+    """Apply one augmentation decision to every (decoded) field: read-only numpy views of the
+    pixel memory (``_field_view``), each turned into its loader dtype by ``collate``'s one copy.
     ``num_classes`` is the manifest's, for the label dtype."""
     sizes = {img.size for img in fields.values()}
     if len(sizes) != 1:
         raise DecodeError(f"fields disagree in size: {sorted(sizes)}")
     geometry = aug.params(sizes.pop(), rng, train)
-    return {name: _field_tensor(name, img, kinds[name], geometry, num_classes) for name, img in fields.items()}
+    return {name: _field_view(name, img, kinds[name], geometry, num_classes) for name, img in fields.items()}
 
 
 def decode_augment(encoded: dict[str, bytes], kinds: dict[str, str], aug: Augment, rng, train: bool,
-                   num_classes: int | None = None) -> dict[str, torch.Tensor]:
+                   num_classes: int | None = None) -> dict[str, np.ndarray]:
     """``decode_field`` for every field of a sample, then ``augment``: the loader's way.
 
     Every field is decoded before any is cropped, flipped and converted. Interleaving the two (decode
@@ -168,47 +174,50 @@ def decode_augment(encoded: dict[str, bytes], kinds: dict[str, str], aug: Augmen
                    num_classes)
 
 
-def _field_tensor(name: str, img: Image.Image, kind: str, geometry: tuple, num_classes: int | None) -> torch.Tensor:
-    """One field, resized, cropped and flipped: crop and flip are views of the image's pixel memory
-    (``pixels``, no copy), written once into a fresh array in the final layout and dtype (``[3, H, W]``
-    for images: the flip and the channel transpose fold into that one copy)."""
-    import torch
-
+def _field_view(name: str, img: Image.Image, kind: str, geometry: tuple, num_classes: int | None) -> np.ndarray:
+    """One field, resized, cropped and flipped, as a view of the image's pixel memory (no copy):
+    ``[h, w]`` uint32 RGBX words for images (``rgbx_words``), ``[h, w]`` ids as stored for maps.
+    A map stored wider than its loader dtype (a 16-bit label PNG of a 35-class dataset) is checked
+    here, where a bad sample can still be skipped, never wrapped by the copy into its batch."""
     (w, h), box, flip = geometry
     if (w, h) != img.size:
         resample = Image.Resampling.NEAREST if kind in MAP_KINDS else Image.Resampling.BICUBIC
         img = img.resize((w, h), resample)
     x0, y0, x1, y1 = box or (0, 0, w, h)
-    view = pixels(img)[y0:y1, x0:x1]
-    if flip:
-        view = view[:, ::-1]
-    if kind == "image":
-        arr = np.empty((3, y1 - y0, x1 - x0), np.uint8)
-        arr[...] = view.transpose(2, 0, 1)
-    else:
+    view = (rgbx_words(img) if kind == "image" else pixels(img))[y0:y1, x0:x1]
+    if kind != "image":
         dtype = map_dtype(kind, num_classes)
         if view.dtype.itemsize > dtype.itemsize and view.size and int(view.max()) > np.iinfo(dtype).max:
             raise DecodeError(f"{name} map has id {int(view.max())}, more than {dtype} holds "
                               f"(the manifest says {num_classes} classes)")
-        arr = np.empty((y1 - y0, x1 - x0), dtype)
-        arr[...] = view
-    return torch.from_numpy(arr)
+    return view[:, ::-1] if flip else view
 
 
 # ------------------------------------------------------------------ on the device, in prepare()
 
 
-def float_image(image: torch.Tensor) -> torch.Tensor:
-    """Loader images, uint8 ``[N, 3, H, W]`` (already on the device) -> float32 in ``[-1, 1]``.
-
-    ``x * (1 / 127.5) - 1`` in this order, in place on the new float tensor: bit for bit the
-    values the loader produced when it converted on the host. Anything but uint8 is refused (a
-    float image would be scaled twice)."""
+def rgb_image(image: torch.Tensor) -> torch.Tensor:
+    """Loader images, uint8 ``[N, H, W, 4]`` RGBX -> uint8 ``[N, 3, H, W]``, a view (no copy).
+    Move the loader's dense tensor to the device first: a view this strided, sent from the host,
+    would be made contiguous there, by the CPU."""
     import torch
 
-    if image.dtype != torch.uint8:
-        raise TypeError(f"expected uint8 images from the loader, got {image.dtype}")
-    return image.float().mul_(1 / 127.5).sub_(1.0)
+    if image.dtype != torch.uint8 or image.dim() != 4 or image.shape[-1] != 4:
+        raise TypeError(f"expected the loader's uint8 [N, H, W, 4] images, got {image.dtype} {list(image.shape)}")
+    return image[..., :3].permute(0, 3, 1, 2)
+
+
+def float_image(image: torch.Tensor) -> torch.Tensor:
+    """Loader images, uint8 ``[N, H, W, 4]`` RGBX (already on the device) -> float32
+    ``[N, 3, H, W]`` (contiguous) in ``[-1, 1]``.
+
+    ``x * (1 / 127.5) - 1`` in this order, in place on the new float tensor: bit for bit the
+    values the loader produced when it converted on the host. Anything but the loader's uint8 is
+    refused (a float image would be scaled twice)."""
+    import torch
+
+    rgb = rgb_image(image)
+    return torch.empty(rgb.shape, dtype=torch.float32, device=rgb.device).copy_(rgb).mul_(1 / 127.5).sub_(1.0)
 
 
 def class_ids(label: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from .. import dist, io
 from ..config import Config, from_dict
 from ..data.manifest import load_manifest
 from ..data.stream import make_stream, slot_range
-from ..data.transforms import Augment
+from ..data.transforms import Augment, rgb_image
 from ..train import checkpoint as ckpt
 from ..train.family import DataInfo, get_family
 from . import metrics, paired
@@ -139,10 +139,10 @@ class Evaluator:
         stream = make_stream(cfg.data.url, split, train=False, rank=dist.rank(), world_size=dist.world_size(),
                              num_workers=self.opts.workers, fields=family.fields(info),
                              augment=Augment(cfg.data.load_size, cfg.data.crop_size, False),
-                             storage_options=self.opts.storage_options)
+                             storage_options=self.opts.storage_options, batch_size=self.opts.batch_size)
         total = stream.spec.manifest.num_samples(split)
         slots = stream.slots()[1]
-        loader = torch.utils.data.DataLoader(stream, batch_size=self.opts.batch_size, num_workers=self.opts.workers)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.opts.workers)
         for batch in loader:
             first = torch.tensor([slot_range(total, int(s), slots, False)[0] for s in batch["__slot__"]])
             index = first + batch["__index__"]
@@ -163,7 +163,7 @@ class Evaluator:
             gen.append((index, self.inception(metrics.to_uint8(fake))))
             # The loader's uint8 photo: what to_uint8 of the prepared [-1, 1] image gives back, bit
             # for bit, without the round trip.
-            real.append((index, batch["image"]))
+            real.append((index, rgb_image(batch["image"])))
             for name, values in self._paired(fake, target).items():
                 total, n = sums.get(name, (0.0, 0))
                 sums[name] = (total + float(values.double().sum()), n + len(values))
@@ -193,7 +193,7 @@ class Evaluator:
             fake = family.generate(G, {"z": zb, "image": torch.empty(0)}, info).float().clamp(-1, 1)
             gen.append((torch.arange(start, start + len(zb)), self.inception(metrics.to_uint8(fake))))
             grid = grid if grid is not None else [fake]
-        real = [(index, batch["image"]) for index, batch in self._batches(cfg, family, info, split)]
+        real = [(index, rgb_image(batch["image"])) for index, batch in self._batches(cfg, family, info, split)]
         return gen, real, {}, grid
 
     # ------------------------------------------------------------ gather, reference, write

@@ -237,9 +237,10 @@ def train(cfg: Config, command: str = "") -> int:
                              num_workers=workers, seed=cfg.run.seed, fields=family.fields(info),
                              augment=Augment(cfg.data.load_size, cfg.data.crop_size, cfg.data.flip),
                              shuffle_buffer=cfg.data.shuffle_buffer, max_bad_samples=cfg.data.max_bad_samples,
-                             storage_options=so, start=positions)
-        # Its own generator: creating the loader must not move the training RNG.
-        return iter(torch.utils.data.DataLoader(stream, batch_size=bpd, num_workers=workers,
+                             storage_options=so, start=positions, batch_size=bpd)
+        # Batched in the stream (one copy per field, see data/collate.py). Its own generator:
+        # creating the loader must not move the training RNG.
+        return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                                 pin_memory=device.type == "cuda",
                                                 worker_init_fn=ignore_preemption_signals,
                                                 generator=torch.Generator().manual_seed(cfg.run.seed)))

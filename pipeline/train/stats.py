@@ -122,16 +122,11 @@ class Monitor:
             stream = make_stream(cfg.data.url, cfg.data.val_split, train=False, fields=self.family.fields(self.info),
                                  storage_options=cfg.data.storage_options or None,
                                  augment=__import__("pipeline.data.transforms", fromlist=["Augment"]).Augment(
-                                     cfg.data.load_size, cfg.data.crop_size, False))
+                                     cfg.data.load_size, cfg.data.crop_size, False), batch_size=cfg.train.num_images)
         except (ValueError, KeyError) as exc:
             print(f"no image grids: {exc}")
             return None
-        samples = []
-        for sample in stream:
-            samples.append(sample)
-            if len(samples) == cfg.train.num_images:
-                break
-        batch = torch.utils.data.default_collate(samples)
+        batch = next(iter(stream))  # the first num_images samples (fewer in a smaller split)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(cfg.run.seed)  # fixed latents; the training RNG is not touched
             return self.family.prepare(batch, self.device, cfg, self.info)

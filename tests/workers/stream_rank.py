@@ -29,8 +29,9 @@ if args.dist:
     torch.distributed.init_process_group("gloo", init_method=args.dist, rank=args.rank, world_size=args.world,
                                          timeout=datetime.timedelta(seconds=60))
 stream = make_stream(args.url, args.split, train=args.train, rank=args.rank, world_size=args.world,
-                     num_workers=args.workers, seed=7, augment=Augment(crop=(16, 12)), shuffle_buffer=4)
-loader = torch.utils.data.DataLoader(stream, batch_size=args.batch, num_workers=args.workers)
+                     num_workers=args.workers, seed=7, augment=Augment(crop=(16, 12)), shuffle_buffer=4,
+                     batch_size=args.batch)
+loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers)
 records = []
 for step, batch in enumerate(loader):
     if args.train and step >= args.steps:
