@@ -4,24 +4,27 @@ What runs. The embedded demo dataset (photo + label map + instance map, PNG) is 
 and written as WebDataset shards, at two resolutions: the demo's own 256x128 (``--size``, many
 samples) and a realistic training size, 1024x512 (``--hd-size``, what ``launch/shard.py write demo
 --demo-size 1024x512`` writes; fewer samples, the same number of shards). For each resolution the
-same encoded bytes are then read six ways, each a pass over every sample:
+same encoded bytes are then read six ways, each a pass over every sample. Every case but
+decode-only delivers what training consumes, batches (``--batch`` samples, the collate's one copy
+of every field into uint8/int tensors, see ``pipeline/data/collate.py``):
 
-- ``decode-only``: bytes already in memory, ``decode_field`` per field; no I/O, no augment. The
-  upper bound.
-- ``decode+augment``: in memory, ``decode_augment`` (``decode_field`` for every field, then the
-  paired random crop + flip, uint8/int tensors out; the per-sample draws of ``SampleRandom``).
+- ``decode-only``: bytes already in memory, ``decode_field`` per field; no I/O, no augment, no
+  batches. The upper bound.
+- ``decode+augment+batch``: in memory, ``decode_augment`` (``decode_field`` for every field, then the
+  paired random crop + flip as views; the per-sample draws of ``SampleRandom``) and the collate.
   Not a target; it tells the loader's own overhead apart from augment cost.
 - ``map-style folder``: a plain ``torch.utils.data.Dataset`` over one file per field in a folder,
-  read in a shuffled order, decoded and augmented with the same functions. The baseline users know.
-- ``stream local (train)`` / ``(eval)``: ``make_stream`` over the local shards (train: shuffle
-  buffer, random crop + flip; eval: centre crop, no flip).
+  read in a shuffled order, decoded, augmented and collated with the same functions. The baseline
+  users know.
+- ``stream local (train)`` / ``(eval)``: ``make_stream(batch_size=...)`` over the local shards
+  (train: shuffle buffer, random crop + flip; eval: centre crop, no flip).
 - ``stream S3 (train)``: the same shards uploaded to a real S3-compatible server on loopback
   (moto's ``ThreadedMotoServer`` in a *separate* process), read through s3fs.
 
-How it is measured. ``torch.set_num_threads(1)``, ``num_workers=0``: samples are taken straight
-from the dataset (no DataLoader, no collate), so ``time.process_time()`` is the CPU cost of the
-work. Each case runs in ``--replicas`` processes of its own (spawned, its data read there), and
-each such process first sets glibc's allocator as every stream-reading process does
+How it is measured. ``torch.set_num_threads(1)``, ``num_workers=0``: batches are taken straight
+from the dataset (no DataLoader), so ``time.process_time()`` is the CPU cost of the work. Each
+case runs in ``--replicas`` processes of its own (spawned, its data read there), and each such
+process first sets glibc's allocator as every stream-reading process does
 (``stream.keep_freed_memory``), so the baselines and the loader run under the same settings.
 Measured side by side in one process, the cases changed each other's costs by up to a quarter,
 depending on which ran beside which; and one process's timings carry that process's own luck,
@@ -42,7 +45,7 @@ bytes (reading the members out of the tar into memory: ``decode-only`` starts fr
 memory). Decoding, and the augment (crop and flip folded into one copy per field), grow with the
 pixels. So the streaming/decode-only ratio is not one number for the loader: it depends on the
 per-sample decode cost. The summary at the end prints both resolutions side by side, with the loader's own work
-(stream minus decode+augment) in ms per sample and per encoded MB.
+(stream minus decode+augment+batch) in ms per sample and per encoded MB.
 
     .venv/bin/python bench/data_throughput.py            # 300 + 48 (1024x512) samples, 3 processes x 7 passes
     .venv/bin/python bench/data_throughput.py --quick    # < 90 s
@@ -78,6 +81,7 @@ import PIL  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline import io  # noqa: E402
+from pipeline.data.collate import Collate  # noqa: E402
 from pipeline.data.manifest import MANIFEST_NAME, load_manifest  # noqa: E402
 from pipeline.data.shards import WriteOptions, write_dataset  # noqa: E402
 from pipeline.data.sources import make_source  # noqa: E402
@@ -141,7 +145,8 @@ def write_folder(root: Path, raws: list[tuple[str, dict[str, bytes]]]) -> Path:
 
 class FolderPairs(torch.utils.data.Dataset):
     """The map-style baseline: sample ``i`` is ``<field>/<key_i>.<ext>`` for every field, decoded
-    with ``decode_field`` and augmented with ``augment`` (one rng per index, the loader's kind)."""
+    with ``decode_field`` and augmented with ``augment`` (one rng per index, the loader's kind);
+    batch its samples with ``Collate.for_fields(kinds, num_classes)``."""
 
     def __init__(self, folder: Path, kinds: dict[str, str], aug: Augment, num_classes: int | None, seed: int = 0,
                  train: bool = True):
@@ -229,11 +234,17 @@ class Case:
 
 
 def stream_pass(stream, n: int) -> Callable[[], Iterator[str]]:
-    """A pass over a stream: a fresh iterator (as at an epoch's start: shard opens, shuffle-buffer
-    fill), cut after ``n`` samples."""
+    """A pass over a batching stream: a fresh iterator (as at an epoch's start: shard opens,
+    shuffle-buffer fill), cut after ``n`` samples (``n`` a multiple of the batch size)."""
     def samples() -> Iterator[str]:
-        return (s["__key__"] for s in itertools.islice(iter(stream), n))
+        batches = itertools.islice(iter(stream), n // stream.spec.batch_size)
+        return (key for batch in batches for key in batch["__key__"])
     return samples
+
+
+def batched(samples: Iterator[dict], size: int, collate: Collate) -> Iterator[str]:
+    """The keys of ``samples``, batched ``size`` at a time as the stream batches them."""
+    return (key for batch in collate.batches(samples, size) for key in batch["__key__"])
 
 
 @dataclass(frozen=True)
@@ -244,9 +255,10 @@ class Setup:
     folder: Path
     crop: tuple[int, int]
     s3_url: str | None
+    batch: int
 
 
-CASE_NAMES = ("decode-only (in memory)", "decode+augment (in memory)", "map-style folder Dataset",
+CASE_NAMES = ("decode-only (in memory)", "decode+augment+batch (in memory)", "map-style folder Dataset",
               "stream local (train)", "stream local (eval)", "stream S3 (train)")
 PROFILE_NAMES = dict(zip(("decode", "decode_aug", "map", "stream", "stream_eval", "s3"), CASE_NAMES))
 
@@ -257,6 +269,7 @@ def build_case(name: str, setup: Setup) -> Case:
     kinds = {field_name: spec["kind"] for field_name, spec in manifest.fields.items()}
     num_classes, aug, n = manifest.num_classes, Augment(crop=setup.crop, flip=True), manifest.num_samples(SPLIT)
     raws = read_raw_samples(setup.shard_dir) if "in memory" in name else []  # only where a case reads them
+    collate = Collate.for_fields(kinds, num_classes)
 
     def decode_only() -> Iterator[str]:
         for key, fields in raws:
@@ -265,23 +278,25 @@ def build_case(name: str, setup: Setup) -> Case:
             yield key
 
     def decode_and_augment() -> Iterator[str]:
-        for i, (key, fields) in enumerate(raws):
-            encoded = {member.split(".", 1)[0]: data for member, data in fields.items()}
-            decode_augment(encoded, kinds, aug, SampleRandom(0, i), True, num_classes)
-            yield key
+        def samples() -> Iterator[dict]:
+            for i, (key, fields) in enumerate(raws):
+                encoded = {member.split(".", 1)[0]: data for member, data in fields.items()}
+                yield {**decode_augment(encoded, kinds, aug, SampleRandom(0, i), True, num_classes), "__key__": key}
+        return batched(samples(), setup.batch, collate)
 
     if name.startswith("stream"):
         url = setup.s3_url if "S3" in name else str(setup.shard_dir)
-        return Case(name, stream_pass(make_stream(url, SPLIT, train="(eval)" not in name, augment=aug), n))
+        stream = make_stream(url, SPLIT, train="(eval)" not in name, augment=aug, batch_size=setup.batch)
+        return Case(name, stream_pass(stream, n))
     if name == "map-style folder Dataset":
         dataset, passes = FolderPairs(setup.folder, kinds, aug, num_classes), itertools.count()
 
         def map_style() -> Iterator[str]:
             order = np.random.default_rng([1, next(passes)]).permutation(len(dataset))
-            return (dataset[int(i)]["__key__"] for i in order)
+            return batched((dataset[int(i)] for i in order), setup.batch, collate)
 
         return Case(name, map_style)
-    return Case(name, {"decode-only (in memory)": decode_only, "decode+augment (in memory)": decode_and_augment}[name])
+    return Case(name, decode_only if name == "decode-only (in memory)" else decode_and_augment)
 
 
 def case_process(conn, name: str, setup: Setup) -> None:
@@ -377,7 +392,8 @@ def two_worker_lines(folder: Path, shard_dir: Path, kinds, num_classes: int | No
     ctx = "spawn"  # s3fs may have an event-loop thread in this process: never fork it
     windows = -(-n // batch)
     mapped = torch.utils.data.DataLoader(FolderPairs(folder, kinds, aug, num_classes), batch_size=batch, shuffle=True,
-                                         num_workers=2, persistent_workers=True, multiprocessing_context=ctx,
+                                         collate_fn=Collate.for_fields(kinds, num_classes), num_workers=2,
+                                         persistent_workers=True, multiprocessing_context=ctx,
                                          worker_init_fn=one_thread_worker)
     walls = []
     for r in range(repeats + 1):
@@ -388,8 +404,8 @@ def two_worker_lines(folder: Path, shard_dir: Path, kinds, num_classes: int | No
     lines = [f"  {'map-style folder, 2 workers':<34} {count / statistics.median(walls):>9.1f} samples/s (wall)"]
     del mapped
 
-    stream = make_stream(str(shard_dir), SPLIT, train=True, augment=aug, num_workers=2)
-    batches = iter(torch.utils.data.DataLoader(stream, batch_size=batch, num_workers=2, multiprocessing_context=ctx,
+    stream = make_stream(str(shard_dir), SPLIT, train=True, augment=aug, num_workers=2, batch_size=batch)
+    batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2, multiprocessing_context=ctx,
                                                worker_init_fn=one_thread_worker))
     walls = []
     for r in range(repeats + 1):
@@ -458,10 +474,10 @@ def report(cases: list[Case], notes: list[str]) -> dict[str, float]:
     print("\nratios (same run):")
     ratio("stream local (train)", "decode-only (in memory)", "cpu", TARGET_STREAM_VS_DECODE)
     ratio("stream local (eval)", "decode-only (in memory)", "cpu", TARGET_STREAM_VS_DECODE)
-    ratio("stream local (train)", "decode+augment (in memory)", "cpu")
+    ratio("stream local (train)", "decode+augment+batch (in memory)", "cpu")
     ratio("stream local (train)", "map-style folder Dataset", "cpu")
     ratio("map-style folder Dataset", "decode-only (in memory)", "cpu")
-    ratio("decode+augment (in memory)", "decode-only (in memory)", "cpu")
+    ratio("decode+augment+batch (in memory)", "decode-only (in memory)", "cpu")
     ratio("stream S3 (train)", "stream local (train)", "wall", TARGET_S3_VS_LOCAL)
     ratio("stream S3 (train)", "stream local (train)", "cpu")
     for line in notes:
@@ -473,7 +489,7 @@ SUMMARY_ROWS = [
     # (label, key in the figures, format, target)
     ("encoded kB/sample (all fields)", "kb_per_sample", "{:.1f}", None),
     ("decode-only, CPU ms/sample", "decode-only (in memory)", "{:.2f}", None),
-    ("decode+augment, CPU ms/sample", "decode+augment (in memory)", "{:.2f}", None),
+    ("decode+augment+batch, CPU ms/sample", "decode+augment+batch (in memory)", "{:.2f}", None),
     ("stream local (train), CPU ms/sample", "stream local (train)", "{:.2f}", None),
     ("  loader's own work, ms/sample *", "overhead", "{:.2f}", None),
     ("  loader's own work, ms/encoded MB *", "overhead_per_mb", "{:.2f}", None),
@@ -481,9 +497,9 @@ SUMMARY_ROWS = [
      TARGET_STREAM_VS_DECODE),
     ("stream (eval) / decode-only [cpu]", "stream local (eval) / decode-only (in memory) [cpu]", "{:.3f}",
      TARGET_STREAM_VS_DECODE),
-    ("stream (train) / decode+augment [cpu]", "stream local (train) / decode+augment (in memory) [cpu]",
+    ("stream (train) / decode+augment+batch [cpu]", "stream local (train) / decode+augment+batch (in memory) [cpu]",
      "{:.3f}", None),
-    ("decode+augment / decode-only [cpu]", "decode+augment (in memory) / decode-only (in memory) [cpu]",
+    ("decode+augment+batch / decode-only [cpu]", "decode+augment+batch (in memory) / decode-only (in memory) [cpu]",
      "{:.3f}", None),
     ("S3 / local (train) [wall]", "stream S3 (train) / stream local (train) [wall]", "{:.3f}", TARGET_S3_VS_LOCAL),
     ("S3 / local (train) [cpu]", "stream S3 (train) / stream local (train) [cpu]", "{:.3f}", None),
@@ -495,11 +511,11 @@ def summary(results: list[tuple[Resolution, dict[str, float]]]) -> None:
     print("\n" + "=" * 88)
     print("summary: the same cases at both resolutions (medians, CPU time unless marked)")
     cols = [f"{r.name} crop {r.crop[0]}x{r.crop[1]}" for r, _ in results]
-    print(f"{'':<40}" + "".join(f"{c:>22}" for c in cols) + "   target")
+    print(f"{'':<46}" + "".join(f"{c:>22}" for c in cols) + "   target")
     for label, key, fmt, target in SUMMARY_ROWS:
         cells = []
         for _, fig in results:
-            overhead = fig["stream local (train)"] - fig["decode+augment (in memory)"]
+            overhead = fig["stream local (train)"] - fig["decode+augment+batch (in memory)"]
             if key == "overhead":
                 value = overhead
             elif key == "overhead_per_mb":
@@ -510,8 +526,8 @@ def summary(results: list[tuple[Resolution, dict[str, float]]]) -> None:
             if value is not None and target is not None:
                 cell += " OK" if value >= target else " BELOW"
             cells.append(cell)
-        print(f"{label:<40}" + "".join(f"{c:>22}" for c in cells) + (f"   >= {target:.2f}" if target else ""))
-    print("* stream (train) minus decode+augment, CPU time: what the streaming loader itself adds. A fixed "
+        print(f"{label:<46}" + "".join(f"{c:>22}" for c in cells) + (f"   >= {target:.2f}" if target else ""))
+    print("* stream (train) minus decode+augment+batch, CPU time: what the streaming loader itself adds. A fixed "
           "part per sample\n  (tar headers, grouping, shuffle buffer, rng, dicts) and a part per encoded byte "
           "(reading the members\n  out of the tar; the in-memory baselines start from bytes already read).")
 
@@ -521,8 +537,9 @@ def header(args, start_load: tuple[float, ...]) -> None:
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in start_load)}   cpus: {os.cpu_count()}")
     print(f"torch {torch.__version__} (threads: {torch.get_num_threads()})   python {platform.python_version()}   "
           f"pillow {PIL.__version__}   numpy {np.__version__}")
-    print(f"num_workers=0, no collate; each case in {args.replicas} processes of its own, {args.repeats} passes "
-          "each after 1 warm-up, median over all; the processes take turns, one at a time")
+    print(f"num_workers=0, batches of {args.batch} (all but decode-only); each case in {args.replicas} processes "
+          f"of its own, {args.repeats} passes each after 1 warm-up, median over all; the processes take turns, "
+          "one at a time")
     print("allocator: " + ("glibc, freed memory kept mapped (stream.keep_freed_memory), for every case"
                            if args.allocator else "defaults (stream.keep_freed_memory did not apply)"))
 
@@ -551,6 +568,7 @@ def parse_args(argv=None):
     p.add_argument("--size", type=parse_size, default=(256, 128), help="demo sample size WxH")
     p.add_argument("--crop", type=parse_size, default=(224, 112), help="random crop WxH")
     p.add_argument("--samples-per-shard", type=int, default=100)
+    p.add_argument("--batch", type=int, default=12, help="samples per batch (divides both sample counts)")
     p.add_argument("--hd-size", type=parse_size, default=(1024, 512), help="the second resolution WxH")
     p.add_argument("--hd-crop", type=parse_size, default=(896, 448), help="its random crop WxH")
     p.add_argument("--hd-samples", type=int, default=48, help="samples at the second resolution")
@@ -566,6 +584,9 @@ def parse_args(argv=None):
     if args.quick:
         args.samples, args.repeats, args.replicas, args.samples_per_shard = 96, 3, 1, 32
         args.hd_samples, args.hd_samples_per_shard = 12, 4
+    for count in (args.samples, args.hd_samples):
+        if count % args.batch:  # a training pass of whole batches must be exactly one epoch
+            p.error(f"--batch {args.batch} must divide the sample counts ({args.samples}, {args.hd_samples})")
     return args
 
 
@@ -597,7 +618,7 @@ def run_resolution(args, res: Resolution, root: Path, server: MotoProcess | None
     if server is not None:
         s3_url = f"s3://{bucket}/{res.name}/shards"
         upload_shards(shard_dir, s3_url)
-    setup = Setup(shard_dir, folder, res.crop, s3_url)
+    setup = Setup(shard_dir, folder, res.crop, s3_url, args.batch)
     if args.profile:
         profile(build_case(PROFILE_NAMES[args.profile], setup), args.repeats)
         return None
