@@ -541,7 +541,8 @@ def header(args, start_load: tuple[float, ...]) -> None:
           f"of its own, {args.repeats} passes each after 1 warm-up, median over all; the processes take turns, "
           "one at a time")
     print("allocator: " + ("glibc, freed memory kept mapped (stream.keep_freed_memory), for every case"
-                           if args.allocator else "defaults (stream.keep_freed_memory did not apply)"))
+                           if args.allocator else "defaults (stream.keep_freed_memory did not apply)")
+          + f"; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (inherited by every case process)")
 
 
 def data_line(res: Resolution, shard_dir: Path, raws) -> None:
