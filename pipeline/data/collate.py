@@ -44,8 +44,6 @@ class Collate:
         return BatchBuilder(self.fields, size, shared=get_worker_info() is not None)
 
     def __call__(self, samples: list[dict]) -> dict:
-        if not samples:
-            raise ValueError("cannot collate an empty batch")
         batch = self.builder(len(samples))
         for sample in samples:
             batch.add(sample)

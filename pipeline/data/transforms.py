@@ -163,13 +163,11 @@ def decode_augment(encoded: dict[str, bytes], kinds: dict[str, str], aug: Augmen
                    num_classes: int | None = None) -> dict[str, np.ndarray]:
     """``decode_field`` for every field of a sample, then ``augment``: the loader's way.
 
-    Every field is decoded before any is cropped, flipped and converted. Interleaving the two (decode
-    a field, convert it, decode the next) cost more: a PNG decode leaves the CPU's caches full of
-    its own data and code, and the Python of the conversion that follows it ran several times slower
-    than it does warm. Done in one go after the decodes, the conversion of a 256x128 demo sample
-    took ~0.05 ms less (~2% of its decode). With the allocator settings of
-    ``stream.keep_freed_memory`` the decoded images alive together (~3.5 MB at 1024x512) cost no
-    page faults."""
+    Every field is decoded before any view is made: a PNG decode leaves the CPU's caches full of its
+    own data and code, and Python run between decodes ran several times slower than it does warm
+    (interleaving cost ~0.05 ms per 256x128 demo sample, ~2% of its decode). The views keep the
+    decoded images alive until ``collate`` copies them into the batch; with the allocator settings
+    of ``stream.keep_freed_memory`` that costs no page faults."""
     return augment({name: decode_field(kinds[name], data) for name, data in encoded.items()}, kinds, aug, rng, train,
                    num_classes)
 
