@@ -86,7 +86,7 @@ from pipeline.data.manifest import MANIFEST_NAME, load_manifest  # noqa: E402
 from pipeline.data.shards import WriteOptions, write_dataset  # noqa: E402
 from pipeline.data.sources import make_source  # noqa: E402
 from pipeline.data.stream import keep_freed_memory, make_stream  # noqa: E402
-from pipeline.data.transforms import Augment, SampleRandom, decode_augment, decode_field  # noqa: E402
+from pipeline.data.transforms import Augment, SampleRandom, decode_augment, decode_field, loader_dtypes  # noqa: E402
 
 TARGET_STREAM_VS_DECODE = 0.9
 TARGET_S3_VS_LOCAL = 0.8
@@ -146,12 +146,12 @@ def write_folder(root: Path, raws: list[tuple[str, dict[str, bytes]]]) -> Path:
 class FolderPairs(torch.utils.data.Dataset):
     """The map-style baseline: sample ``i`` is ``<field>/<key_i>.<ext>`` for every field, decoded
     with ``decode_field`` and augmented with ``augment`` (one rng per index, the loader's kind);
-    batch its samples with ``Collate.for_fields(kinds, num_classes)``."""
+    batch its samples with ``Collate(dtypes)``."""
 
-    def __init__(self, folder: Path, kinds: dict[str, str], aug: Augment, num_classes: int | None, seed: int = 0,
+    def __init__(self, folder: Path, kinds: dict[str, str], aug: Augment, dtypes: dict[str, str], seed: int = 0,
                  train: bool = True):
         self.folder, self.kinds, self.aug, self.seed, self.train = folder, kinds, aug, seed, train
-        self.num_classes = num_classes
+        self.dtypes = dtypes
         lead = next(iter(kinds))
         self.files = {stem: {} for stem in kinds}
         for stem in kinds:
@@ -168,7 +168,7 @@ class FolderPairs(torch.utils.data.Dataset):
         for stem in self.kinds:
             with open(self.files[stem][key], "rb") as f:
                 encoded[stem] = f.read()
-        out = decode_augment(encoded, self.kinds, self.aug, SampleRandom(self.seed, i), self.train, self.num_classes)
+        out = decode_augment(encoded, self.kinds, self.aug, SampleRandom(self.seed, i), self.train, self.dtypes)
         out["__key__"] = key
         return out
 
@@ -267,9 +267,10 @@ def build_case(name: str, setup: Setup) -> Case:
     """One case, built (and its data read) in the process that will measure it."""
     manifest = load_manifest(str(setup.shard_dir))
     kinds = {field_name: spec["kind"] for field_name, spec in manifest.fields.items()}
-    num_classes, aug, n = manifest.num_classes, Augment(crop=setup.crop, flip=True), manifest.num_samples(SPLIT)
+    dtypes = loader_dtypes(manifest.fields, manifest.num_classes)
+    aug, n = Augment(crop=setup.crop, flip=True), manifest.num_samples(SPLIT)
     raws = read_raw_samples(setup.shard_dir) if "in memory" in name else []  # only where a case reads them
-    collate = Collate.for_fields(kinds, num_classes)
+    collate = Collate(dtypes)
 
     def decode_only() -> Iterator[str]:
         for key, fields in raws:
@@ -281,7 +282,7 @@ def build_case(name: str, setup: Setup) -> Case:
         def samples() -> Iterator[dict]:
             for i, (key, fields) in enumerate(raws):
                 encoded = {member.split(".", 1)[0]: data for member, data in fields.items()}
-                yield {**decode_augment(encoded, kinds, aug, SampleRandom(0, i), True, num_classes), "__key__": key}
+                yield {**decode_augment(encoded, kinds, aug, SampleRandom(0, i), True, dtypes), "__key__": key}
         return batched(samples(), setup.batch, collate)
 
     if name.startswith("stream"):
@@ -289,7 +290,7 @@ def build_case(name: str, setup: Setup) -> Case:
         stream = make_stream(url, SPLIT, train="(eval)" not in name, augment=aug, batch_size=setup.batch)
         return Case(name, stream_pass(stream, n))
     if name == "map-style folder Dataset":
-        dataset, passes = FolderPairs(setup.folder, kinds, aug, num_classes), itertools.count()
+        dataset, passes = FolderPairs(setup.folder, kinds, aug, dtypes), itertools.count()
 
         def map_style() -> Iterator[str]:
             order = np.random.default_rng([1, next(passes)]).permutation(len(dataset))
@@ -381,7 +382,7 @@ def one_thread_worker(worker_id: int) -> None:
     keep_freed_memory()
 
 
-def two_worker_lines(folder: Path, shard_dir: Path, kinds, num_classes: int | None, aug: Augment, n: int,
+def two_worker_lines(folder: Path, shard_dir: Path, kinds, dtypes: dict[str, str], aug: Augment, n: int,
                      repeats: int, batch: int) -> list[str]:
     """Wall time of a real 2-worker DataLoader for the map-style and streaming loaders.
 
@@ -391,8 +392,8 @@ def two_worker_lines(folder: Path, shard_dir: Path, kinds, num_classes: int | No
     """
     ctx = "spawn"  # s3fs may have an event-loop thread in this process: never fork it
     windows = -(-n // batch)
-    mapped = torch.utils.data.DataLoader(FolderPairs(folder, kinds, aug, num_classes), batch_size=batch, shuffle=True,
-                                         collate_fn=Collate.for_fields(kinds, num_classes), num_workers=2,
+    mapped = torch.utils.data.DataLoader(FolderPairs(folder, kinds, aug, dtypes), batch_size=batch, shuffle=True,
+                                         collate_fn=Collate(dtypes), num_workers=2,
                                          persistent_workers=True, multiprocessing_context=ctx,
                                          worker_init_fn=one_thread_worker)
     walls = []
@@ -614,6 +615,7 @@ def run_resolution(args, res: Resolution, root: Path, server: MotoProcess | None
     folder = write_folder(root, raws)
     manifest = load_manifest(str(shard_dir))
     kinds = {name: spec["kind"] for name, spec in manifest.fields.items()}
+    dtypes = loader_dtypes(manifest.fields, manifest.num_classes)
     aug = Augment(crop=res.crop, flip=True)
     s3_url = None
     if server is not None:
@@ -640,7 +642,7 @@ def run_resolution(args, res: Resolution, root: Path, server: MotoProcess | None
         now = os.getloadavg()[0]  # includes this benchmark's own busy core: a hint of others' load, no more
         print(f"\n2-worker DataLoader (batch {res.loader_batch}, 1 torch thread per worker), wall time only ({why}; "
               f"1-minute load average now {now:.2f}, this benchmark's own core included):")
-        print("\n".join(two_worker_lines(folder, shard_dir, kinds, manifest.num_classes, aug, len(raws), args.repeats,
+        print("\n".join(two_worker_lines(folder, shard_dir, kinds, dtypes, aug, len(raws), args.repeats,
                                          res.loader_batch)))
     else:
         print(f"\n2-worker DataLoader lines skipped: load average at start {start_load[0]:.2f} >= {LOW_LOAD}")

@@ -131,7 +131,7 @@ def make_config():
 
 def make_batch(seed: int = SEED) -> dict:
     """A collated batch as the stream delivers it: ``label`` uint8 [1, H, W] (35 classes),
-    ``instance`` int32 [1, H, W], ``image`` uint8 [1, H, W, 4] (RGBX)."""
+    ``instance`` uint16 [1, H, W] (from 16-bit PNGs), ``image`` uint8 [1, H, W, 4] (RGBX)."""
     g = torch.Generator().manual_seed(seed)
     coarse = torch.randint(0, LABEL_NC, (1, 1, H // 32, W // 32), generator=g).float()
     label = F.interpolate(coarse, size=(H, W), mode="nearest").to(torch.uint8)[:, 0]
@@ -141,7 +141,7 @@ def make_batch(seed: int = SEED) -> dict:
         label[:, y:y + h, x:x + w] = cls
         instance[:, y:y + h, x:x + w] = cls * 1000 + k
     image = torch.randint(0, 256, (1, H, W, 4), generator=g, dtype=torch.uint8)
-    return {"label": label, "instance": instance, "image": image}
+    return {"label": label, "instance": instance.to(torch.uint16), "image": image}
 
 
 def build_nets(cfg, info, seed: int = SEED) -> tuple[nn.Module, nn.Module]:

@@ -154,10 +154,11 @@ def test_paired_augmentation_applies_one_crop_and_flip_to_every_field(tmp_path):
     for n, sample in enumerate(stream):
         if n == 40:
             break
-        # The loader's contract: integers as stored, uint8 images and (<= 256 classes) uint8 labels.
+        # The loader's contract: integers as stored, uint8 images, (<= 256 classes) uint8 labels and
+        # uint16 instance maps (stored as PNG, at most 16 bits).
         assert sample["image"].dtype == torch.uint8 and sample["image"].shape == (12, 16, 4)
         assert sample["label"].dtype == torch.uint8 and sample["label"].shape == (12, 16)
-        assert sample["instance"].dtype == torch.int32 and sample["instance"].shape == (12, 16)
+        assert sample["instance"].dtype == torch.uint16 and sample["instance"].shape == (12, 16)
         assert all(sample[f].is_contiguous() for f in ("image", "label", "instance"))
         assert int(sample["label"].max()) < NUM_CLASSES
         check_rule(sample)

@@ -24,6 +24,7 @@ from pipeline.data.transforms import (
     class_ids,
     decode_augment,
     float_image,
+    loader_dtypes,
     map_dtype,
     rgb_image,
 )
@@ -31,6 +32,7 @@ from pipeline.eval.metrics import to_uint8
 from pipeline.train.family import one_hot
 
 RNG = np.random.default_rng(0)
+DTYPES = {"image": "rgbx", "label": "uint8", "instance": "uint16"}  # the loader dtypes of most tests here
 
 
 def png_image(arr: np.ndarray) -> Image.Image:
@@ -98,22 +100,45 @@ def test_class_ids_are_int64_so_one_hot_and_indexing_are_right():
 
 
 def test_map_dtypes_follow_the_manifest_not_the_sample():
-    assert map_dtype("label", 35) == np.uint8 and map_dtype("label", 256) == np.uint8
-    assert map_dtype("label", 257) == np.int32 and map_dtype("label", None) == np.int32
-    assert map_dtype("instance", 35) == np.int32
+    png, tif = ["png"], ["tif"]
+    assert map_dtype("label", 35, png) == np.uint8 and map_dtype("label", 256, tif) == np.uint8
+    assert map_dtype("label", 257, png) == np.uint16 and map_dtype("label", None, png) == np.uint16
+    assert map_dtype("instance", 35, png) == np.uint16  # PNG holds at most 16 bits per pixel
+    assert map_dtype("instance", 35, tif) == np.int32 and map_dtype("instance", 35, ["png", "tiff"]) == np.int32
+    assert map_dtype("label", 300, None) == np.int32  # nothing known of the members: the wide type
+    manifest_fields = {"image": {"kind": "image", "exts": ["jpg"]}, "label": {"kind": "label", "exts": ["png"]},
+                       "instance": {"kind": "instance", "exts": ["png"]}}
+    assert loader_dtypes(manifest_fields, 35) == DTYPES
     kinds = {"image": "image", "label": "label"}
     photo = encode_png(RNG.integers(0, 256, (6, 8, 3), dtype=np.uint8))
     ids8 = np.arange(48, dtype=np.uint8).reshape(6, 8) % 35
-    collate = Collate.for_fields(kinds, 35)
+    collate = Collate(DTYPES)
     for stored in (ids8, ids8.astype(np.uint16)):  # an 8-bit and a 16-bit PNG of one dataset
-        views = decode_augment({"image": photo, "label": encode_png(stored)}, kinds, Augment(), None, False, 35)
+        views = decode_augment({"image": photo, "label": encode_png(stored)}, kinds, Augment(), None, False, DTYPES)
         out = collate.one(views)
         assert out["image"].dtype == torch.uint8 and out["label"].dtype == torch.uint8
         assert np.array_equal(out["label"].numpy(), ids8)
     wide = ids8.astype(np.uint16)
     wide[0, 0] = 300  # does not fit the dataset's uint8: refused, never wrapped
-    with pytest.raises(DecodeError, match="id 300"):
-        decode_augment({"image": photo, "label": encode_png(wide)}, kinds, Augment(), None, False, 35)
+    with pytest.raises(DecodeError, match="label map has id 300, outside uint8"):
+        decode_augment({"image": photo, "label": encode_png(wide)}, kinds, Augment(), None, False, DTYPES)
+
+
+@pytest.mark.parametrize("bad", [70000, -1])
+def test_a_32_bit_map_that_uint16_cannot_hold_is_refused(bad):
+    ids = np.arange(48, dtype=np.int32).reshape(6, 8)
+    wrong = ids.copy()
+    wrong[5, 7] = bad
+    stored = {}
+    for name, arr in (("ok", ids), ("wrong", wrong)):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="TIFF")  # mode I: 32-bit ids, viewed as int32
+        stored[name] = buf.getvalue()
+    kinds, dtypes = {"instance": "instance"}, {"instance": "uint16"}
+    out = Collate(dtypes).one(decode_augment({"instance": stored["ok"]}, kinds, Augment(), None, False, dtypes))
+    assert out["instance"].dtype == torch.uint16 and out["instance"].tolist() == ids.tolist()
+    with pytest.raises(DecodeError, match=f"instance map has id {bad}, outside uint16"):
+        decode_augment({"instance": stored["wrong"]}, kinds, Augment(), None, False, dtypes)
 
 
 # ---------------------------------------------------------------- random draws, crop and flip
@@ -142,9 +167,9 @@ def test_one_crop_and_flip_for_every_field():
     kinds = {"image": "image", "label": "label", "instance": "instance"}
     aug = Augment(crop=(15, 9))
     seen = set()
-    collate = Collate.for_fields(kinds, 7)
+    collate = Collate(DTYPES)
     for i in range(24):
-        views = decode_augment(encoded, kinds, aug, SampleRandom(5, i), True, 7)
+        views = decode_augment(encoded, kinds, aug, SampleRandom(5, i), True, DTYPES)
         assert not any(v.flags.writeable or v.flags.owndata for v in views.values())  # views of PIL's memory
         out = collate.one(views)
         _, (x0, y0, x1, y1), flip = aug.params((w, h), SampleRandom(5, i), True)
@@ -153,8 +178,8 @@ def test_one_crop_and_flip_for_every_field():
         assert out["image"].shape == (y1 - y0, x1 - x0, 4)
         assert np.array_equal(out["image"][..., :3].numpy(), photo[y0:y1, cols])
         assert np.array_equal(out["label"].numpy(), label[y0:y1, cols])
-        assert out["instance"].dtype == torch.int32
-        assert np.array_equal(out["instance"].numpy(), instance[y0:y1, cols].astype(np.int32))
+        assert out["instance"].dtype == torch.uint16
+        assert np.array_equal(out["instance"].numpy(), instance[y0:y1, cols])
         assert all(t.numpy().flags.writeable for t in out.values())
     assert seen == {True, False}
 
@@ -163,7 +188,7 @@ def test_fields_of_different_sizes_are_refused():
     kinds = {"image": "image", "label": "label"}
     encoded = {"image": encode_png(np.zeros((6, 8, 3), np.uint8)), "label": encode_png(np.zeros((5, 8), np.uint8))}
     with pytest.raises(DecodeError, match=r"fields disagree in size: \[\(8, 5\), \(8, 6\)\]"):
-        decode_augment(encoded, kinds, Augment(), SampleRandom(0), True, 3)
+        decode_augment(encoded, kinds, Augment(), SampleRandom(0), True, DTYPES)
 
 
 # ---------------------------------------------------------------- batches: the one copy
@@ -190,24 +215,29 @@ def _samples(n: int, crop=(15, 9), prefix: str = "k") -> tuple[list[dict], dict[
         encoded = {"image": encode_png(RNG.integers(0, 256, (16, 24, 3), dtype=np.uint8)),
                    "label": encode_png(RNG.integers(0, 7, (16, 24), dtype=np.uint8)),
                    "instance": encode_png(RNG.integers(0, 65536, (16, 24), dtype=np.uint16))}
-        views = decode_augment(encoded, kinds, Augment(crop=crop), SampleRandom(2, i), True, 7)
-        out.append({**views, "__key__": f"{prefix}{i}", "__index__": i})
+        views = decode_augment(encoded, kinds, Augment(crop=crop), SampleRandom(2, i), True, DTYPES)
+        out.append({**views, "__key__": f"{prefix}{i}", "__index__": i, "__slot__": 3})
     return out, kinds
 
 
 def test_a_batch_is_its_samples_each_copied_once_in_the_loader_dtypes():
     samples, kinds = _samples(6)
-    collate = Collate.for_fields(kinds, 7)
-    assert collate.fields == {"image": "rgbx", "label": "uint8", "instance": "int32"}
+    collate = Collate(DTYPES)
+
     batch = collate(samples)
     singles = [collate.one(s) for s in samples]
     assert batch["image"].shape == (6, 9, 15, 4) and batch["image"].dtype == torch.uint8
     assert batch["label"].shape == (6, 9, 15) and batch["label"].dtype == torch.uint8
-    assert batch["instance"].dtype == torch.int32 and int(batch["instance"].max()) > 32767  # widened, not wrapped
+    assert batch["instance"].dtype == torch.uint16 and int(batch["instance"].int().max()) > 32767  # not wrapped
     for name in kinds:
         assert torch.equal(batch[name], torch.stack([one[name] for one in singles]))
         assert batch[name].is_contiguous()
     assert batch["__key__"] == [f"k{i}" for i in range(6)] and batch["__index__"].tolist() == list(range(6))
+    assert batch["__slot__"].tolist() == [3] * 6 and batch["__slot__"].dtype == torch.int64
+    assert batch["__slot__"].is_contiguous() and batch["__index__"].is_contiguous()
+    # the ints share one tensor: one allocation (one shared-memory segment in a worker)
+    assert batch["__slot__"].untyped_storage().data_ptr() == batch["__index__"].untyped_storage().data_ptr()
+    assert collate(samples[:4])["__index__"].tolist() == [0, 1, 2, 3]
     assert not batch["image"].is_shared()  # in the main process: private memory
 
 
@@ -216,20 +246,20 @@ class _CollateInWorker(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         samples, kinds = _samples(2)
-        batch = Collate.for_fields(kinds, 7)(samples)
-        yield {name: batch[name].is_shared() for name in kinds}
+        batch = Collate(DTYPES)(samples)
+        yield {name: batch[name].is_shared() for name in (*kinds, "__index__")}
 
 
 def test_a_batch_made_in_a_dataloader_worker_is_born_in_shared_memory():
     # Moving a private tensor to the main process would copy it into shared memory first.
     loader = torch.utils.data.DataLoader(_CollateInWorker(), batch_size=None, num_workers=1, timeout=60)
-    assert next(iter(loader)) == {"image": True, "label": True, "instance": True}
+    assert next(iter(loader)) == {"image": True, "label": True, "instance": True, "__index__": True}
 
 
 def test_a_batch_of_different_sizes_or_fields_is_refused_by_name():
     samples, kinds = _samples(2)
     other, _ = _samples(1, crop=(14, 9), prefix="other")
-    collate = Collate.for_fields(kinds, 7)
+    collate = Collate(DTYPES)
     with pytest.raises(ValueError, match=r"sample 'other0' is not the size of the first of its batch \('k0'\): "
                                          r"fields \(w, h\) .*'image': \(14, 9\).* and .*'image': \(15, 9\).*crop"):
         collate(samples[:1] + other)
@@ -238,6 +268,10 @@ def test_a_batch_of_different_sizes_or_fields_is_refused_by_name():
         collate(samples)
     samples[1]["extra"] = 1
     with pytest.raises(ValueError, match=r"sample 'k1' has other fields than"):
+        collate(samples)
+    samples, _ = _samples(2)
+    samples[1]["__index__"] = "1"
+    with pytest.raises(ValueError, match=r"sample 'k1' has other values \(not ints\) than the first"):
         collate(samples)
 
 

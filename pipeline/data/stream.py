@@ -21,10 +21,10 @@ a DataLoader worker batches; use the stream with ``DataLoader(batch_size=None)``
 ``collate.Collate``: a sample's fields are views of its decoded pixels, cropped and flipped by
 strides, and the batch is the one copy of them. Without ``batch_size`` it yields samples, each
 field copied on its own. Either way fields are integer tensors (``transforms`` has the layouts and
-dtypes): uint8 RGBX images ``[H, W, 4]``, label maps uint8 (at most 256 classes) or int32, instance
-maps int32. Each family's ``prepare`` turns them into floats and int64 on the device: 3x less to
-pass between DataLoader workers and the main process, and 3x smaller host-to-device copies, than
-float32 images.
+dtypes): uint8 RGBX images ``[H, W, 4]``, label maps uint8 (at most 256 classes), other maps
+uint16 (PNG) or int32. Each family's ``prepare`` turns them into floats and int32/int64 on the
+device: 3x less to pass between DataLoader workers and the main process, and 3x smaller
+host-to-device copies, than float32 images.
 
 Tar shards are read by ``tar_samples`` (headers parsed there, one read per member); members of
 samples before a slot's start are passed with ``seek``, never read.
@@ -55,7 +55,7 @@ from .collate import Collate
 from .manifest import Manifest, ShardInfo, load_manifest
 from .sources.base import sanitize_key
 from .tar_samples import TarSamples
-from .transforms import Augment, DecodeError, SampleRandom, decode_augment
+from .transforms import Augment, DecodeError, SampleRandom, decode_augment, loader_dtypes
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +176,10 @@ class StreamSpec:
         """The fields read, with their kinds."""
         return {name: self.manifest.fields[name]["kind"] for name in self.fields or self.manifest.fields}
 
+    def dtypes(self) -> dict[str, str]:
+        """The fields read, with their loader dtypes (``transforms.loader_dtypes``)."""
+        return loader_dtypes({name: self.manifest.fields[name] for name in self.kinds()}, self.manifest.num_classes)
+
 
 _MALLOC = {"M_TRIM_THRESHOLD": (-1, 128 << 20), "M_MMAP_THRESHOLD": (-3, 32 << 20)}  # mallopt(3), glibc
 _allocator_set: bool | None = None  # None: not tried yet in this process
@@ -213,7 +217,8 @@ def _slot_rng(seed: int, slot: int, epoch: int, index: int) -> SampleRandom:
     return SampleRandom(seed, slot, epoch, index)
 
 
-def _decode(raw: dict, spec: StreamSpec, kinds: dict[str, str], rng: SampleRandom | None) -> dict:
+def _decode(raw: dict, spec: StreamSpec, kinds: dict[str, str], dtypes: dict[str, str],
+            rng: SampleRandom | None) -> dict:
     reason = check_member_names(raw)
     if reason:
         raise DecodeError(reason)
@@ -229,7 +234,7 @@ def _decode(raw: dict, spec: StreamSpec, kinds: dict[str, str], rng: SampleRando
                 raise DecodeError(f"missing field {name!r}")
             continue
         encoded[name] = raw[member]
-    return decode_augment(encoded, kinds, spec.augment, rng, spec.train, spec.manifest.num_classes)
+    return decode_augment(encoded, kinds, spec.augment, rng, spec.train, dtypes)
 
 
 def iterate_slot(spec: StreamSpec, slot: int, num_slots: int) -> Iterator[dict]:
@@ -239,7 +244,7 @@ def iterate_slot(spec: StreamSpec, slot: int, num_slots: int) -> Iterator[dict]:
     if spec.train and total < num_slots:
         raise ValueError(f"split {spec.split!r} has {total} samples, fewer than the {num_slots} "
                          f"reading slots (ranks x workers); use fewer workers")
-    kinds = spec.kinds()
+    kinds, dtypes = spec.kinds(), spec.dtypes()
     stats = SlotStats(budget=spec.max_bad_samples)
     epoch, skip = spec.start.get(slot, (0, 0))
     while True:
@@ -256,7 +261,7 @@ def iterate_slot(spec: StreamSpec, slot: int, num_slots: int) -> Iterator[dict]:
                 continue  # consumed before the resume: re-read, never decoded
             try:
                 rng = _slot_rng(spec.seed, slot, epoch, index) if spec.train else None  # eval draws nothing
-                sample = _decode(raw, spec, kinds, rng)
+                sample = _decode(raw, spec, kinds, dtypes, rng)
             except (DecodeError, ValueError, OSError) as exc:
                 stats.record(f"{raw['__url__']}#{raw['__key__']}", str(exc))  # built only when needed
                 continue
@@ -282,7 +287,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         super().__init__()
         self.spec = spec
         self.num_workers = num_workers
-        self.collate = Collate.for_fields(spec.kinds(), spec.manifest.num_classes)
+        self.collate = Collate(spec.dtypes())
 
     def slots(self) -> tuple[list[int], int]:
         """This rank's slot ids and the total number of slots."""

@@ -11,15 +11,19 @@ its batch. The loader hands over integers, as they are stored (per sample; a bat
   out of 4, or transposing to ``[3, H, W]``, cost the host a slow pass over the pixels that the
   device does for nothing). ``float_image`` and ``rgb_image`` give ``[N, 3, H, W]`` on the device.
 - ``label``-kind fields: ``uint8 [H, W]`` class ids when the manifest's ``num_classes`` is at
-  most 256 (Cityscapes' 35, ADE20K's 151, the demo's), else ``int32 [H, W]``
-- ``instance``-kind fields: ``int32 [H, W]`` (Cityscapes instance ids reach 33000 and more, in
-  16-bit PNGs)
+  most 256 (Cityscapes' 35, ADE20K's 151, the demo's)
+- other maps (``instance``-kind fields, labels of more classes): ``uint16 [H, W]`` when the field is
+  stored as PNG, which holds at most 16 bits per pixel (Cityscapes instance ids reach 33000 and
+  more, in 16-bit PNGs), else ``int32 [H, W]``. Half the bytes of int32 through the worker queues
+  and to the device; each family's ``prepare`` widens them there (CUDA supports uint16 in copies
+  and casts, not in most other kernels).
 
-The dtype of a field is a function of the manifest, never of a sample: the shard writer copies a
-map's PNG bytes from the source unchanged (or re-encodes them at the same bit depth), so a dataset
-may mix 8- and 16-bit PNGs, and one batch must still collate to one dtype. A 16-bit label PNG in a
-dataset of at most 256 classes becomes uint8 (the writer checked its ids against ``num_classes``;
-an id that does not fit is refused here, never wrapped).
+The dtype of a field (``loader_dtypes``) is a function of the manifest (its kind, the extensions
+of its members, ``num_classes``), never of a sample: the shard writer copies a map's PNG bytes from
+the source unchanged (or re-encodes them at the same bit depth), so a dataset may mix 8- and
+16-bit PNGs, and one batch must still collate to one dtype. A 16-bit label PNG in a dataset of at
+most 256 classes becomes uint8 (the writer checked its ids against ``num_classes``; an id that does
+not fit is refused here, never wrapped).
 
 Floats are made on the device, in each family's ``prepare`` (``float_image``, ``class_ids``):
 uint8 batches are 3x smaller than float32 ones, which is 3x less to pass through the DataLoader's
@@ -75,11 +79,24 @@ def map_array(img: Image.Image) -> np.ndarray:
     return arr
 
 
-def map_dtype(kind: str, num_classes: int | None) -> np.dtype:
-    """The dtype the loader gives a ``label`` or ``instance`` field of a dataset (module doc)."""
+IMAGE_DTYPE = "rgbx"  # what ``loader_dtypes`` says of image fields: uint8 [H, W, 4] RGBX
+
+
+def map_dtype(kind: str, num_classes: int | None, exts) -> np.dtype:
+    """The dtype the loader gives a ``label`` or ``instance`` field of a dataset whose members of
+    that field have the extensions ``exts`` (module doc)."""
     if kind == "label" and num_classes is not None and num_classes <= 256:
         return np.dtype(np.uint8)
+    if exts and all(str(ext).lower() == "png" for ext in exts):  # at most 16 bits per pixel
+        return np.dtype(np.uint16)
     return np.dtype(np.int32)
+
+
+def loader_dtypes(fields: dict[str, dict], num_classes: int | None) -> dict[str, str]:
+    """What the loader hands over for each of a manifest's ``fields`` (``{name: {"kind": ...,
+    "exts": [...]}}``): ``IMAGE_DTYPE`` for images, the numpy dtype name of a map (``map_dtype``)."""
+    return {name: IMAGE_DTYPE if spec["kind"] == "image" else
+            map_dtype(spec["kind"], num_classes, spec.get("exts")).name for name, spec in fields.items()}
 
 
 class SampleRandom:
@@ -148,19 +165,19 @@ class Augment:
 
 
 def augment(fields: dict[str, Image.Image], kinds: dict[str, str], aug: Augment, rng, train: bool,
-            num_classes: int | None = None) -> dict[str, np.ndarray]:
+            dtypes: dict[str, str]) -> dict[str, np.ndarray]:
     """Apply one augmentation decision to every (decoded) field: read-only numpy views of the
-    pixel memory (``_field_view``), each turned into its loader dtype by ``collate``'s one copy.
-    ``num_classes`` is the manifest's, for the label dtype."""
+    pixel memory (``_field_view``), each turned into its loader dtype (``dtypes``, from
+    ``loader_dtypes``) by ``collate``'s one copy."""
     sizes = {img.size for img in fields.values()}
     if len(sizes) != 1:
         raise DecodeError(f"fields disagree in size: {sorted(sizes)}")
     geometry = aug.params(sizes.pop(), rng, train)
-    return {name: _field_view(name, img, kinds[name], geometry, num_classes) for name, img in fields.items()}
+    return {name: _field_view(name, img, kinds[name], geometry, dtypes[name]) for name, img in fields.items()}
 
 
 def decode_augment(encoded: dict[str, bytes], kinds: dict[str, str], aug: Augment, rng, train: bool,
-                   num_classes: int | None = None) -> dict[str, np.ndarray]:
+                   dtypes: dict[str, str]) -> dict[str, np.ndarray]:
     """``decode_field`` for every field of a sample, then ``augment``: the loader's way.
 
     Every field is decoded before any view is made: a PNG decode leaves the CPU's caches full of its
@@ -169,25 +186,27 @@ def decode_augment(encoded: dict[str, bytes], kinds: dict[str, str], aug: Augmen
     decoded images alive until ``collate`` copies them into the batch; with the allocator settings
     of ``stream.keep_freed_memory`` that costs no page faults."""
     return augment({name: decode_field(kinds[name], data) for name, data in encoded.items()}, kinds, aug, rng, train,
-                   num_classes)
+                   dtypes)
 
 
-def _field_view(name: str, img: Image.Image, kind: str, geometry: tuple, num_classes: int | None) -> np.ndarray:
+def _field_view(name: str, img: Image.Image, kind: str, geometry: tuple, dtype: str) -> np.ndarray:
     """One field, resized, cropped and flipped, as a view of the image's pixel memory (no copy):
     ``[h, w]`` uint32 RGBX words for images (``rgbx_words``), ``[h, w]`` ids as stored for maps.
-    A map stored wider than its loader dtype (a 16-bit label PNG of a 35-class dataset) is checked
-    here, where a bad sample can still be skipped, never wrapped by the copy into its batch."""
+    A map stored in a type its loader ``dtype`` cannot hold (a 16-bit label PNG of a 35-class
+    dataset) is checked here, where a bad sample can still be skipped, never wrapped by the copy
+    into its batch."""
     (w, h), box, flip = geometry
     if (w, h) != img.size:
         resample = Image.Resampling.NEAREST if kind in MAP_KINDS else Image.Resampling.BICUBIC
         img = img.resize((w, h), resample)
     x0, y0, x1, y1 = box or (0, 0, w, h)
     view = (rgbx_words(img) if kind == "image" else pixels(img))[y0:y1, x0:x1]
-    if kind != "image":
-        dtype = map_dtype(kind, num_classes)
-        if view.dtype.itemsize > dtype.itemsize and view.size and int(view.max()) > np.iinfo(dtype).max:
-            raise DecodeError(f"{name} map has id {int(view.max())}, more than {dtype} holds "
-                              f"(the manifest says {num_classes} classes)")
+    if kind != "image" and not np.can_cast(view.dtype, dtype) and view.size:
+        limits = np.iinfo(dtype)
+        for value in (int(view.min()), int(view.max())):
+            if not limits.min <= value <= limits.max:
+                raise DecodeError(f"{name} map has id {value}, outside {dtype}, the loader dtype of this field "
+                                  f"(from the manifest: its kind, member types and number of classes)")
     return view[:, ::-1] if flip else view
 
 

@@ -91,7 +91,7 @@ def prepare(batch: dict, device: torch.device, cfg: Config, info: DataInfo) -> d
     if cfg.model.use_instance or cfg.model.use_features:
         if "instance" not in batch:
             raise ValueError("model.use_instance / use_features need instance maps in the shards")
-        instance = batch["instance"].to(device, non_blocking=True).unsqueeze(1)
+        instance = batch["instance"].to(device, non_blocking=True).int().unsqueeze(1)  # uint16 from PNG
     if cfg.model.use_instance:
         parts.append(edges(instance))
     inp = torch.cat(parts, 1)
