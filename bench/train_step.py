@@ -176,7 +176,8 @@ def collect_batches(cfg, family, info, n: int) -> list[dict]:
 
     stream = make_stream(cfg.data.url, cfg.data.split, train=True, seed=cfg.run.seed, fields=family.fields(info),
                          augment=Augment(cfg.data.load_size, cfg.data.crop_size, cfg.data.flip),
-                         shuffle_buffer=cfg.data.shuffle_buffer, batch_size=cfg.train.batch_size)
+                         shuffle_buffer=cfg.data.shuffle_buffer, shuffle_buffer_mb=cfg.data.shuffle_buffer_mb,
+                         batch_size=cfg.train.batch_size)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=0)
     return list(itertools.islice(loader, n))
 

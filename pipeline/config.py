@@ -45,7 +45,8 @@ class DataConfig:
     load_size: tuple[int, int] | None = None  # (W, H) resize before crop; None keeps the stored size
     crop_size: tuple[int, int] | None = None  # (W, H) random crop in training, centred in evaluation
     flip: bool = True
-    shuffle_buffer: int = bounded(256, 1)
+    shuffle_buffer: int = bounded(256, 1)  # samples held for shuffling, per DataLoader worker
+    shuffle_buffer_mb: float = bounded(256.0, 1.0)  # and at most this many MB of their encoded bytes
     max_bad_samples: int = bounded(100, 0)
     storage_options: dict = field(default_factory=dict)
 

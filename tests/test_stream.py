@@ -7,6 +7,7 @@ import collections
 import io
 import itertools
 import json
+import random
 import socket
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from synthetic_data import NUM_CLASSES, SyntheticSource, render
 from pipeline.data.manifest import ShardInfo
 from pipeline.data.shards import WriteOptions, write_dataset
 from pipeline.data.sources.base import encode_png
-from pipeline.data.stream import BadDataBudgetExceeded, make_stream, plan_segments
+from pipeline.data.stream import BadDataBudgetExceeded, make_stream, plan_segments, shuffled
 from pipeline.data.transforms import Augment
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,6 +96,36 @@ def test_train_plan_gives_equal_disjoint_quotas_that_reshuffle_per_epoch():
              for s in plan_segments(shards, slot=slot, num_slots=4, seed=3, epoch=1, train=True)
              for i in range(s.start, s.stop)]
     assert again == plans[1]  # a pure function of (seed, epoch, slot)
+
+
+def test_the_shuffle_buffer_holds_at_most_its_samples_and_bytes_and_mixes_within_its_reach():
+    sizes = [100, 900, 300, 50, 700, 200] * 10  # member bytes of 60 raw samples
+    raws = [{"__key__": f"k{i}", "image.png": b"x" * n} for i, n in enumerate(sizes)]
+    pulled = []
+
+    def source():
+        for raw in raws:
+            pulled.append(raw["__key__"])
+            yield raw
+
+    for size, max_bytes in [(8, 1e9), (50, 2000), (1000, 1500)]:
+        pulled.clear()
+        out, held = [], []
+        for raw in shuffled(source(), size, max_bytes, random.Random(4)):
+            waiting = set(pulled) - {r["__key__"] for r in out}  # in the buffer when this one left
+            held.append((len(waiting), sum(sizes[int(k[1:])] for k in waiting)))
+            out.append(raw)
+        assert sorted(r["__key__"] for r in out) == sorted(r["__key__"] for r in raws)  # each once
+        assert max(n for n, _ in held) <= size
+        # Bytes held before one leaves: the bound, plus the sample whose arrival pushed it over.
+        assert max(b for _, b in held) <= max_bytes + max(sizes)
+        positions = [int(r["__key__"][1:]) for r in out]
+        assert positions != sorted(positions)  # mixed
+        again = [r["__key__"] for r in shuffled(iter(raws), size, max_bytes, random.Random(4))]
+        assert again == [r["__key__"] for r in out]  # a function of the input, the bounds and the seed
+    assert [r["__key__"] for r in shuffled(iter(raws), 1, 1e9, random.Random(4))] == [r["__key__"] for r in raws]
+    big = [{"__key__": "big", "image.png": b"x" * 5000}]  # larger than the bound alone: passes through
+    assert [r["__key__"] for r in shuffled(iter(big), 8, 1000, random.Random(0))] == ["big"]
 
 
 # ---------------------------------------------------------------- real processes
@@ -338,6 +369,10 @@ def test_stream_argument_errors_are_clear(tmp_path):
         make_stream(str(tmp_path), "train", train=True)
     with pytest.raises(ValueError, match="rank 2 is outside world size 2"):
         make_stream(str(tmp_path), "val", train=False, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="at least 1 sample and more than 0 MB, got shuffle_buffer=0"):
+        make_stream(str(tmp_path), "val", train=True, shuffle_buffer=0)
+    with pytest.raises(ValueError, match="shuffle_buffer_mb=0"):
+        make_stream(str(tmp_path), "val", train=True, shuffle_buffer_mb=0)
     stream = make_stream(str(tmp_path), "val", train=True, world_size=2, num_workers=2)
     with pytest.raises(ValueError, match="3 samples, fewer than the 4 reading slots"):
         next(iter(torch.utils.data.DataLoader(stream, num_workers=2)))

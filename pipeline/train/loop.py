@@ -236,7 +236,8 @@ def train(cfg: Config, command: str = "") -> int:
         stream = make_stream(cfg.data.url, cfg.data.split, train=True, rank=rank, world_size=world,
                              num_workers=workers, seed=cfg.run.seed, fields=family.fields(info),
                              augment=Augment(cfg.data.load_size, cfg.data.crop_size, cfg.data.flip),
-                             shuffle_buffer=cfg.data.shuffle_buffer, max_bad_samples=cfg.data.max_bad_samples,
+                             shuffle_buffer=cfg.data.shuffle_buffer, shuffle_buffer_mb=cfg.data.shuffle_buffer_mb,
+                             max_bad_samples=cfg.data.max_bad_samples,
                              storage_options=so, start=positions, batch_size=bpd)
         # Batched in the stream (one copy per field, see data/collate.py). Its own generator:
         # creating the loader must not move the training RNG.
