@@ -229,7 +229,7 @@ def shuffled(raws: Iterator[dict], size: int, max_bytes: float, rng: random.Rand
         nbytes = sum(len(v) for k, v in raw.items() if not k.startswith("__"))
         buf.append((nbytes, raw))
         held += nbytes
-        while len(buf) >= size or (held > max_bytes and buf):
+        while len(buf) >= size or held > max_bytes:
             k = rng.randrange(len(buf))
             buf[k], buf[-1] = buf[-1], buf[k]
             nbytes, out = buf.pop()
