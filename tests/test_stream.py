@@ -121,6 +121,7 @@ def test_the_shuffle_buffer_holds_at_most_its_samples_and_bytes_and_mixes_within
         assert max(b for _, b in held) <= max_bytes + max(sizes)
         positions = [int(r["__key__"][1:]) for r in out]
         assert positions != sorted(positions)  # mixed
+        assert all(pos < p + size for p, pos in enumerate(positions))  # within the buffer's reach
         again = [r["__key__"] for r in shuffled(iter(raws), size, max_bytes, random.Random(4))]
         assert again == [r["__key__"] for r in out]  # a function of the input, the bounds and the seed
     assert [r["__key__"] for r in shuffled(iter(raws), 1, 1e9, random.Random(4))] == [r["__key__"] for r in raws]
