@@ -82,7 +82,7 @@ def map_array(img: Image.Image) -> np.ndarray:
 IMAGE_DTYPE = "rgbx"  # what ``loader_dtypes`` says of image fields: uint8 [H, W, 4] RGBX
 
 
-def map_dtype(kind: str, num_classes: int | None, exts) -> np.dtype:
+def map_dtype(kind: str, num_classes: int | None, exts: list[str] | None) -> np.dtype:
     """The dtype the loader gives a ``label`` or ``instance`` field of a dataset whose members of
     that field have the extensions ``exts`` (module doc)."""
     if kind == "label" and num_classes is not None and num_classes <= 256:
@@ -183,8 +183,8 @@ def decode_augment(encoded: dict[str, bytes], kinds: dict[str, str], aug: Augmen
     Every field is decoded before any view is made: a PNG decode leaves the CPU's caches full of its
     own data and code, and Python run between decodes ran several times slower than it does warm
     (interleaving cost ~0.05 ms per 256x128 demo sample, ~2% of its decode). The views keep the
-    decoded images alive until ``collate`` copies them into the batch; with the allocator settings
-    of ``stream.keep_freed_memory`` that costs no page faults."""
+    decoded images alive until ``collate`` copies them into the batch; ``stream.keep_freed_memory``
+    keeps the memory they free mapped for the next sample."""
     return augment({name: decode_field(kinds[name], data) for name, data in encoded.items()}, kinds, aug, rng, train,
                    dtypes)
 
@@ -203,7 +203,8 @@ def _field_view(name: str, img: Image.Image, kind: str, geometry: tuple, dtype: 
     view = (rgbx_words(img) if kind == "image" else pixels(img))[y0:y1, x0:x1]
     if kind != "image" and not np.can_cast(view.dtype, dtype) and view.size:
         limits = np.iinfo(dtype)
-        for value in (int(view.min()), int(view.max())):
+        ends = (view.min(), view.max()) if view.dtype.kind == "i" else (view.max(),)  # unsigned: no pass for min
+        for value in map(int, ends):
             if not limits.min <= value <= limits.max:
                 raise DecodeError(f"{name} map has id {value}, outside {dtype}, the loader dtype of this field "
                                   f"(from the manifest: its kind, member types and number of classes)")

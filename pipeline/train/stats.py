@@ -116,13 +116,14 @@ class Monitor:
     def _fixed_batch(self) -> dict | None:
         """The first ``num_images`` validation samples, prepared once, with fixed randomness."""
         from ..data.stream import make_stream
+        from ..data.transforms import Augment
 
         cfg = self.cfg
         try:
             stream = make_stream(cfg.data.url, cfg.data.val_split, train=False, fields=self.family.fields(self.info),
                                  storage_options=cfg.data.storage_options or None,
-                                 augment=__import__("pipeline.data.transforms", fromlist=["Augment"]).Augment(
-                                     cfg.data.load_size, cfg.data.crop_size, False), batch_size=cfg.train.num_images)
+                                 augment=Augment(cfg.data.load_size, cfg.data.crop_size, False),
+                                 batch_size=cfg.train.num_images)
         except (ValueError, KeyError) as exc:
             print(f"no image grids: {exc}")
             return None
