@@ -4,18 +4,25 @@ What runs. The embedded demo dataset (photo + label map + instance map, PNG) is 
 and written as WebDataset shards, at two resolutions: the demo's own 256x128 (``--size``, many
 samples) and a realistic training size, 1024x512 (``--hd-size``, what ``launch/shard.py write demo
 --demo-size 1024x512`` writes; fewer samples, the same number of shards). For each resolution the
-same encoded bytes are then read six ways, each a pass over every sample. Every case but
-decode-only delivers what training consumes, batches (``--batch`` samples, the collate's one copy
-of every field into uint8/int tensors, see ``pipeline/data/collate.py``):
+same encoded bytes are then read seven ways, each a pass over every sample. Every case but the
+two decode-only ones delivers what training consumes, batches (``--batch`` samples, the collate's
+one copy of every field into uint8/int tensors, see ``pipeline/data/collate.py``):
 
-- ``decode-only``: bytes already in memory, ``decode_field`` per field; no I/O, no augment, no
-  batches. The upper bound.
-- ``decode+augment+batch``: in memory, ``decode_augment`` (``decode_field`` for every field, then the
-  paired random crop + flip as views; the per-sample draws of ``SampleRandom``) and the collate.
-  Not a target; it tells the loader's own overhead apart from augment cost.
+- ``decode-only (in memory)``: bytes already in memory, ``decode_field`` per field, as Pillow
+  decodes by default (new image memory per decode); no I/O, no augment, no batches. The baseline
+  of the issue's target.
+- ``decode-only (reused memory)``: the same, each field decoded into memory of its own that every
+  sample reuses (``transforms.DecodeBuffer``), as the stream decodes. Pillow then allocates and
+  zero-fills no image memory per decode. Not a target: it tells how much of the stream's rate
+  comes from that, so the stream's own overhead can be read against the decode it does.
+- ``decode+augment+batch``: in memory, the stream's own decode and views (``transforms.Fields``
+  with ``reuse``: ``decode_field`` for every field, then the paired random crop + flip as views;
+  the per-sample draws of ``SampleRandom``) and its collate (``Collate.put_batches``). Not a
+  target; it tells the loader's own overhead apart from augment cost.
 - ``map-style folder``: a plain ``torch.utils.data.Dataset`` over one file per field in a folder,
-  read in a shuffled order, decoded, augmented and collated with the same functions. The baseline
-  users know.
+  read in a shuffled order, decoded, augmented (``decode_augment``) and collated (``Collate``).
+  The baseline users know. Its samples wait for their batch's collate, so it cannot decode into
+  reused memory as the stream does.
 - ``stream local (train)`` / ``(eval)``: ``make_stream(batch_size=...)`` over the local shards
   (train: shuffle buffer, random crop + flip; eval: centre crop, no flip).
 - ``stream S3 (train)``: the same shards uploaded to a real S3-compatible server on loopback
@@ -86,7 +93,15 @@ from pipeline.data.manifest import MANIFEST_NAME, load_manifest  # noqa: E402
 from pipeline.data.shards import WriteOptions, write_dataset  # noqa: E402
 from pipeline.data.sources import make_source  # noqa: E402
 from pipeline.data.stream import keep_freed_memory, make_stream  # noqa: E402
-from pipeline.data.transforms import Augment, SampleRandom, decode_augment, decode_field, loader_dtypes  # noqa: E402
+from pipeline.data.transforms import (  # noqa: E402
+    Augment,
+    DecodeBuffer,
+    Fields,
+    SampleRandom,
+    decode_augment,
+    decode_field,
+    loader_dtypes,
+)
 
 TARGET_STREAM_VS_DECODE = 0.9
 TARGET_S3_VS_LOCAL = 0.8
@@ -258,9 +273,9 @@ class Setup:
     batch: int
 
 
-CASE_NAMES = ("decode-only (in memory)", "decode+augment+batch (in memory)", "map-style folder Dataset",
-              "stream local (train)", "stream local (eval)", "stream S3 (train)")
-PROFILE_NAMES = dict(zip(("decode", "decode_aug", "map", "stream", "stream_eval", "s3"), CASE_NAMES))
+CASE_NAMES = ("decode-only (in memory)", "decode-only (reused memory)", "decode+augment+batch (in memory)",
+              "map-style folder Dataset", "stream local (train)", "stream local (eval)", "stream S3 (train)")
+PROFILE_NAMES = dict(zip(("decode", "decode_reuse", "decode_aug", "map", "stream", "stream_eval", "s3"), CASE_NAMES))
 
 
 def build_case(name: str, setup: Setup) -> Case:
@@ -269,7 +284,7 @@ def build_case(name: str, setup: Setup) -> Case:
     kinds = {field_name: spec["kind"] for field_name, spec in manifest.fields.items()}
     dtypes = loader_dtypes(manifest.fields, manifest.num_classes)
     aug, n = Augment(crop=setup.crop, flip=True), manifest.num_samples(SPLIT)
-    raws = read_raw_samples(setup.shard_dir) if "in memory" in name else []  # only where a case reads them
+    raws = read_raw_samples(setup.shard_dir) if "memory" in name else []  # only where a case reads them
     collate = Collate(dtypes)
 
     def decode_only() -> Iterator[str]:
@@ -278,12 +293,25 @@ def build_case(name: str, setup: Setup) -> Case:
                 decode_field(kinds[member.split(".", 1)[0]], data)
             yield key
 
+    buffers = {stem: DecodeBuffer() for stem in kinds}
+
+    def decode_only_reused() -> Iterator[str]:
+        for key, fields in raws:
+            for member, data in fields.items():
+                stem = member.split(".", 1)[0]
+                decode_field(kinds[stem], data, buffers[stem])
+            yield key
+
+    loader_fields = Fields(kinds, dtypes, reuse=True)  # the stream's own decode and views (stream.SlotDecoder)
+
     def decode_and_augment() -> Iterator[str]:
-        def samples() -> Iterator[dict]:
+        def samples() -> Iterator[tuple]:
             for i, (key, fields) in enumerate(raws):
                 encoded = {member.split(".", 1)[0]: data for member, data in fields.items()}
-                yield {**decode_augment(encoded, kinds, aug, SampleRandom(0, i), True, dtypes), "__key__": key}
-        return batched(samples(), setup.batch, collate)
+                views = loader_fields.decode_augment([encoded[stem] for stem in kinds], aug, SampleRandom(0, i), True)
+                yield key, views, (i,)
+        batches = collate.put_batches(samples(), setup.batch, ("__index__",))
+        return (key for batch in batches for key in batch["__key__"])
 
     if name.startswith("stream"):
         url = setup.s3_url if "S3" in name else str(setup.shard_dir)
@@ -297,7 +325,8 @@ def build_case(name: str, setup: Setup) -> Case:
             return batched((dataset[int(i)] for i in order), setup.batch, collate)
 
         return Case(name, map_style)
-    return Case(name, decode_only if name == "decode-only (in memory)" else decode_and_augment)
+    cases = {"decode-only (in memory)": decode_only, "decode-only (reused memory)": decode_only_reused}
+    return Case(name, cases.get(name, decode_and_augment))
 
 
 def case_process(conn, name: str, setup: Setup) -> None:
@@ -475,6 +504,8 @@ def report(cases: list[Case], notes: list[str]) -> dict[str, float]:
     print("\nratios (same run):")
     ratio("stream local (train)", "decode-only (in memory)", "cpu", TARGET_STREAM_VS_DECODE)
     ratio("stream local (eval)", "decode-only (in memory)", "cpu", TARGET_STREAM_VS_DECODE)
+    ratio("stream local (train)", "decode-only (reused memory)", "cpu")
+    ratio("decode-only (reused memory)", "decode-only (in memory)", "cpu")
     ratio("stream local (train)", "decode+augment+batch (in memory)", "cpu")
     ratio("stream local (train)", "map-style folder Dataset", "cpu")
     ratio("map-style folder Dataset", "decode-only (in memory)", "cpu")
@@ -498,6 +529,10 @@ SUMMARY_ROWS = [
      TARGET_STREAM_VS_DECODE),
     ("stream (eval) / decode-only [cpu]", "stream local (eval) / decode-only (in memory) [cpu]", "{:.3f}",
      TARGET_STREAM_VS_DECODE),
+    ("stream (train) / decode-only, reused memory [cpu]", "stream local (train) / decode-only (reused memory) [cpu]",
+     "{:.3f}", None),
+    ("decode-only: reused memory / Pillow's own [cpu]", "decode-only (reused memory) / decode-only (in memory) [cpu]",
+     "{:.3f}", None),
     ("stream (train) / decode+augment+batch [cpu]", "stream local (train) / decode+augment+batch (in memory) [cpu]",
      "{:.3f}", None),
     ("decode+augment+batch / decode-only [cpu]", "decode+augment+batch (in memory) / decode-only (in memory) [cpu]",

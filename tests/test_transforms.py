@@ -19,10 +19,13 @@ from pipeline.data.sources.base import encode_png
 from pipeline.data.tar_samples import TarFormatError, TarSamples
 from pipeline.data.transforms import (
     Augment,
+    DecodeBuffer,
     DecodeError,
+    Fields,
     SampleRandom,
     class_ids,
     decode_augment,
+    decode_field,
     float_image,
     loader_dtypes,
     map_dtype,
@@ -191,6 +194,89 @@ def test_fields_of_different_sizes_are_refused():
         decode_augment(encoded, kinds, Augment(), SampleRandom(0), True, DTYPES)
 
 
+# ---------------------------------------------------------------- decoding into reused memory
+
+
+def _encoded(fmt: str, arr: np.ndarray, mode: str | None = None) -> bytes:
+    img = Image.fromarray(arr) if mode is None else Image.fromarray(arr).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+_PHOTO = RNG.integers(0, 256, (21, 34, 3), dtype=np.uint8)
+_IDS = RNG.integers(0, 35, (21, 34), dtype=np.uint8)
+ENCODINGS = {  # name: (kind, encoded bytes, decoded into the buffer's memory?)
+    "RGB PNG": ("image", encode_png(_PHOTO), True),
+    "RGB JPEG": ("image", _encoded("JPEG", _PHOTO), True),
+    "L PNG label": ("label", encode_png(_IDS), True),
+    "P PNG label": ("label", _encoded("PNG", _IDS, "P"), True),
+    "16-bit PNG instance": ("instance", encode_png(RNG.integers(0, 65536, (21, 34), dtype=np.uint16)), True),
+    "RGBA PNG photo": ("image", _encoded("PNG", _PHOTO, "RGBA"), False),  # converted to RGB: new memory
+    "L PNG photo": ("image", encode_png(_IDS), False),
+    "32-bit TIFF instance": ("instance", _encoded("TIFF", _IDS.astype(np.int32) * 70000), False),
+}
+
+
+@pytest.mark.parametrize("name", list(ENCODINGS))
+def test_decoding_into_reused_memory_gives_a_plain_decodes_pixels(name):
+    kind, data, mapped = ENCODINGS[name]
+    plain = decode_field(kind, data)
+    expected = rgbx_words(plain) if kind == "image" else pixels(plain)
+    buffer = DecodeBuffer()
+    for _ in range(2):  # the second decode reuses the first one's memory
+        img = decode_field(kind, data, buffer)
+        assert img.mode == plain.mode and img.size == plain.size
+        got = rgbx_words(img) if kind == "image" else pixels(img)
+        assert got.dtype == expected.dtype and np.array_equal(got, expected)
+        if mapped:
+            assert buffer.array is not None and img.im is buffer.core
+            assert np.array_equal(buffer.array, expected) and not buffer.array.flags.writeable
+        else:
+            assert buffer.array is None
+
+
+def test_a_decode_buffer_is_overwritten_by_the_next_decode_and_follows_size_changes():
+    def rgb(words: np.ndarray) -> np.ndarray:
+        return words.view(np.uint8).reshape(*words.shape, 4)[..., :3]
+
+    buffer = DecodeBuffer()
+    first, second = (RNG.integers(0, 256, (8, 12, 3), dtype=np.uint8) for _ in range(2))
+    decode_field("image", encode_png(first), buffer)
+    memory = buffer.array
+    assert np.array_equal(rgb(memory), first)
+    decode_field("image", encode_png(second), buffer)
+    assert buffer.array is memory  # the same memory, now the second image's: a view must be used before
+    assert np.array_equal(rgb(memory), second)
+    other = RNG.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    decode_field("image", encode_png(other), buffer)
+    assert buffer.array.shape == (5, 7) and np.array_equal(rgb(buffer.array), other)
+    with pytest.raises(DecodeError, match="cannot decode"):
+        decode_field("image", encode_png(first)[:60], buffer)  # truncated
+    decode_field("image", encode_png(first), buffer)  # and the buffer is still good
+    assert np.array_equal(rgb(buffer.array), first)
+
+
+def test_fields_decoding_into_reused_memory_give_the_batches_of_decode_augment():
+    kinds = {"image": "image", "label": "label", "instance": "instance"}
+    reused, plain = Fields(kinds, DTYPES, reuse=True), Fields(kinds, DTYPES)
+    collate, aug = Collate(DTYPES), Augment(crop=(15, 9))
+    flips = set()
+    for i in range(12):
+        encoded = [encode_png(RNG.integers(0, 256, (16, 24, 3), dtype=np.uint8)),
+                   encode_png(RNG.integers(0, 7, (16, 24), dtype=np.uint8)),
+                   encode_png(RNG.integers(0, 65536, (16, 24), dtype=np.uint16))]
+        expected = collate.one(decode_augment(dict(zip(kinds, encoded)), kinds, aug, SampleRandom(4, i), True, DTYPES))
+        assert plain.decode_augment(encoded, aug, SampleRandom(4, i), True)[0].base is not None
+        views = reused.decode_augment(encoded, aug, SampleRandom(4, i), True)
+        assert all(not v.flags.writeable for v in views)
+        got = collate.one(dict(zip(kinds, views)))
+        for name in kinds:
+            assert torch.equal(got[name], expected[name]), (i, name)
+        flips.add(views[0].strides[1] < 0)
+    assert flips == {True, False}
+
+
 # ---------------------------------------------------------------- batches: the one copy
 
 
@@ -273,6 +359,30 @@ def test_a_batch_of_different_sizes_or_fields_is_refused_by_name():
     samples[1]["__index__"] = "1"
     with pytest.raises(ValueError, match=r"sample 'k1' has other values \(not ints\) than the first"):
         collate(samples)
+
+
+def test_put_makes_the_batch_add_makes_and_refuses_a_missing_field():
+    samples, kinds = _samples(4)
+    collate = Collate(DTYPES)
+    added = collate(samples)
+    builder = collate.builder(4, ("__index__", "__slot__"))
+    for s in samples:
+        builder.put([s[name] for name in DTYPES], (s["__index__"], s["__slot__"]), s["__key__"])
+    put = builder.finish()
+    assert set(put) == set(added) and put["__key__"] == added["__key__"]
+    for name in (*kinds, "__index__", "__slot__"):
+        assert put[name].dtype == added[name].dtype and torch.equal(put[name], added[name]), name
+    views = [samples[0][name] for name in DTYPES]
+    builder = collate.builder(2, ("__index__",))
+    builder.put(views, (0,), "k0")
+    with pytest.raises(ValueError, match=r"sample 'k1' has other fields than the first of its batch \('k0'\)"):
+        builder.put(views[:2] + [None], (1,), "k1")
+    builder = collate.builder(2, ("__index__",))
+    builder.put(views[:2] + [None], (0,), "k0")  # a field the first sample lacks is not in the batch
+    with pytest.raises(ValueError, match=r"sample 'k1' has other fields than"):
+        builder.put(views, (1,), "k1")
+    builder.put(views[:2] + [None], (1,), "k2")
+    assert set(builder.finish()) == {"image", "label", "__index__", "__key__"}
 
 
 # ---------------------------------------------------------------- the tar reader

@@ -1,10 +1,10 @@
 """Batches of the loader's samples: the one host copy of every field, from its view of the decoded
 pixels (cropped and flipped by strides, see ``transforms``) into the batch tensor.
 
-The stream fills a batch sample by sample (``BatchBuilder``), each copy made right after its
-sample's decode, while the decoded pixels are still in the CPU's caches, and the decoded image is
-freed at once, so the next decode reuses warm memory. Holding a batch of decoded images for a
-later stack cost ~2% more per 256x128 sample. Inside a DataLoader worker the batch is allocated in
+The stream fills a batch sample by sample (``BatchBuilder.put``), each copy made right after its
+sample's decode, while the decoded pixels are still in the CPU's caches, and before the next
+sample is decoded into the same memory (``transforms.DecodeBuffer``). Holding a batch of decoded
+images for a later stack cost ~2% more per 256x128 sample. Inside a DataLoader worker the batch is allocated in
 shared memory, as PyTorch's ``default_collate`` does, so it crosses to the main process without
 another copy.
 """
@@ -33,9 +33,9 @@ class Collate:
 
     fields: dict[str, str]
 
-    def builder(self, size: int) -> BatchBuilder:
-        """An empty batch of at most ``size`` samples."""
-        return BatchBuilder(self.fields, size, shared=get_worker_info() is not None)
+    def builder(self, size: int, ints: tuple[str, ...] = ()) -> BatchBuilder:
+        """An empty batch of at most ``size`` samples (``ints``: see ``BatchBuilder.put``)."""
+        return BatchBuilder(self.fields, size, shared=get_worker_info() is not None, ints=ints)
 
     def __call__(self, samples: list[dict]) -> dict:
         batch = self.builder(len(samples))
@@ -56,11 +56,35 @@ class Collate:
         if len(batch):
             yield batch.finish()
 
+    def put_batches(self, rows: Iterator[tuple[str, list, tuple[int, ...]]], size: int,
+                    ints: tuple[str, ...]) -> Iterator[dict]:
+        """``batches`` of positional samples ``(key, views, ints)`` (``BatchBuilder.put``)."""
+        batch = self.builder(size, ints)
+        for key, views, values in rows:
+            batch.put(views, values, key)
+            del views  # not held while the next sample is decoded
+            if len(batch) == size:
+                yield batch.finish()
+                batch = self.builder(size, ints)
+        if len(batch):
+            yield batch.finish()
+
+    def put_one(self, key: str, views: list, ints: tuple[int, ...], int_names: tuple[str, ...]) -> dict:
+        """``one`` of a positional sample: its fields copied into tensors of their own, its key, its
+        ints under ``int_names``."""
+        batch = self.builder(1, int_names)
+        batch.put(views, ints, key)
+        sample = {name: tensor[0] for name, tensor in zip(batch.names, batch.tensors)}
+        sample["__key__"] = key
+        sample.update(zip(int_names, ints))
+        return sample
+
     def one(self, sample: dict) -> dict:
         """One sample on its own: fields copied into tensors of their own, the rest as it is."""
         batch = self.builder(1)
         batch.add(sample)
-        return {name: batch.tensors[name][0] if name in self.fields else value for name, value in sample.items()}
+        copies = dict(zip(batch.names, batch.tensors))
+        return {name: copies[name][0] if name in copies else value for name, value in sample.items()}
 
 
 class BatchBuilder:
@@ -71,80 +95,110 @@ class BatchBuilder:
 
     Names whose values are ints (the stream's positions ``__slot__``, ``__epoch__``, ``__index__``,
     ``__bad__``) share one int64 tensor, a contiguous row each: one allocation, and in a DataLoader
-    worker one shared-memory segment, where ``default_collate`` made a tensor per name."""
+    worker one shared-memory segment, where ``default_collate`` made a tensor per name.
 
-    def __init__(self, fields: dict[str, str], size: int, shared: bool):
+    ``put`` is ``add`` for a caller that made the sample positionally (the stream): the views of
+    the batch's fields in their order (``None`` for a field the sample lacks), its ints in the order
+    of ``ints``, its key. It skips the dicts and the checks of values the caller made itself."""
+
+    def __init__(self, fields: dict[str, str], size: int, shared: bool, ints: tuple[str, ...] = ()):
         self.fields, self.size, self.shared = fields, size, shared
-        self.tensors: dict[str, torch.Tensor] = {}  # field -> [size, ...] tensor, made at the first add
-        self.rows: dict[str, np.ndarray] = {}  # field -> the numpy view the copies write through
-        self.ints: list[str] = []  # names of int values -> rows of int_rows, in this order
-        self.int_rows: np.ndarray | None = None  # [len(ints), size] int64, the view the ints are written through
-        self.int_tensor: torch.Tensor | None = None
+        self.names: list[str] = []  # the fields in the batch, in the order of their views
+        self.tensors: list[torch.Tensor] = []  # per name: [size, ...], made at the first sample
+        self.rows: list[np.ndarray] = []  # per name: the numpy view the copies write through
+        self.ints: list[str] = list(ints)  # names of int values, in the order of their rows in the int tensor
+        self.int_values: list[tuple[int, ...]] = []  # per sample
         self.rest: dict[str, list] = {}  # every other name -> its values, one per sample
-        self.count = 0
+        self.keys: list[str] = []  # per sample, for ``put``
         self.first_key = None
 
     def __len__(self) -> int:
-        return self.count
+        return len(self.int_values)
 
-    def add(self, sample: dict) -> None:
-        i = self.count
+    def put(self, views: list[np.ndarray | None], ints: tuple[int, ...], key: str) -> None:
+        i = len(self.int_values)
         if i == self.size:
             raise ValueError(f"the batch is full ({self.size} samples)")
         if i == 0:
-            self._allocate(sample)
-        elif len(sample) != len(self.rows) + len(self.ints) + len(self.rest):
-            self._refuse(sample, "has other fields than")
+            self.first_key = key
+            self._allocate(list(self.fields), views)
+        if len(views) != len(self.rows):  # the first sample lacked a field: so must this one
+            if any(view is not None for name, view in zip(self.fields, views) if name not in self.names):
+                self._refuse(key, dict(zip(self.fields, views)), "has other fields than")
+            views = [view for name, view in zip(self.fields, views) if name in self.names]
         try:
-            for name, rows in self.rows.items():
-                rows[i] = sample[name]  # crop, flip (negative strides), widening (uint8 -> uint16): one copy
-            ints = [sample[name] for name in self.ints]
-            for name, values in self.rest.items():
-                values.append(sample[name])
-        except KeyError:
-            self._refuse(sample, "has other fields than")
-        except ValueError:  # numpy: "could not broadcast input array from shape ..."
-            self._refuse(sample, "is not the size of")
-        if ints:
-            if any(type(v) is not int for v in ints):
-                self._refuse(sample, "has other values (not ints) than")
-            self.int_rows[:, i] = ints
-        self.count = i + 1
+            for rows, view in zip(self.rows, views):
+                rows[i] = view  # crop, flip (negative strides), widening (uint8 -> uint16): one copy
+        except (ValueError, TypeError):  # numpy: "could not broadcast ..."; a view missing (None)
+            how = "has other fields than" if any(view is None for view in views) else "is not the size of"
+            self._refuse(key, dict(zip(self.names, views)), how)
+        self.int_values.append(ints)
+        self.keys.append(key)
 
-    def _refuse(self, sample: dict, how: str) -> None:
-        fields = {name: tuple(sample[name].shape[1::-1]) for name in sample if name in self.fields}
-        first = {name: tuple(rows.shape[2:0:-1]) for name, rows in self.rows.items()}  # (w, h)
-        raise ValueError(f"sample {sample.get('__key__')!r} {how} the first of its batch ({self.first_key!r}): "
+    def add(self, sample: dict) -> None:
+        i = len(self.int_values)
+        if i == self.size:
+            raise ValueError(f"the batch is full ({self.size} samples)")
+        key = sample.get("__key__")
+        if i == 0:
+            self.first_key = key
+            self.ints = [name for name, value in sample.items() if name not in self.fields and type(value) is int]
+            self.rest = {name: [] for name in sample if name not in self.fields and name not in self.ints}
+            names = [name for name in sample if name in self.fields]
+            self._allocate(names, [sample[name] for name in names])
+        elif len(sample) != len(self.names) + len(self.ints) + len(self.rest):
+            self._refuse(key, sample, "has other fields than")
+        try:
+            views = [sample[name] for name in self.names]
+            ints = tuple(sample[name] for name in self.ints)
+            extra = [sample[name] for name in self.rest]
+        except KeyError:
+            self._refuse(key, sample, "has other fields than")
+        if any(type(v) is not int for v in ints):
+            self._refuse(key, sample, "has other values (not ints) than")
+        try:
+            for rows, view in zip(self.rows, views):
+                rows[i] = view
+        except ValueError:  # numpy: "could not broadcast input array from shape ..."
+            self._refuse(key, sample, "is not the size of")
+        for values, value in zip(self.rest.values(), extra):
+            values.append(value)
+        self.int_values.append(ints)
+
+    def _refuse(self, key, sample: dict, how: str) -> None:
+        fields = {name: tuple(sample[name].shape[1::-1]) for name in sample
+                  if name in self.fields and sample[name] is not None}
+        first = {name: tuple(rows.shape[2:0:-1]) for name, rows in zip(self.names, self.rows)}  # (w, h)
+        raise ValueError(f"sample {key!r} {how} the first of its batch ({self.first_key!r}): "
                          f"fields (w, h) {fields} and {first}; crop to one size (data.crop_size)")
 
-    def _allocate(self, sample: dict) -> None:
-        self.first_key = sample.get("__key__")
-        for name, value in sample.items():
-            if name not in self.fields:
-                if type(value) is int:
-                    self.ints.append(name)
-                else:
-                    self.rest[name] = []
+    def _allocate(self, names: list[str], views: list) -> None:
+        for name, view in zip(names, views):
+            if view is None:  # a field the first sample lacks is not in the batch
                 continue
-            shape = value.shape
+            shape = view.shape
             if self.fields[name] == IMAGE_DTYPE:
                 tensor = _empty((self.size, *shape, 4), torch.uint8, self.shared)
                 rows = tensor.numpy().view(np.uint32).reshape(self.size, *shape)  # whole 4-byte words
             else:
                 tensor = _empty((self.size, *shape), getattr(torch, self.fields[name]), self.shared)
                 rows = tensor.numpy()
-            self.tensors[name], self.rows[name] = tensor, rows
-        if self.ints:
-            self.int_tensor = _empty((len(self.ints), self.size), torch.int64, self.shared)
-            self.int_rows = self.int_tensor.numpy()
+            self.names.append(name)
+            self.tensors.append(tensor)
+            self.rows.append(rows)
 
     def finish(self) -> dict:
-        n = self.count
+        n = len(self.int_values)
         if n == 0:
             raise ValueError("cannot collate an empty batch")
-        batch = {name: tensor if n == self.size else tensor[:n] for name, tensor in self.tensors.items()}
-        for j, name in enumerate(self.ints):
-            batch[name] = self.int_tensor[j, :n]
+        batch = {name: tensor if n == self.size else tensor[:n] for name, tensor in zip(self.names, self.tensors)}
+        if self.ints:
+            int_tensor = _empty((len(self.ints), n), torch.int64, self.shared)
+            int_tensor.numpy()[:] = np.array(self.int_values, dtype=np.int64).T
+            for j, name in enumerate(self.ints):
+                batch[name] = int_tensor[j]
+        if self.keys:
+            batch["__key__"] = self.keys
         for name, values in self.rest.items():
             batch[name] = default_collate(values)
         return batch

@@ -19,13 +19,14 @@ slot, the last ``(epoch, index + 1)`` it consumed can restart the stream exactly
 
 With ``batch_size`` the stream yields batches of that many consecutive samples of one slot (what
 a DataLoader worker batches; use the stream with ``DataLoader(batch_size=None)``), made by
-``collate.Collate``: a sample's fields are views of its decoded pixels, cropped and flipped by
-strides, and the batch is the one copy of them. Without ``batch_size`` it yields samples, each
-field copied on its own. Either way fields are integer tensors (``transforms`` has the layouts and
-dtypes): uint8 RGBX images ``[H, W, 4]``, label maps uint8 (at most 256 classes), other maps
-uint16 (PNG) or int32. Each family's ``prepare`` turns them into floats and int32/int64 on the
-device: 3x less to pass between DataLoader workers and the main process, and 3x smaller
-host-to-device copies, than float32 images.
+``collate.Collate``: each field of a slot is decoded into memory of its own that every sample
+reuses (``transforms.DecodeBuffer``), a sample's fields are views of it, cropped and flipped by
+strides, and the batch is the one copy of them, made before the next sample is decoded. Without
+``batch_size`` it yields samples, each field copied on its own. Either way fields are integer
+tensors (``transforms`` has the layouts and dtypes): uint8 RGBX images ``[H, W, 4]``, label maps
+uint8 (at most 256 classes), other maps uint16 (PNG) or int32. Each family's ``prepare`` turns
+them into floats and int32/int64 on the device: 3x less to pass between DataLoader workers and the
+main process, and 3x smaller host-to-device copies, than float32 images.
 
 Tar shards are read by ``tar_samples`` (headers parsed there, one read per member); members of
 samples before a slot's start are passed with ``seek``, never read.
@@ -40,12 +41,13 @@ every sample, to be faulted in again for the next one.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import platform
 import random
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,7 +58,7 @@ from .collate import Collate
 from .manifest import Manifest, ShardInfo, load_manifest
 from .sources.base import sanitize_key
 from .tar_samples import TarSamples
-from .transforms import Augment, DecodeError, SampleRandom, decode_augment, loader_dtypes
+from .transforms import Augment, DecodeError, Fields, SampleRandom, loader_dtypes
 
 log = logging.getLogger(__name__)
 
@@ -147,12 +149,26 @@ def check_member_names(raw: dict) -> str | None:
     """Why a raw sample must be refused, or None. Keys are checked for path tricks, members for
     pickled content (never unpickled: a shard is data, not code)."""
     key = raw["__key__"]
+    member = refused_member(raw)
+    return unsafe_key(key) or (member and _refusal(key, member))
+
+
+def unsafe_key(key: str) -> str | None:
     if key.startswith("/") or ".." in key.split("/") or "\\" in key:
         return f"unsafe key {key!r}"
+    return None
+
+
+def refused_member(raw: dict) -> str | None:
+    """The first member name of ``raw`` whose suffix would be unpickled by generic decoders."""
     for name in raw:
         if not name.startswith("__") and name.rsplit(".", 1)[-1].lower() in FORBIDDEN_SUFFIXES:
-            return f"refusing member {key}.{name}: pickled content is never loaded"
+            return name
     return None
+
+
+def _refusal(key: str, member: str) -> str:
+    return f"refusing member {key}.{member}: pickled content is never loaded"
 
 
 @dataclass
@@ -244,34 +260,66 @@ def _slot_rng(seed: int, slot: int, epoch: int, index: int) -> SampleRandom:
     return SampleRandom(seed, slot, epoch, index)
 
 
-def _decode(raw: dict, spec: StreamSpec, kinds: dict[str, str], dtypes: dict[str, str],
-            rng: SampleRandom | None) -> dict:
-    reason = check_member_names(raw)
-    if reason:
-        raise DecodeError(reason)
-    members: dict[str, str] = {}  # field stem -> its first member (``image`` -> ``image.png``)
-    for k in raw:
-        if not k.startswith("__"):
-            members.setdefault(k.split(".", 1)[0], k)
-    encoded = {}
-    for name in kinds:
-        member = members.get(name)
-        if member is None:
-            if spec.manifest.fields[name].get("required", True):
-                raise DecodeError(f"missing field {name!r}")
-            continue
-        encoded[name] = raw[member]
-    return decode_augment(encoded, kinds, spec.augment, rng, spec.train, dtypes)
+POSITIONS = ("__slot__", "__epoch__", "__index__", "__bad__")  # the ints of each sample, in this order
 
 
-def iterate_slot(spec: StreamSpec, slot: int, num_slots: int) -> Iterator[dict]:
-    """The decoded sample stream of one slot (endless in training, one pass in evaluation)."""
+class SlotDecoder:
+    """Decodes a slot's raw samples into the views of their fields (``transforms.Fields``, in the
+    order of ``StreamSpec.kinds``). What does not change from sample to sample is worked out once:
+    the fields, and for each layout of member names met (a dataset has one, or a few) which
+    member holds each field, or why such samples are refused. Only the key is checked per sample."""
+
+    def __init__(self, spec: StreamSpec):
+        kinds = spec.kinds()
+        self.fields = Fields(kinds, spec.dtypes(), reuse=True)
+        self.required = tuple(spec.manifest.fields[name].get("required", True) for name in kinds)
+        self.augment, self.train = spec.augment, spec.train
+        self._members: dict[tuple, list | Callable] = {}  # names of a raw sample -> members (``_plan``)
+
+    def __call__(self, raw: dict, rng: SampleRandom | None) -> list[np.ndarray | None]:
+        key = raw["__key__"]
+        reason = unsafe_key(key)
+        if reason:
+            raise DecodeError(reason)
+        layout = tuple(raw)
+        members = self._members.get(layout)
+        if members is None:
+            if len(self._members) >= 64:  # not one dataset's few layouts: forget them rather than grow
+                self._members.clear()
+            members = self._members[layout] = self._plan(raw)
+        if type(members) is not list:
+            raise DecodeError(members(key))
+        return self.fields.decode_augment([None if m is None else raw[m] for m in members], self.augment, rng,
+                                          self.train)
+
+    def _plan(self, raw: dict) -> list[str | None] | Callable[[str], str]:
+        """The member of each field (its first, e.g. ``image`` -> ``image.png``), or the message
+        that refuses such samples, a function of the key."""
+        refused = refused_member(raw)
+        if refused:
+            return functools.partial(_refusal, member=refused)
+        first: dict[str, str] = {}
+        for k in raw:
+            if not k.startswith("__"):
+                first.setdefault(k.split(".", 1)[0], k)
+        members = [first.get(name) for name in self.fields.names]
+        for name, member, required in zip(self.fields.names, members, self.required):
+            if member is None and required:
+                missing = f"missing field {name!r}"
+                return lambda key: missing
+        return members
+
+
+def iterate_slot(spec: StreamSpec, slot: int, num_slots: int) -> Iterator[tuple[str, list, tuple[int, ...]]]:
+    """The decoded samples of one slot (endless in training, one pass in evaluation), each as
+    ``(key, views, ints)``: the views of its fields in the order of ``spec.kinds()`` (``None`` for
+    a field it lacks), its ints named by ``POSITIONS``."""
     shards = spec.manifest.shards(spec.split)
     total = sum(s.samples for s in shards)
     if spec.train and total < num_slots:
         raise ValueError(f"split {spec.split!r} has {total} samples, fewer than the {num_slots} "
                          f"reading slots (ranks x workers); use fewer workers")
-    kinds, dtypes = spec.kinds(), spec.dtypes()
+    decode = SlotDecoder(spec)
     stats = SlotStats(budget=spec.max_bad_samples)
     epoch, skip = spec.start.get(slot, (0, 0))
     while True:
@@ -284,16 +332,13 @@ def iterate_slot(spec: StreamSpec, slot: int, num_slots: int) -> Iterator[dict]:
         for index, raw in enumerate(raws):
             if index < skip:
                 continue  # consumed before the resume: re-read, never decoded
-            try:
-                rng = _slot_rng(spec.seed, slot, epoch, index) if spec.train else None  # eval draws nothing
-                sample = _decode(raw, spec, kinds, dtypes, rng)
+            try:  # evaluation draws nothing
+                views = decode(raw, _slot_rng(spec.seed, slot, epoch, index) if spec.train else None)
             except (DecodeError, ValueError, OSError) as exc:
                 stats.record(f"{raw['__url__']}#{raw['__key__']}", str(exc))  # built only when needed
                 continue
-            sample.update(__key__=sanitize_key(raw["__key__"]), __slot__=slot, __epoch__=epoch,
-                          __index__=index, __bad__=stats.bad)
-            yield sample
-            del sample  # not kept through the next decode (its views hold the decoded pixels)
+            yield sanitize_key(raw["__key__"]), views, (slot, epoch, index, stats.bad)
+            del views  # not kept through the next decode (they hold the decoded pixels)
         if not spec.train:
             return
         epoch, skip = epoch + 1, 0
@@ -338,8 +383,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         keep_freed_memory()
         samples = iterate_slot(self.spec, slot, self.spec.world_size * workers)
         if self.spec.batch_size is None:
-            return map(self.collate.one, samples)
-        return self.collate.batches(samples, self.spec.batch_size)
+            return (self.collate.put_one(*sample, POSITIONS) for sample in samples)
+        return self.collate.put_batches(samples, self.spec.batch_size, POSITIONS)
 
 
 def make_stream(url: str, split: str, *, train: bool, rank: int = 0, world_size: int = 1,

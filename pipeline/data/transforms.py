@@ -33,8 +33,10 @@ conversion the device does for nothing.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io as _io
+import logging
 import re
 import struct
 from dataclasses import dataclass
@@ -44,6 +46,8 @@ import numpy as np
 from PIL import Image
 
 from .pixels import pixels, rgbx_words
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: the shard writer never needs it
     import torch
@@ -55,20 +59,76 @@ class DecodeError(Exception):
     """A field that PIL cannot decode, or whose content does not fit its kind."""
 
 
-def decode_field(kind: str, data: bytes) -> Image.Image:
-    """Decode one encoded field; image kinds come back RGB, maps as single-channel images."""
+def decode_field(kind: str, data: bytes, into: DecodeBuffer | None = None) -> Image.Image:
+    """Decode one encoded field; image kinds come back RGB, maps as single-channel images.
+
+    With ``into``, the pixels are decoded into that buffer's memory where its layout allows
+    (``DecodeBuffer``), and ``into.array`` is then the image's pixels as an array (else None)."""
     try:
         img = Image.open(_io.BytesIO(data))
+        if into is not None:
+            into.map(img, kind)
         img.load()
     except (OSError, ValueError, SyntaxError) as exc:  # PIL's ways of saying "not an image"
         # PIL names the BytesIO object (an address): keep messages, and manifests, deterministic.
         detail = re.sub(r"<[^>]* object at 0x[0-9a-fA-F]+>", "the data", str(exc))
         raise DecodeError(f"cannot decode: {detail}") from exc
+    if into is not None and into.array is not None and img.im is not into.core:
+        into.array = None  # the plugin replaced the image memory after all: its pixels are elsewhere
     if kind == "image":
         return img if img.mode == "RGB" else img.convert("RGB")
     if img.mode not in ("L", "P", "I;16", "I", "I;16B", "I;16L"):
         raise DecodeError(f"a {kind} map must be single-channel, got mode {img.mode}")
     return img
+
+
+class DecodeBuffer:
+    """Memory one field's decodes reuse, sample after sample (the stream's ``Fields(reuse=True)``).
+
+    Pillow decodes into the image memory an opened image already has (``ImageFile.load_prepare``
+    allocates only where there is none), and ``Image.core.map_buffer`` (what ``Image.frombuffer``
+    uses) makes image memory of an array's. So the pixels land in an array this class keeps:
+    no allocation and zero fill of new image memory per decode (~20 µs for a 256x128 sample's
+    three fields), and the array is the pixels' view, with no export (``pixels``, ~4 µs per field
+    warm, several times that after a decode). The memory is the same from decode to decode, still
+    in the caches. The layouts are Pillow's own: RGB as 4-byte RGBX words, L and P as uint8,
+    I;16 as little-endian uint16. Another mode, a multi-tile file, or a Pillow whose
+    ``map_buffer`` refuses, decodes as ``decode_field`` does without ``into``.
+
+    The array is overwritten by the next decode into it: a view of it must be used (copied into
+    its batch) before then."""
+
+    LAYOUTS = {"RGB": np.dtype(np.uint32), "L": np.dtype(np.uint8), "P": np.dtype(np.uint8),
+               "I;16": np.dtype("<u2")}
+    _refused: set[str] = set()  # modes map_buffer refused in this process
+
+    def __init__(self) -> None:
+        self.array: np.ndarray | None = None  # the last decode's pixels, or None where they are not here
+        self.core = None  # the image memory the last decode went into, or None
+        self._core = None  # image memory made of ``_memory``, kept for the next decode
+        self._memory: np.ndarray | None = None
+
+    def map(self, img: Image.Image, kind: str) -> None:
+        """Before ``img`` (opened, not loaded) is loaded: give it image memory of this buffer."""
+        self.array = self.core = None
+        mode = img.mode
+        dtype = self.LAYOUTS.get(mode)
+        if dtype is None or (mode == "RGB") != (kind == "image") or len(img.tile) != 1 or mode in self._refused:
+            return
+        w, h = img.size
+        core, memory = self._core, self._memory
+        if core is None or core.mode != mode or memory.shape != (h, w) or memory.dtype != dtype:
+            memory = np.empty((h, w), dtype)
+            memory.flags.writeable = False  # for its views; the decoder writes through its own pointer
+            try:
+                core = Image.core.map_buffer(memory, (w, h), "raw", 0, (mode, 0, 1))
+            except (ValueError, TypeError, AttributeError) as exc:
+                self._refused.add(mode)
+                log.debug("no decoding into reused memory for mode %s (%s)", mode, exc)
+                return
+            self._core, self._memory = core, memory
+        img.im = self.core = core  # the same image memory for the next decode of this mode and size
+        self.array = memory
 
 
 def map_array(img: Image.Image) -> np.ndarray:
@@ -99,6 +159,9 @@ def loader_dtypes(fields: dict[str, dict], num_classes: int | None) -> dict[str,
             map_dtype(spec["kind"], num_classes, spec.get("exts")).name for name, spec in fields.items()}
 
 
+_EIGHT_WORDS = struct.Struct("<8Q")
+
+
 class SampleRandom:
     """The random draws of one sample's augmentation, a pure function of ``words`` (e.g. seed,
     slot, epoch, index): counter-mode BLAKE2b, eight 64-bit words per block. A few µs per sample,
@@ -109,22 +172,24 @@ class SampleRandom:
     ``(high - low) / 2**64``); ``random()`` is a float in ``[0, 1)`` from 53 bits.
     """
 
-    __slots__ = ("_key", "_block", "_words")
+    __slots__ = ("_key", "_block", "_words", "_used")
 
     def __init__(self, *words: int):
-        self._key = "/".join(str(int(w)) for w in words).encode()
+        self._key = "/".join(map(str, map(int, words))).encode()
         self._block = 0
         self._words = self._hash()
 
-    def _hash(self) -> list[int]:
+    def _hash(self) -> tuple[int, ...]:
         digest = hashlib.blake2b(self._key, digest_size=64, salt=self._block.to_bytes(16, "little")).digest()
         self._block += 1
-        return list(struct.unpack("<8Q", digest))[::-1]  # popped from the end: word 0 first
+        self._used = 0
+        return _EIGHT_WORDS.unpack(digest)
 
     def _next(self) -> int:
-        if not self._words:
+        if self._used == 8:
             self._words = self._hash()
-        return self._words.pop()
+        self._used += 1
+        return self._words[self._used - 1]
 
     def integers(self, low: int, high: int) -> int:
         if high <= low:
@@ -164,16 +229,56 @@ class Augment:
         return (w, h), box, flip
 
 
+class Fields:
+    """The fields of one dataset in a fixed order, with their kinds and loader dtypes: decoding and
+    augmenting a sample positionally, a list of encoded fields in, a list of views out (``None``
+    for a field the sample lacks). Made once (per stream slot, per map-style dataset), not per
+    sample: at 256x128 everything the loader does besides decoding has ~0.15 ms per sample, and
+    the dicts of the per-sample API were a fifth of it."""
+
+    def __init__(self, kinds: dict[str, str], dtypes: dict[str, str], reuse: bool = False):
+        self.names = tuple(kinds)
+        self.kinds = tuple(kinds.values())
+        self.dtypes = tuple(np.dtype(np.uint32) if dtypes[name] == IMAGE_DTYPE else np.dtype(dtypes[name])
+                            for name in self.names)
+        # reuse: every field decodes into memory of its own, the same for every sample (``DecodeBuffer``)
+        self.buffers = tuple(DecodeBuffer() for _ in self.names) if reuse else None
+
+    def decode_augment(self, encoded: list[bytes | None], aug: Augment, rng, train: bool) -> list[np.ndarray | None]:
+        """``decode_field`` for every field, then ``views``: the loader's way (``decode_augment``).
+        With ``reuse``, a view may be of memory the next call decodes into."""
+        if self.buffers is None:
+            return self.views([None if data is None else decode_field(kind, data)
+                               for kind, data in zip(self.kinds, encoded)], aug, rng, train)
+        images = [None if data is None else decode_field(kind, data, buffer)
+                  for kind, data, buffer in zip(self.kinds, encoded, self.buffers)]
+        return self.views(images, aug, rng, train, [buffer.array for buffer in self.buffers])
+
+    def views(self, images: list[Image.Image | None], aug: Augment, rng, train: bool,
+              arrays: list[np.ndarray | None] | None = None) -> list[np.ndarray | None]:
+        """One augmentation decision (``aug.params``, drawn from ``rng``) applied to every decoded
+        field: read-only numpy views of the pixel memory (``_field_view``; ``arrays``: the images'
+        pixels where they are already arrays, from ``DecodeBuffer``)."""
+        size = None
+        for img in images:
+            if img is not None and img.size != size:
+                if size is not None:
+                    raise DecodeError(f"fields disagree in size: {sorted({i.size for i in images if i is not None})}")
+                size = img.size
+        geometry = aug.params(size, rng, train)
+        return [None if img is None else _field_view(name, img, kind, geometry, dtype, array)
+                for name, kind, dtype, img, array in zip(self.names, self.kinds, self.dtypes, images,
+                                                         arrays or (None,) * len(images))]
+
+
 def augment(fields: dict[str, Image.Image], kinds: dict[str, str], aug: Augment, rng, train: bool,
             dtypes: dict[str, str]) -> dict[str, np.ndarray]:
     """Apply one augmentation decision to every (decoded) field: read-only numpy views of the
     pixel memory (``_field_view``), each turned into its loader dtype (``dtypes``, from
     ``loader_dtypes``) by ``collate``'s one copy."""
-    sizes = {img.size for img in fields.values()}
-    if len(sizes) != 1:
-        raise DecodeError(f"fields disagree in size: {sorted(sizes)}")
-    geometry = aug.params(sizes.pop(), rng, train)
-    return {name: _field_view(name, img, kinds[name], geometry, dtypes[name]) for name, img in fields.items()}
+    names = list(fields)
+    views = Fields({name: kinds[name] for name in names}, dtypes).views(list(fields.values()), aug, rng, train)
+    return dict(zip(names, views))
 
 
 def decode_augment(encoded: dict[str, bytes], kinds: dict[str, str], aug: Augment, rng, train: bool,
@@ -185,30 +290,40 @@ def decode_augment(encoded: dict[str, bytes], kinds: dict[str, str], aug: Augmen
     (interleaving cost ~0.05 ms per 256x128 demo sample, ~2% of its decode). The views keep the
     decoded images alive until ``collate`` copies them into the batch; ``stream.keep_freed_memory``
     keeps the memory they free mapped for the next sample."""
-    return augment({name: decode_field(kinds[name], data) for name, data in encoded.items()}, kinds, aug, rng, train,
-                   dtypes)
+    names = list(encoded)
+    fields = Fields({name: kinds[name] for name in names}, dtypes)
+    return dict(zip(names, fields.decode_augment(list(encoded.values()), aug, rng, train)))
 
 
-def _field_view(name: str, img: Image.Image, kind: str, geometry: tuple, dtype: str) -> np.ndarray:
+def _field_view(name: str, img: Image.Image, kind: str, geometry: tuple, dtype: np.dtype,
+                array: np.ndarray | None = None) -> np.ndarray:
     """One field, resized, cropped and flipped, as a view of the image's pixel memory (no copy):
     ``[h, w]`` uint32 RGBX words for images (``rgbx_words``), ``[h, w]`` ids as stored for maps.
     A map stored in a type its loader ``dtype`` cannot hold (a 16-bit label PNG of a 35-class
     dataset) is checked here, where a bad sample can still be skipped, never wrapped by the copy
-    into its batch."""
+    into its batch. ``array``: the pixels of ``img`` as an array already, or None."""
     (w, h), box, flip = geometry
     if (w, h) != img.size:
         resample = Image.Resampling.NEAREST if kind in MAP_KINDS else Image.Resampling.BICUBIC
-        img = img.resize((w, h), resample)
+        img, array = img.resize((w, h), resample), None
     x0, y0, x1, y1 = box or (0, 0, w, h)
-    view = (rgbx_words(img) if kind == "image" else pixels(img))[y0:y1, x0:x1]
-    if kind != "image" and not np.can_cast(view.dtype, dtype) and view.size:
-        limits = np.iinfo(dtype)
-        ends = (view.min(), view.max()) if view.dtype.kind == "i" else (view.max(),)  # unsigned: no pass for min
-        for value in map(int, ends):
-            if not limits.min <= value <= limits.max:
-                raise DecodeError(f"{name} map has id {value}, outside {dtype}, the loader dtype of this field "
-                                  f"(from the manifest: its kind, member types and number of classes)")
+    if array is None:
+        array = rgbx_words(img) if kind == "image" else pixels(img)
+    view = array[y0:y1, x0:x1]
+    if kind != "image":
+        if view.dtype != dtype and not _can_cast(view.dtype, dtype) and view.size:
+            limits = np.iinfo(dtype)
+            ends = (view.min(), view.max()) if view.dtype.kind == "i" else (view.max(),)  # unsigned: no pass for min
+            for value in map(int, ends):
+                if not limits.min <= value <= limits.max:
+                    raise DecodeError(f"{name} map has id {value}, outside {dtype}, the loader dtype of this field "
+                                      f"(from the manifest: its kind, member types and number of classes)")
     return view[:, ::-1] if flip else view
+
+
+@functools.cache
+def _can_cast(stored: np.dtype, dtype: np.dtype) -> bool:
+    return np.can_cast(stored, dtype)
 
 
 # ------------------------------------------------------------------ on the device, in prepare()
