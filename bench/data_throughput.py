@@ -295,11 +295,11 @@ def build_case(name: str, setup: Setup) -> Case:
 
     buffers = {stem: DecodeBuffer() for stem in kinds}
 
-    def decode_only_reused() -> Iterator[str]:
+    def decode_only_reused() -> Iterator[str]:  # decode_field as the stream calls it
         for key, fields in raws:
             for member, data in fields.items():
-                stem = member.split(".", 1)[0]
-                decode_field(kinds[stem], data, buffers[stem])
+                stem, ext = member.split(".", 1)
+                decode_field(kinds[stem], data, buffers[stem], ext)
             yield key
 
     loader_fields = Fields(kinds, dtypes, reuse=True)  # the stream's own decode and views (stream.SlotDecoder)
@@ -307,8 +307,10 @@ def build_case(name: str, setup: Setup) -> Case:
     def decode_and_augment() -> Iterator[str]:
         def samples() -> Iterator[tuple]:
             for i, (key, fields) in enumerate(raws):
-                encoded = {member.split(".", 1)[0]: data for member, data in fields.items()}
-                views = loader_fields.decode_augment([encoded[stem] for stem in kinds], aug, SampleRandom(0, i), True)
+                by_stem = {member.split(".", 1)[0]: member for member in fields}
+                members = [by_stem[stem] for stem in kinds]
+                views = loader_fields.decode_augment([fields[m] for m in members], aug, SampleRandom(0, i), True,
+                                                     [m.split(".", 1)[1] for m in members])
                 yield key, views, (i,)
         batches = collate.put_batches(samples(), setup.batch, ("__index__",))
         return (key for batch in batches for key in batch["__key__"])

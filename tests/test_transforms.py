@@ -236,6 +236,17 @@ def test_decoding_into_reused_memory_gives_a_plain_decodes_pixels(name):
             assert buffer.array is None
 
 
+@pytest.mark.parametrize("ext", ["png", "jpg", "tif", "xyz", None])
+def test_the_members_extension_only_says_which_format_to_try_first(ext):
+    for kind, data, _ in ENCODINGS.values():  # PNG, JPEG and TIFF data, whatever the extension says
+        expected = decode_field(kind, data)
+        got = decode_field(kind, data, DecodeBuffer(), ext)
+        assert got.format == expected.format and got.mode == expected.mode
+        assert np.array_equal(np.asarray(got), np.asarray(expected))
+    with pytest.raises(DecodeError, match="cannot decode"):
+        decode_field("image", b"not an image", None, ext)
+
+
 def test_a_decode_buffer_is_overwritten_by_the_next_decode_and_follows_size_changes():
     def rgb(words: np.ndarray) -> np.ndarray:
         return words.view(np.uint8).reshape(*words.shape, 4)[..., :3]

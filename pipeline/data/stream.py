@@ -274,7 +274,7 @@ class SlotDecoder:
         self.fields = Fields(kinds, spec.dtypes(), reuse=True)
         self.required = tuple(spec.manifest.fields[name].get("required", True) for name in kinds)
         self.augment, self.train = spec.augment, spec.train
-        self._members: dict[tuple, list | Callable] = {}  # names of a raw sample -> members (``_plan``)
+        self._members: dict[tuple, tuple | Callable] = {}  # names of a raw sample -> members (``_plan``)
 
     def __call__(self, raw: dict, rng: SampleRandom | None) -> list[np.ndarray | None]:
         key = raw["__key__"]
@@ -287,14 +287,15 @@ class SlotDecoder:
             if len(self._members) >= 64:  # not one dataset's few layouts: forget them rather than grow
                 self._members.clear()
             members = self._members[layout] = self._plan(raw)
-        if type(members) is not list:
+        if type(members) is not tuple:
             raise DecodeError(members(key))
-        return self.fields.decode_augment([None if m is None else raw[m] for m in members], self.augment, rng,
-                                          self.train)
+        names, exts = members
+        return self.fields.decode_augment([None if m is None else raw[m] for m in names], self.augment, rng,
+                                          self.train, exts)
 
-    def _plan(self, raw: dict) -> list[str | None] | Callable[[str], str]:
-        """The member of each field (its first, e.g. ``image`` -> ``image.png``), or the message
-        that refuses such samples, a function of the key."""
+    def _plan(self, raw: dict) -> tuple[list[str | None], list[str | None]] | Callable[[str], str]:
+        """The member of each field (its first, e.g. ``image`` -> ``image.png``) and its extension
+        (``png``), or the message that refuses such samples, a function of the key."""
         refused = refused_member(raw)
         if refused:
             return functools.partial(_refusal, member=refused)
@@ -307,7 +308,7 @@ class SlotDecoder:
             if member is None and required:
                 missing = f"missing field {name!r}"
                 return lambda key: missing
-        return members
+        return members, [None if m is None else m.rsplit(".", 1)[-1] for m in members]
 
 
 def iterate_slot(spec: StreamSpec, slot: int, num_slots: int) -> Iterator[tuple[str, list, tuple[int, ...]]]:
