@@ -230,7 +230,7 @@ def test_decoding_into_reused_memory_gives_a_plain_decodes_pixels(name):
         got = rgbx_words(img) if kind == "image" else pixels(img)
         assert got.dtype == expected.dtype and np.array_equal(got, expected)
         if mapped:
-            assert buffer.array is not None and img.im is buffer.core
+            assert buffer.array is buffer.memory and img.im is buffer.core
             assert np.array_equal(buffer.array, expected) and not buffer.array.flags.writeable
         else:
             assert buffer.array is None
@@ -378,21 +378,21 @@ def test_put_makes_the_batch_add_makes_and_refuses_a_missing_field():
     added = collate(samples)
     builder = collate.builder(4, ("__index__", "__slot__"))
     for s in samples:
-        builder.put([s[name] for name in DTYPES], (s["__index__"], s["__slot__"]), s["__key__"])
+        builder.put(s["__key__"], [s[name] for name in DTYPES], (s["__index__"], s["__slot__"]))
     put = builder.finish()
     assert set(put) == set(added) and put["__key__"] == added["__key__"]
     for name in (*kinds, "__index__", "__slot__"):
         assert put[name].dtype == added[name].dtype and torch.equal(put[name], added[name]), name
     views = [samples[0][name] for name in DTYPES]
     builder = collate.builder(2, ("__index__",))
-    builder.put(views, (0,), "k0")
+    builder.put("k0", views, (0,))
     with pytest.raises(ValueError, match=r"sample 'k1' has other fields than the first of its batch \('k0'\)"):
-        builder.put(views[:2] + [None], (1,), "k1")
+        builder.put("k1", views[:2] + [None], (1,))
     builder = collate.builder(2, ("__index__",))
-    builder.put(views[:2] + [None], (0,), "k0")  # a field the first sample lacks is not in the batch
+    builder.put("k0", views[:2] + [None], (0,))  # a field the first sample lacks is not in the batch
     with pytest.raises(ValueError, match=r"sample 'k1' has other fields than"):
-        builder.put(views, (1,), "k1")
-    builder.put(views[:2] + [None], (1,), "k2")
+        builder.put("k1", views, (1,))
+    builder.put("k2", views[:2] + [None], (1,))
     assert set(builder.finish()) == {"image", "label", "__index__", "__key__"}
 
 

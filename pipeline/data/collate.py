@@ -4,9 +4,9 @@ pixels (cropped and flipped by strides, see ``transforms``) into the batch tenso
 The stream fills a batch sample by sample (``BatchBuilder.put``), each copy made right after its
 sample's decode, while the decoded pixels are still in the CPU's caches, and before the next
 sample is decoded into the same memory (``transforms.DecodeBuffer``). Holding a batch of decoded
-images for a later stack cost ~2% more per 256x128 sample. Inside a DataLoader worker the batch is allocated in
-shared memory, as PyTorch's ``default_collate`` does, so it crosses to the main process without
-another copy.
+images for a later stack cost ~2% more per 256x128 sample. Inside a DataLoader worker the batch is
+allocated in shared memory, as PyTorch's ``default_collate`` does, so it crosses to the main
+process without another copy.
 """
 
 from __future__ import annotations
@@ -46,23 +46,18 @@ class Collate:
     def batches(self, samples: Iterator[dict], size: int) -> Iterator[dict]:
         """``samples`` in batches of ``size`` (the last may be smaller), each sample copied into
         its batch as soon as it arrives, and let go before the next one is made."""
-        batch = self.builder(size)
-        for sample in samples:
-            batch.add(sample)
-            del sample  # its decoded pixels are freed before the next decode
-            if len(batch) == size:
-                yield batch.finish()
-                batch = self.builder(size)
-        if len(batch):
-            yield batch.finish()
+        return self._batches(samples, size, (), BatchBuilder.add)
 
     def put_batches(self, rows: Iterator[tuple[str, list, tuple[int, ...]]], size: int,
                     ints: tuple[str, ...]) -> Iterator[dict]:
         """``batches`` of positional samples ``(key, views, ints)`` (``BatchBuilder.put``)."""
+        return self._batches(rows, size, ints, lambda batch, row: batch.put(*row))
+
+    def _batches(self, items: Iterator, size: int, ints: tuple[str, ...], add) -> Iterator[dict]:
         batch = self.builder(size, ints)
-        for key, views, values in rows:
-            batch.put(views, values, key)
-            del views  # not held while the next sample is decoded
+        for item in items:
+            add(batch, item)
+            del item  # not held while the next sample is decoded
             if len(batch) == size:
                 yield batch.finish()
                 batch = self.builder(size, ints)
@@ -73,7 +68,7 @@ class Collate:
         """``one`` of a positional sample: its fields copied into tensors of their own, its key, its
         ints under ``int_names``."""
         batch = self.builder(1, int_names)
-        batch.put(views, ints, key)
+        batch.put(key, views, ints)
         sample = {name: tensor[0] for name, tensor in zip(batch.names, batch.tensors)}
         sample["__key__"] = key
         sample.update(zip(int_names, ints))
@@ -97,15 +92,16 @@ class BatchBuilder:
     ``__bad__``) share one int64 tensor, a contiguous row each: one allocation, and in a DataLoader
     worker one shared-memory segment, where ``default_collate`` made a tensor per name.
 
-    ``put`` is ``add`` for a caller that made the sample positionally (the stream): the views of
-    the batch's fields in their order (``None`` for a field the sample lacks), its ints in the order
-    of ``ints``, its key. It skips the dicts and the checks of values the caller made itself."""
+    ``put`` is ``add`` for a caller that made the sample positionally (the stream): its key, the
+    views of the batch's fields in their order (``None`` for a field the sample lacks), its ints in
+    the order of ``ints``. It skips the dicts and the checks of values the caller made itself."""
 
     def __init__(self, fields: dict[str, str], size: int, shared: bool, ints: tuple[str, ...] = ()):
         self.fields, self.size, self.shared = fields, size, shared
         self.names: list[str] = []  # the fields in the batch, in the order of their views
         self.tensors: list[torch.Tensor] = []  # per name: [size, ...], made at the first sample
         self.rows: list[np.ndarray] = []  # per name: the numpy view the copies write through
+        self.lacking: list[int] | None = None  # for ``put``: positions of the fields the first sample lacked
         self.ints: list[str] = list(ints)  # names of int values, in the order of their rows in the int tensor
         self.int_values: list[tuple[int, ...]] = []  # per sample
         self.rest: dict[str, list] = {}  # every other name -> its values, one per sample
@@ -115,33 +111,24 @@ class BatchBuilder:
     def __len__(self) -> int:
         return len(self.int_values)
 
-    def put(self, views: list[np.ndarray | None], ints: tuple[int, ...], key: str) -> None:
-        i = len(self.int_values)
-        if i == self.size:
-            raise ValueError(f"the batch is full ({self.size} samples)")
+    def put(self, key: str, views: list[np.ndarray | None], ints: tuple[int, ...]) -> None:
+        i = self._next(key)
         if i == 0:
-            self.first_key = key
             self._allocate(list(self.fields), views)
-        if len(views) != len(self.rows):  # the first sample lacked a field: so must this one
-            if any(view is not None for name, view in zip(self.fields, views) if name not in self.names):
+            if len(self.names) < len(views):
+                self.lacking = [j for j, view in enumerate(views) if view is None]
+        if self.lacking is not None:  # the first sample lacked fields: so must this one
+            if any(views[j] is not None for j in self.lacking):
                 self._refuse(key, dict(zip(self.fields, views)), "has other fields than")
-            views = [view for name, view in zip(self.fields, views) if name in self.names]
-        try:
-            for rows, view in zip(self.rows, views):
-                rows[i] = view  # crop, flip (negative strides), widening (uint8 -> uint16): one copy
-        except (ValueError, TypeError):  # numpy: "could not broadcast ..."; a view missing (None)
-            how = "has other fields than" if any(view is None for view in views) else "is not the size of"
-            self._refuse(key, dict(zip(self.names, views)), how)
+            views = [view for j, view in enumerate(views) if j not in self.lacking]
+        self._copy(i, key, views)
         self.int_values.append(ints)
         self.keys.append(key)
 
     def add(self, sample: dict) -> None:
-        i = len(self.int_values)
-        if i == self.size:
-            raise ValueError(f"the batch is full ({self.size} samples)")
         key = sample.get("__key__")
+        i = self._next(key)
         if i == 0:
-            self.first_key = key
             self.ints = [name for name, value in sample.items() if name not in self.fields and type(value) is int]
             self.rest = {name: [] for name in sample if name not in self.fields and name not in self.ints}
             names = [name for name in sample if name in self.fields]
@@ -156,14 +143,27 @@ class BatchBuilder:
             self._refuse(key, sample, "has other fields than")
         if any(type(v) is not int for v in ints):
             self._refuse(key, sample, "has other values (not ints) than")
-        try:
-            for rows, view in zip(self.rows, views):
-                rows[i] = view
-        except ValueError:  # numpy: "could not broadcast input array from shape ..."
-            self._refuse(key, sample, "is not the size of")
+        self._copy(i, key, views)
         for values, value in zip(self.rest.values(), extra):
             values.append(value)
         self.int_values.append(ints)
+
+    def _next(self, key) -> int:
+        """The row of the sample being added (its key the batch's first, if it is row 0)."""
+        i = len(self.int_values)
+        if i == self.size:
+            raise ValueError(f"the batch is full ({self.size} samples)")
+        if i == 0:
+            self.first_key = key
+        return i
+
+    def _copy(self, i: int, key, views: list) -> None:
+        try:
+            for rows, view in zip(self.rows, views):
+                rows[i] = view  # crop, flip (negative strides), widening (uint8 -> uint16): one copy
+        except (ValueError, TypeError):  # numpy: "could not broadcast ..."; a view missing (None)
+            how = "has other fields than" if any(view is None for view in views) else "is not the size of"
+            self._refuse(key, dict(zip(self.names, views)), how)
 
     def _refuse(self, key, sample: dict, how: str) -> None:
         fields = {name: tuple(sample[name].shape[1::-1]) for name in sample

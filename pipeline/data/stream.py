@@ -41,14 +41,14 @@ every sample, to be faulted in again for the next one.
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
 import platform
 import random
 import tarfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -263,6 +263,15 @@ def _slot_rng(seed: int, slot: int, epoch: int, index: int) -> SampleRandom:
 POSITIONS = ("__slot__", "__epoch__", "__index__", "__bad__")  # the ints of each sample, in this order
 
 
+class _Layout(NamedTuple):
+    """What ``SlotDecoder`` works out once for a layout of member names."""
+
+    members: list[str | None]  # per field, its member (its first, e.g. ``image`` -> ``image.png``) or None
+    exts: list[str | None]  # their extensions (``png``)
+    refused: str | None  # a member whose content is never loaded: every such sample is refused
+    missing: str | None  # a required field without a member
+
+
 class SlotDecoder:
     """Decodes a slot's raw samples into the views of their fields (``transforms.Fields``, in the
     order of ``StreamSpec.kinds``). What does not change from sample to sample is worked out once:
@@ -274,41 +283,36 @@ class SlotDecoder:
         self.fields = Fields(kinds, spec.dtypes(), reuse=True)
         self.required = tuple(spec.manifest.fields[name].get("required", True) for name in kinds)
         self.augment, self.train = spec.augment, spec.train
-        self._members: dict[tuple, tuple | Callable] = {}  # names of a raw sample -> members (``_plan``)
+        self._layouts: dict[tuple[str, ...], _Layout] = {}  # the names of a raw sample -> its layout
 
     def __call__(self, raw: dict, rng: SampleRandom | None) -> list[np.ndarray | None]:
         key = raw["__key__"]
         reason = unsafe_key(key)
         if reason:
             raise DecodeError(reason)
-        layout = tuple(raw)
-        members = self._members.get(layout)
-        if members is None:
-            if len(self._members) >= 64:  # not one dataset's few layouts: forget them rather than grow
-                self._members.clear()
-            members = self._members[layout] = self._plan(raw)
-        if type(members) is not tuple:
-            raise DecodeError(members(key))
-        names, exts = members
-        return self.fields.decode_augment([None if m is None else raw[m] for m in names], self.augment, rng,
-                                          self.train, exts)
+        names = tuple(raw)
+        layout = self._layouts.get(names)
+        if layout is None:
+            if len(self._layouts) >= 64:  # not one dataset's few layouts: forget them rather than grow
+                self._layouts.clear()
+            layout = self._layouts[names] = self._layout(raw)
+        if layout.refused:
+            raise DecodeError(_refusal(key, layout.refused))
+        if layout.missing:
+            raise DecodeError(f"missing field {layout.missing!r}")
+        return self.fields.decode_augment([None if m is None else raw[m] for m in layout.members], self.augment,
+                                          rng, self.train, layout.exts)
 
-    def _plan(self, raw: dict) -> tuple[list[str | None], list[str | None]] | Callable[[str], str]:
-        """The member of each field (its first, e.g. ``image`` -> ``image.png``) and its extension
-        (``png``), or the message that refuses such samples, a function of the key."""
-        refused = refused_member(raw)
-        if refused:
-            return functools.partial(_refusal, member=refused)
+    def _layout(self, raw: dict) -> _Layout:
         first: dict[str, str] = {}
         for k in raw:
             if not k.startswith("__"):
                 first.setdefault(k.split(".", 1)[0], k)
         members = [first.get(name) for name in self.fields.names]
-        for name, member, required in zip(self.fields.names, members, self.required):
-            if member is None and required:
-                missing = f"missing field {name!r}"
-                return lambda key: missing
-        return members, [None if m is None else m.rsplit(".", 1)[-1] for m in members]
+        missing = next((name for name, member, required in zip(self.fields.names, members, self.required)
+                        if member is None and required), None)
+        return _Layout(members, [None if m is None else m.rsplit(".", 1)[-1] for m in members],
+                       refused_member(raw), missing)
 
 
 def iterate_slot(spec: StreamSpec, slot: int, num_slots: int) -> Iterator[tuple[str, list, tuple[int, ...]]]:

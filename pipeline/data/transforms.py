@@ -119,31 +119,29 @@ class DecodeBuffer:
 
     def __init__(self) -> None:
         self.array: np.ndarray | None = None  # the last decode's pixels, or None where they are not here
-        self.core = None  # the image memory the last decode went into, or None
-        self._core = None  # image memory made of ``_memory``, kept for the next decode
-        self._memory: np.ndarray | None = None
+        self.core = None  # Pillow image memory made of ``memory``, kept for the next decode
+        self.memory: np.ndarray | None = None
 
     def map(self, img: Image.Image, kind: str) -> None:
         """Before ``img`` (opened, not loaded) is loaded: give it image memory of this buffer."""
-        self.array = self.core = None
+        self.array = None
         mode = img.mode
         dtype = self.LAYOUTS.get(mode)
         if dtype is None or (mode == "RGB") != (kind == "image") or len(img.tile) != 1 or mode in self._refused:
             return
         w, h = img.size
-        core, memory = self._core, self._memory
-        if core is None or core.mode != mode or memory.shape != (h, w) or memory.dtype != dtype:
+        if self.core is None or self.core.mode != mode or self.memory.shape != (h, w) or self.memory.dtype != dtype:
             memory = np.empty((h, w), dtype)
             memory.flags.writeable = False  # for its views; the decoder writes through its own pointer
             try:
-                core = Image.core.map_buffer(memory, (w, h), "raw", 0, (mode, 0, 1))
+                self.core = Image.core.map_buffer(memory, (w, h), "raw", 0, (mode, 0, 1))
             except (ValueError, TypeError, AttributeError) as exc:
                 self._refused.add(mode)
                 log.debug("no decoding into reused memory for mode %s (%s)", mode, exc)
                 return
-            self._core, self._memory = core, memory
-        img.im = self.core = core  # the same image memory for the next decode of this mode and size
-        self.array = memory
+            self.memory = memory
+        img.im = self.core  # the same image memory for the next decode of this mode and size
+        self.array = self.memory
 
 
 def map_array(img: Image.Image) -> np.ndarray:
@@ -264,26 +262,20 @@ class Fields:
         """``decode_field`` for every field (``exts``: the members' extensions, if known), then
         ``views``: the loader's way (``decode_augment``). With ``reuse``, a view may be of memory
         the next call decodes into."""
-        exts = exts or (None,) * len(encoded)
-        if self.buffers is None:
-            return self.views([None if data is None else decode_field(kind, data, None, ext)
-                               for kind, data, ext in zip(self.kinds, encoded, exts)], aug, rng, train)
+        nothing = (None,) * len(encoded)
         images = [None if data is None else decode_field(kind, data, buffer, ext)
-                  for kind, data, buffer, ext in zip(self.kinds, encoded, self.buffers, exts)]
-        return self.views(images, aug, rng, train, [buffer.array for buffer in self.buffers])
+                  for kind, data, buffer, ext in zip(self.kinds, encoded, self.buffers or nothing, exts or nothing)]
+        return self.views(images, aug, rng, train, self.buffers and [buffer.array for buffer in self.buffers])
 
     def views(self, images: list[Image.Image | None], aug: Augment, rng, train: bool,
               arrays: list[np.ndarray | None] | None = None) -> list[np.ndarray | None]:
         """One augmentation decision (``aug.params``, drawn from ``rng``) applied to every decoded
         field: read-only numpy views of the pixel memory (``_field_view``; ``arrays``: the images'
         pixels where they are already arrays, from ``DecodeBuffer``)."""
-        size = None
-        for img in images:
-            if img is not None and img.size != size:
-                if size is not None:
-                    raise DecodeError(f"fields disagree in size: {sorted({i.size for i in images if i is not None})}")
-                size = img.size
-        geometry = aug.params(size, rng, train)
+        sizes = {img.size for img in images if img is not None}
+        if len(sizes) != 1:
+            raise DecodeError(f"fields disagree in size: {sorted(sizes)}")
+        geometry = aug.params(sizes.pop(), rng, train)
         return [None if img is None else _field_view(name, img, kind, geometry, dtype, array)
                 for name, kind, dtype, img, array in zip(self.names, self.kinds, self.dtypes, images,
                                                          arrays or (None,) * len(images))]
@@ -328,14 +320,13 @@ def _field_view(name: str, img: Image.Image, kind: str, geometry: tuple, dtype: 
     if array is None:
         array = rgbx_words(img) if kind == "image" else pixels(img)
     view = array[y0:y1, x0:x1]
-    if kind != "image":
-        if view.dtype != dtype and not _can_cast(view.dtype, dtype) and view.size:
-            limits = np.iinfo(dtype)
-            ends = (view.min(), view.max()) if view.dtype.kind == "i" else (view.max(),)  # unsigned: no pass for min
-            for value in map(int, ends):
-                if not limits.min <= value <= limits.max:
-                    raise DecodeError(f"{name} map has id {value}, outside {dtype}, the loader dtype of this field "
-                                      f"(from the manifest: its kind, member types and number of classes)")
+    if kind != "image" and not _can_cast(view.dtype, dtype) and view.size:
+        limits = np.iinfo(dtype)
+        ends = (view.min(), view.max()) if view.dtype.kind == "i" else (view.max(),)  # unsigned: no pass for min
+        for value in map(int, ends):
+            if not limits.min <= value <= limits.max:
+                raise DecodeError(f"{name} map has id {value}, outside {dtype}, the loader dtype of this field "
+                                  f"(from the manifest: its kind, member types and number of classes)")
     return view[:, ::-1] if flip else view
 
 
