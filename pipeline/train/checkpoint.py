@@ -15,9 +15,11 @@ import contextlib
 import io as _io
 import json
 import logging
+import pickle
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +50,20 @@ def save_tensors(url: str, obj: Any, storage_options: dict | None = None) -> Non
 
 
 def load_tensors(url: str, storage_options: dict | None = None) -> Any:
-    return torch.load(_io.BytesIO(io.read_bytes(url, storage_options)), map_location="cpu", weights_only=True)
+    """What ``save_tensors`` wrote. Anything else pickled in the file (an object, code) is refused
+    unread by torch's weights-only loader: ``CheckpointInvalid``, and nothing in it runs."""
+    data = io.read_bytes(url, storage_options)
+    try:
+        with warnings.catch_warnings():  # a foreign pickle protocol is warned about, then refused below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(_io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's first paragraph is advice to load without weights_only (never, here); what it
+        # refused is said after it.
+        said = [p.strip() for p in str(exc).split("\n\n")[1:]]
+        detail = " ".join(" ".join(p for p in said if p and not p.startswith("Check the documentation")).split())
+        raise CheckpointInvalid(f"{url.rsplit('/', 1)[-1]} holds more than tensors, numbers and strings; refused "
+                                f"unread, nothing in it was run ({detail or 'not a weights-only file'})") from None
 
 
 def fingerprint(state: dict[str, torch.Tensor]) -> str:
@@ -114,15 +129,44 @@ class Found:
     record: dict
 
 
-def latest(run_dir: str, kind: str = CHECKPOINTS, storage_options: dict | None = None) -> Found | None:
-    """The newest checkpoint that verifies; newer broken ones are reported and passed over."""
+class NoUsableCheckpoint(Exception):
+    """Committed checkpoints exist, and not one of them can be used."""
+
+
+def verified(run_dir: str, kind: str = CHECKPOINTS, storage_options: dict | None = None) -> Iterator[Found]:
+    """The checkpoints that verify, newest first; each broken one is reported as it is passed over.
+    Raises ``NoUsableCheckpoint`` at the end when committed checkpoints existed but none verified:
+    starting over then would silently throw their run away."""
+    problems, good = [], 0
     for step in reversed(list_steps(run_dir, kind, storage_options)):
         url = step_url(run_dir, kind, step)
         try:
-            return Found(step, url, verify(url, storage_options))
+            found = Found(step, url, verify(url, storage_options))
         except CheckpointInvalid as exc:
             log.error("checkpoint %s is unusable: %s; falling back to an older one", url, exc)
-    return None
+            if io.exists(io.join(url, COMMIT), storage_options):
+                problems.append(f"step-{step:08d}: {exc}")
+            continue
+        good += 1
+        yield found
+    if problems and not good:
+        raise NoUsableCheckpoint(no_usable_message(run_dir, problems))
+
+
+def no_usable_message(run_dir: str, problems: list[str]) -> str:
+    return (f"{run_dir} holds {len(problems)} committed checkpoint(s) and none is usable "
+            f"({'; '.join(problems)}). To start over, use a new run.dir, or set run.resume=never to start over "
+            f"here (each is replaced when the new run reaches its step); to continue, repair or copy back a "
+            f"checkpoint")
+
+
+def latest(run_dir: str, kind: str = CHECKPOINTS, storage_options: dict | None = None) -> Found | None:
+    """The newest checkpoint that verifies; newer broken ones are reported and passed over.
+    None when there is none (``verified`` says whether committed ones were all broken)."""
+    try:
+        return next(verified(run_dir, kind, storage_options), None)
+    except NoUsableCheckpoint:
+        return None
 
 
 def resolve_init(url: str, storage_options: dict | None = None) -> str:
@@ -139,21 +183,42 @@ def resolve_init(url: str, storage_options: dict | None = None) -> str:
                             f"directory holding one")
 
 
-def prune(run_dir: str, keep_last: int, kind: str = CHECKPOINTS, storage_options: dict | None = None) -> list[int]:
-    """Delete all but the newest ``keep_last`` committed checkpoints, and uncommitted leftovers
-    older than the newest committed one. Called only right after a commit."""
+def prune(run_dir: str, keep_last: int, kind: str = CHECKPOINTS, storage_options: dict | None = None,
+          keep: frozenset[int] = frozenset()) -> list[int]:
+    """Keep the newest ``keep_last`` checkpoints that *verify* (every file re-hashed: one damaged
+    after its commit counts for nothing), and the steps in ``keep``; delete the other verified
+    ones and everything broken or uncommitted older than the newest verified one (a newer verified
+    checkpoint supersedes them). Nothing newer than the newest verified checkpoint is touched, and
+    with none verified nothing is deleted. Called right after a commit."""
     steps = list_steps(run_dir, kind, storage_options)
-    committed = [s for s in steps if io.exists(io.join(step_url(run_dir, kind, s), COMMIT), storage_options)]
-    if not committed:
+    good = []
+    for s in steps:
+        try:
+            verify(step_url(run_dir, kind, s), storage_options)
+            good.append(s)
+        except CheckpointInvalid:
+            pass
+    if not good:
         return []
-    keep = set(committed[-keep_last:])
-    doomed = [s for s in steps if s not in keep and s < committed[-1]]
+    kept = set(good[-keep_last:]) | set(keep)
+    doomed = [s for s in steps if s not in kept and s < good[-1]]
     for s in doomed:
-        fs, path = io.fs_for(step_url(run_dir, kind, s), storage_options)
-        # The commit marker goes first: a half-deleted checkpoint must never look committed.
-        io.remove(io.join(step_url(run_dir, kind, s), COMMIT), storage_options)
-        fs.rm(path, recursive=True)
+        url = step_url(run_dir, kind, s)
+        if s not in good:
+            log.warning("removing %s: %s", url, "broken" if io.exists(io.join(url, COMMIT), storage_options)
+                        else "never committed (a write that did not finish)")
+        clear(url, storage_options)
     return doomed
+
+
+def clear(ckpt_url: str, storage_options: dict | None = None) -> None:
+    """Delete a checkpoint directory, if there is one: its commit marker first, so that a
+    half-deleted checkpoint never looks committed. (Also before a step is written again: files
+    of an earlier, unfinished or broken write must not be hashed into the new commit.)"""
+    io.remove(io.join(ckpt_url, COMMIT), storage_options)
+    fs, path = io.fs_for(ckpt_url, storage_options)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
 
 
 def write_json(url: str, obj: Any, storage_options: dict | None = None) -> None:
