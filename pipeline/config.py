@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,7 +34,12 @@ def bounded(default, lo=None, hi=None, doc: str = ""):
 @dataclass
 class RunConfig:
     dir: str = "runs/{config}"  # any fsspec URL; {config} is the config's name
-    seed: int = bounded(0, 0)
+    seed: int = bounded(0, 0, 2**63 - 1)
+    # auto: continue from the newest usable checkpoint, or start (refusing when checkpoints exist
+    # and none is usable); never: start over (refused when usable checkpoints exist); must: resume.
+    resume: str = choice("auto", "auto", "never", "must")
+    lease_sec: float = bounded(60.0, 5.0, 3600.0)  # the run.dir lease lapses this long after its last renewal
+    lease_wait_sec: float = bounded(120.0, 0.0, 86400.0)  # how long a second job waits for it, then refuses
 
 
 @dataclass
@@ -223,6 +229,8 @@ def _parse_scalar(key: str, tp: Any, value: Any) -> Any:
             raise ConfigError(f"{key}: expected {_article(tp)}, got {value!r}") from None
         if tp is int and isinstance(value, float) and value != int(value):
             raise ConfigError(f"{key}: expected an int, got {value!r}")
+        if tp is float and not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return number
     if tp is str:
         if not isinstance(value, str | int | float) or isinstance(value, bool):
@@ -231,12 +239,19 @@ def _parse_scalar(key: str, tp: Any, value: Any) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
+# Caps for numbers whose field names none: beyond them a value is a typo, and would overflow or
+# stall later (an int64 seed, kimg times 1000 as an int) instead of failing here.
+MAX_INT, MAX_FLOAT = 2**31 - 1, 1e12
+
+
 def _check_field(key: str, f: dataclasses.Field, value: Any) -> None:
     meta = f.metadata
     if "choices" in meta and value not in meta["choices"]:
         allowed = ", ".join(str(c) for c in meta["choices"])
         raise ConfigError(f"{key}: {value!r} is not allowed; choose one of: {allowed}")
     lo, hi = meta.get("min"), meta.get("max")
+    if hi is None and isinstance(value, int | float) and not isinstance(value, bool):
+        hi = MAX_INT if isinstance(value, int) else MAX_FLOAT
     if value is not None and lo is not None and value < lo:
         raise ConfigError(f"{key}: {value!r} is below the minimum {lo}")
     if value is not None and hi is not None and value > hi:
@@ -287,7 +302,13 @@ def load_config(name: str | None, overrides: list[str] = ()) -> Config:
     cfg = Config()
     if name:
         path = resolve_config_path(name)
-        tree = yaml.safe_load(path.read_text()) or {}
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:  # e.g. a python/object tag: safe_load constructs no objects
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark is not None else ""
+            what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"{path}: not a plain YAML mapping{where}: {what}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping of sections")
         for key, value in _flatten(tree).items():

@@ -99,6 +99,32 @@ def sync_context(module: torch.nn.Module, sync: bool):
     return module.no_sync()
 
 
+def exit_with_launcher(code: int, poll_sec: float = 1.0) -> bool:
+    """Under torchrun (``accelerate launch``), end this rank when its launcher is gone.
+
+    torchrun starts every rank in a session of its own, so a launcher killed by the OOM killer,
+    a node agent or ``kill -9`` of the job's process group leaves its ranks training with nobody
+    to stop them, and a relaunch would train beside them. A daemon thread watches the parent pid
+    and exits with ``code`` within about ``poll_sec`` of the parent's death (DataLoader workers
+    notice their own parent's exit). Without a launcher (a plain ``python`` run, perhaps under
+    ``nohup``) nothing is watched. Returns whether the watch started."""
+    import threading
+    import time
+
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return False
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_sec)
+        stderr(f"rank {rank()}: the launcher (pid {parent}) is gone; this rank stops now (exit code {code})")
+        os._exit(code)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+    return True
+
+
 def seed_for(seed: int, rank_: int, nimg: int = 0) -> int:
     """A per-rank seed derived from ``(seed, rank, images seen)``."""
     return (seed * 1_000_003 + rank_ * 7919 + nimg) % (2**63 - 1)

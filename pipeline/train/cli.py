@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return train(cfg, command=shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]))
+    except ConfigError as exc:  # found at start-up: the run cannot go on as configured
+        print(f"gan-train: error: {exc}", file=sys.stderr, flush=True)
+        os._exit(2)  # as below: DataLoader workers must not be joined
     except Exception:
         # DataLoader workers ignore SIGTERM (so that SLURM's notice cannot kill them before the
         # rank saves); after an exception, multiprocessing's exit handler would terminate and

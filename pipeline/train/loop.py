@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -21,18 +22,26 @@ from pathlib import Path
 import torch
 
 from .. import dist, io
-from ..config import Config, deepspeed_limits, to_dict
+from ..config import Config, ConfigError, deepspeed_limits, to_dict
 from ..data.manifest import load_manifest
 from ..data.stream import make_stream
 from ..data.transforms import Augment
 from . import checkpoint as ckpt
 from .ema import ema_beta, make_ema, update_ema
 from .family import DataInfo, StepContext, get_family
+from .lease import RunDirBusy, RunLease
 from .stats import Monitor, describe_run
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_DIVERGED, EXIT_PREEMPTED = 0, 3, 75
+EXIT_NO_CHECKPOINT = 4  # committed checkpoints exist and none can be used (or run.resume cannot be met)
+EXIT_RUN_DIR_BUSY = 5  # another job holds the run directory's lease, or took it over
+EXIT_ORPHANED = 6  # the launcher died: the rank stops rather than train on unsupervised
+# What loading a checkpoint that verified can still raise: a payload torch refuses to unpickle
+# (weights_only), a state that does not fit the networks, a file gone since.
+LOAD_ERRORS = (ckpt.CheckpointInvalid, pickle.UnpicklingError, RuntimeError, ValueError, KeyError, TypeError,
+               OSError, EOFError)
 PREEMPTED_MARKER = "PREEMPTED.json"
 DONE_MARKER = "DONE.json"  # the evaluator's signal that no more snapshots will come
 # Launcher variables a sidecar evaluator must not inherit, or it would try to join our group.
@@ -60,8 +69,10 @@ def ignore_preemption_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def start_sidecar(run_dir: str) -> subprocess.Popen:
-    """One evaluator process beside the main process, in a session of its own; never waited on."""
+def start_sidecar(run_dir: str, trainer_pid: int) -> subprocess.Popen:
+    """One evaluator process beside the main process, in a session of its own; never waited on.
+    It follows the run until training is done, or until ``trainer_pid`` is gone (then it
+    evaluates what was committed and stops)."""
     root = Path(__file__).resolve().parent.parent.parent
     env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_ENV)}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
@@ -70,11 +81,38 @@ def start_sidecar(run_dir: str) -> subprocess.Popen:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     io.remove(io.join(run_dir, "eval", "FINISHED.json"))  # a previous evaluator's, not this one's
     with open(log_path, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.eval.cli", "--run", run_dir], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.eval.cli", "--run", run_dir,
+                                 "--follow-pid", str(trainer_pid)], env=env,
                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
     dist.main_print(f"evaluation sidecar started (pid {proc.pid}, log {log_path})")
     return proc
+
+
+def resume_candidates(cfg: Config) -> tuple[list[ckpt.Found], str | None]:
+    """The verified checkpoints to resume from, newest first, as ``run.resume`` asks; or why the
+    run cannot start. Damaged ones are reported as they are passed over."""
+    run_dir, so = cfg.run.dir, cfg.data.storage_options or None
+    try:
+        found = list(ckpt.verified(run_dir, storage_options=so))
+    except ckpt.NoUsableCheckpoint as exc:
+        if cfg.run.resume == "never":
+            return [], None  # starting over was asked for; the unusable ones are left where they are
+        return [], str(exc)
+    if cfg.run.resume == "never" and found:
+        return [], (f"run.resume=never, but {run_dir} holds checkpoints (the newest: {found[0].url}); use a new "
+                    f"run.dir to start over, or run.resume=auto to continue")
+    if cfg.run.resume == "must" and not found:
+        return [], f"run.resume=must, but {run_dir} holds no checkpoint to resume from"
+    return found, None
+
+
+def ckpt_list(run_dir: str, so: dict | None) -> list[ckpt.Found]:
+    """The verified checkpoints, newest first (none, when every one is broken)."""
+    try:
+        return list(ckpt.verified(run_dir, storage_options=so))
+    except ckpt.NoUsableCheckpoint:
+        return []
 
 
 def resolve_precision(precision: str) -> str:
@@ -107,8 +145,10 @@ def lr_factor(cfg: Config, nimg: int) -> float:
 
 
 def train(cfg: Config, command: str = "") -> int:
-    # First of all: a preemption notice that arrives during start-up must not kill the rank.
+    # First of all: a preemption notice that arrives during start-up must not kill the rank, and a
+    # rank must not outlive its launcher.
     preemption = Preemption()
+    dist.exit_with_launcher(EXIT_ORPHANED)
     # ------------------------------------------------------------ processes, devices, precision
     precision = resolve_precision(cfg.train.precision)
     backend = dist.resolve_backend(cfg.distributed.backend)  # before make_accelerator: it reads the launcher's
@@ -140,9 +180,28 @@ def train(cfg: Config, command: str = "") -> int:
     G, D = nets["G"], nets["D"]
     if cfg.train.channels_last:
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
-    # The newest committed checkpoint, chosen once by rank 0 for everyone.
-    found = dist.broadcast_object(ckpt.latest(run_dir, storage_options=so) if dist.is_main() else None)
-    if found is None and cfg.model.init_from:
+    # One job writes a run directory: rank 0 takes its lease (waiting for, then refusing, a live
+    # holder) before anything in it is read or written.
+    lease = RunLease(run_dir, cfg.run.lease_sec, so) if dist.is_main() else None
+    busy = None
+    if lease is not None:
+        try:
+            io.makedirs(run_dir, so)
+            lease.acquire(cfg.run.lease_wait_sec, interrupted=lambda: preemption.signal is not None)
+        except RunDirBusy as exc:
+            busy = str(exc)
+    busy = dist.broadcast_object(busy)  # orders: no rank reads the run directory before the lease is taken
+    if busy:
+        dist.main_print(f"gan-train: {busy}", file=sys.stderr)
+        return EXIT_RUN_DIR_BUSY
+    # The checkpoints to resume from, newest first, chosen once by rank 0 for everyone.
+    candidates, problem = dist.broadcast_object(resume_candidates(cfg) if dist.is_main() else None)
+    if problem:
+        dist.main_print(f"gan-train: {problem}", file=sys.stderr)
+        if lease:
+            lease.release()
+        return EXIT_NO_CHECKPOINT
+    if not candidates and cfg.model.init_from:
         # Before the engines exist: DeepSpeed copies the weights into its fp32 master partitions.
         source = ckpt.load_tensors(io.join(ckpt.resolve_init(cfg.model.init_from, so), "G.pt"), so)
         (family.init_from or (lambda g, st: g.load_state_dict(st)))(G, source)
@@ -178,7 +237,7 @@ def train(cfg: Config, command: str = "") -> int:
 
     # ------------------------------------------------------------ run directory, resume
     if dist.is_main():
-        io.makedirs(run_dir, so)
+        lease.start_heartbeat()
         io.remove(io.join(run_dir, PREEMPTED_MARKER), so)
         io.remove(io.join(run_dir, DONE_MARKER), so)
         io.atomic_write_json(io.join(run_dir, "config.json"), to_dict(cfg), so)
@@ -186,16 +245,16 @@ def train(cfg: Config, command: str = "") -> int:
                              {**describe_run(command, world, precision, accum), "backend": backend}, so)
     state = {"step": 0, "nimg": 0, "skipped_steps": 0, "consecutive_bad": 0, "rollbacks": 0}
     positions: dict[int, tuple[int, int]] = {}
-    flags = {"stop": False}  # a preemption signal seen by any rank
+    flags = {"stop": False, "lost": False}  # a preemption signal / a lost lease, seen by any rank
 
     def restore(found: ckpt.Found) -> None:
         saved = ckpt.read_json(io.join(found.url, "state.json"), so)
         saved_backend = saved.get("backend", "ddp")
         if saved_backend != backend:
-            raise RuntimeError(f"{found.url} was written with distributed.backend={saved_backend}; resume it with "
+            raise ConfigError(f"{found.url} was written with distributed.backend={saved_backend}; resume it with "
                                f"the same backend (this run uses {backend})")
         if engines and saved["world_size"] != world:
-            raise RuntimeError(f"{found.url} holds DeepSpeed ZeRO partitions for {saved['world_size']} processes; "
+            raise ConfigError(f"{found.url} holds DeepSpeed ZeRO partitions for {saved['world_size']} processes; "
                                f"resume it with {saved['world_size']} processes (this run has {world})")
         G.load_state_dict(ckpt.load_tensors(io.join(found.url, "G.pt"), so))
         D.load_state_dict(ckpt.load_tensors(io.join(found.url, "D.pt"), so))
@@ -223,9 +282,31 @@ def train(cfg: Config, command: str = "") -> int:
             torch.cuda.set_rng_state(mine["cuda_rng"], device)
         positions.update({int(s): (int(e), int(i)) for s, (e, i) in mine["positions"].items()})
 
-    if found is not None:
-        restore(found)
-        dist.main_print(f"resumed from {found.url} at kimg {state['nimg'] / 1000:.3f}")
+    def restore_newest(candidates: list[ckpt.Found]) -> ckpt.Found | None:
+        """Restore the newest candidate that every rank can load; the others are reported."""
+        for found in candidates:
+            try:
+                restore(found)
+                why = None
+            except LOAD_ERRORS as exc:
+                why = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+                log.error("checkpoint %s verified but cannot be loaded (%s); falling back to an older one",
+                          found.url, why)
+            if not dist.any_rank([why is not None], device)[0]:
+                return found
+            fallbacks.append(f"step-{found.step:08d}: cannot be loaded" + (f" ({why})" if why else " on another rank"))
+        return None
+
+    fallbacks: list[str] = []
+    if candidates:
+        found = restore_newest(candidates)
+        if found is None:
+            dist.main_print(f"gan-train: {ckpt.no_usable_message(run_dir, fallbacks)}", file=sys.stderr)
+            if lease:
+                lease.release()
+            return EXIT_NO_CHECKPOINT
+        skipped = f" ({len(fallbacks)} newer checkpoint(s) could not be loaded)" if fallbacks else ""
+        dist.main_print(f"resumed from {found.url} at kimg {state['nimg'] / 1000:.3f}{skipped}")
     else:
         torch.manual_seed(dist.seed_for(cfg.run.seed, rank))
 
@@ -260,11 +341,16 @@ def train(cfg: Config, command: str = "") -> int:
 
     monitor = Monitor(cfg, run_dir, family, info, device, enabled=dist.is_main())
     if cfg.eval.sidecar and dist.is_main():
-        start_sidecar(run_dir)  # the loop itself does no evaluation work and never waits for it
+        start_sidecar(run_dir, os.getpid())  # the loop itself does no evaluation work and never waits for it
     preemption = Preemption()
 
     # ------------------------------------------------------------ checkpointing
-    def save_checkpoint() -> None:
+    def save_checkpoint() -> bool:
+        """Write and commit a checkpoint and a snapshot; False, with nothing written, when
+        another job has taken the run directory over."""
+        if dist.any_rank([lease is not None and not lease.still_mine()], device)[0]:
+            flags["lost"] = True
+            return False
         nets = {"G": G, "D": D, "G_ema": G_ema}
         shared = {name: dist.averaged_state(m) for name, m in nets.items()}
         prints = {name: ckpt.fingerprint(st) for name, st in shared.items()}
@@ -273,6 +359,9 @@ def train(cfg: Config, command: str = "") -> int:
         if not agree:
             raise RuntimeError(f"ranks disagree on the networks at step {state['step']}: {prints}")
         url = ckpt.step_url(run_dir, ckpt.CHECKPOINTS, state["step"])
+        if dist.is_main():
+            ckpt.clear(url, so)  # what an earlier, unfinished or broken write of this step left
+        dist.barrier()  # orders: the step's old directory is gone before any rank writes into it
         # Per rank: RNG, data position, and the rank's own running statistics (the shared files
         # hold their average), so a resumed rank continues bit for bit.
         mine = {"cpu_rng": torch.get_rng_state(), "positions": {str(s): list(p) for s, p in positions.items()},
@@ -300,10 +389,12 @@ def train(cfg: Config, command: str = "") -> int:
             ckpt.commit(url, meta, so)
             ckpt.prune(run_dir, cfg.checkpoint.keep_last, ckpt.CHECKPOINTS, so)
             snap = ckpt.step_url(run_dir, ckpt.SNAPSHOTS, state["step"])
+            ckpt.clear(snap, so)
             ckpt.save_tensors(io.join(snap, "G_ema.pt"), shared["G_ema"], so)
             ckpt.save_tensors(io.join(snap, "G.pt"), shared["G"], so)
             ckpt.commit(snap, meta, so)
             ckpt.prune(run_dir, cfg.checkpoint.keep_last, ckpt.SNAPSHOTS, so)
+        return True
 
     # ------------------------------------------------------------ one optimizer step of one network
     def optimizer_step(net: str, losses: list[dict], extra_bad: bool) -> tuple[bool, torch.Tensor]:
@@ -320,9 +411,9 @@ def train(cfg: Config, command: str = "") -> int:
         loss_ok = all(torch.isfinite(out["loss"]).item() for out in losses)
         # fp16 overflow is the scaler's business (it skips and lowers the scale); NaN losses are ours.
         grads_ok = scalers is not None or bool(torch.isfinite(norm).item())
-        bad, stop = dist.any_rank([not (loss_ok and grads_ok) or extra_bad, preemption.signal is not None],
-                                  device)
-        flags["stop"] = stop
+        bad, stop, lost = dist.any_rank([not (loss_ok and grads_ok) or extra_bad, preemption.signal is not None,
+                                         lease is not None and lease.lost], device)
+        flags["stop"], flags["lost"] = stop, lost
         if bad:
             opt[net].zero_grad(set_to_none=True)
             if scalers:
@@ -341,8 +432,9 @@ def train(cfg: Config, command: str = "") -> int:
         leave no gradient in the engine), then the engine's backward and step. Returns (stepped,
         grad norm)."""
         loss_ok = bool(torch.isfinite(loss).item()) and all(torch.isfinite(out["loss"]).item() for out in losses)
-        bad, stop = dist.any_rank([not loss_ok, preemption.signal is not None], device)
-        flags["stop"] = stop
+        bad, stop, lost = dist.any_rank([not loss_ok, preemption.signal is not None,
+                                         lease is not None and lease.lost], device)
+        flags["stop"], flags["lost"] = stop, lost
         if bad:
             return False, torch.tensor(float("nan"))
         engines[net].backward(loss)
@@ -405,16 +497,21 @@ def train(cfg: Config, command: str = "") -> int:
             state["consecutive_bad"] += 1
             log.warning("step %d skipped on every rank: non-finite loss or gradient", state["step"])
         monitor.step(state, opt, sum(consumed["bad"].values()), G_ema, G, D)
+        if flags["lost"]:
+            break
 
         if state["consecutive_bad"] > cfg.train.max_bad_steps:
-            found = dist.broadcast_object(ckpt.latest(run_dir, storage_options=so) if dist.is_main() else None)
-            if found is None or state["rollbacks"] >= cfg.train.max_rollbacks:
+            found = None
+            if state["rollbacks"] < cfg.train.max_rollbacks:
+                rollbacks = state["rollbacks"]
+                found = restore_newest(dist.broadcast_object(ckpt_list(run_dir, so) if dist.is_main() else None))
+                state["rollbacks"] = rollbacks  # restore() brought back the checkpoint's count
+            if found is None:
                 dist.main_print(f"diverged: {state['consecutive_bad']} consecutive non-finite steps and "
                                 f"{state['rollbacks']} rollbacks; stopping (exit code {EXIT_DIVERGED})")
                 exit_code = EXIT_DIVERGED
                 break
             rollbacks = state["rollbacks"] + 1
-            restore(found)
             state["rollbacks"], state["consecutive_bad"] = rollbacks, 0
             # A retry from the same state with the same randomness would diverge the same way.
             torch.manual_seed(dist.seed_for(cfg.run.seed, rank, state["nimg"] + rollbacks * 1_000_003))
@@ -427,7 +524,8 @@ def train(cfg: Config, command: str = "") -> int:
         aligned = consumed["batches"] % max(1, workers) == 0
         due = state["nimg"] >= next_ckpt or state["nimg"] >= total_nimg
         if aligned and (due or flags["stop"]):
-            save_checkpoint()
+            if not save_checkpoint():
+                break
             next_ckpt = (state["nimg"] // ckpt_every + 1) * ckpt_every
             if flags["stop"] and state["nimg"] < total_nimg:
                 if dist.is_main():
@@ -440,9 +538,15 @@ def train(cfg: Config, command: str = "") -> int:
     else:
         if not (consumed["batches"] % max(1, workers) == 0):
             save_checkpoint()  # the run is complete; exact data alignment no longer matters
+    if flags["lost"]:
+        dist.main_print(f"gan-train: another job took over {run_dir} (its lease); this job stops without writing "
+                        f"(exit code {EXIT_RUN_DIR_BUSY})", file=sys.stderr)
+        exit_code = EXIT_RUN_DIR_BUSY
     monitor.close(state)
     if exit_code == EXIT_OK and dist.is_main():
         io.atomic_write_json(io.join(run_dir, DONE_MARKER), {"step": state["step"], "nimg": state["nimg"],
                                                              "time": time.time()}, so)
+    if lease is not None:
+        lease.release()
     accelerator.end_training()
     return exit_code
