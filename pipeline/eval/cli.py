@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--best-metric", choices=("fid", "kid", "lpips", "psnr", "ssim"))
     p.add_argument("--timeout", type=float, dest="timeout_sec",
                    help="when following: stop after this many seconds without the run's DONE marker")
+    p.add_argument("--follow-pid", type=int, metavar="PID",
+                   help="when following: once process PID (the trainer) is gone, evaluate what is committed and stop")
     p.add_argument("--make-standin-inception", metavar="PATH",
                    help="write a seeded, UNTRAINED InceptionV3 weights file for machines without the real one "
                         "(FIDs from it compare only with each other), then exit")

@@ -55,6 +55,7 @@ class EvalOptions:
     best_metric: str = "fid"
     workers: int = 0
     timeout_sec: float | None = None  # following: give up after this long without the DONE marker
+    follow_pid: int | None = None  # following: once this process (the trainer) is gone, finish what is committed
     storage_options: dict | None = None
 
     @classmethod
@@ -114,15 +115,20 @@ class Evaluator:
             record = ckpt.verify(url, so)
             weights = "G_ema.pt" if "G_ema.pt" in record["files"] else "G.pt"
             state = ckpt.load_tensors(io.join(url, weights), so)
-        except (ckpt.CheckpointInvalid, FileNotFoundError) as exc:
+            cfg = from_dict(record["config"])
+        except FileNotFoundError as exc:
             log.warning("snapshot %s is gone or incomplete (%s): skipped", url, exc)
             return None
-        cfg = from_dict(record["config"])
+        except ckpt.CheckpointInvalid as exc:
+            return self._invalid(step, url, exc)
         family = get_family(cfg.model.family)
         manifest = load_manifest(cfg.data.url, so)
         info = DataInfo(manifest.task, manifest.num_classes, tuple(manifest.fields))
         G = family.build(cfg, info)["G"]
-        G.load_state_dict(state)
+        try:
+            G.load_state_dict(state)
+        except RuntimeError as exc:  # weights of other shapes or names than the run's networks
+            return self._invalid(step, url, exc)
         G.eval().requires_grad_(False).to(self.device)
         conditional = info.task in ("label2image", "paired")
         split = cfg.data.val_split if cfg.data.val_split in manifest.splits else cfg.data.split
@@ -131,6 +137,20 @@ class Evaluator:
             cfg, family, info, G, split)
         result = self._finish(step, record, cfg, manifest, split, gen, real, sums, grid, conditional, t0)
         return result
+
+    def _invalid(self, step: int, url: str, exc: Exception) -> None:
+        """A damaged or unloadable snapshot: recorded as such (so it is not retried at every poll)
+        and passed over; the snapshots after it are evaluated as usual. One that is simply gone
+        (rotated away while being read) is only logged."""
+        so = self.opts.storage_options
+        if not io.exists(io.join(url, ckpt.COMMIT), so):
+            log.warning("snapshot %s is gone or incomplete (%s): skipped", url, exc)
+            return None
+        log.error("snapshot %s cannot be evaluated: %s", url, exc)
+        if dist.is_main():
+            io.atomic_write_json(result_url(self.opts.run, step), {"step": step, "snapshot": url, "invalid": str(exc)},
+                                 so)
+        return None
 
     def _batches(self, cfg: Config, family, info: DataInfo, split: str):
         """This rank's share of ``split``: (global sample index, batch as the loader collates it:
@@ -237,10 +257,13 @@ class Evaluator:
                                            manifest_sha256=key.manifest_sha256, resize=resize,
                                            lpips_weights=self.opts.lpips_weights, reference_cache=cache),
         }
-        io.atomic_write_json(result_url(self.opts.run, step), result, so)
+        # Everything else first, the step's result file last: it is what marks the snapshot as
+        # evaluated, so an evaluator stopped before it evaluates the snapshot again (each write
+        # below replaces or repeats its own, never duplicates a line).
         self._append_jsonl(result)
         self._write_events(result, grid)
         self._update_best(result)
+        io.atomic_write_json(result_url(self.opts.run, step), result, so)
         log.info("step %d (kimg %.3f): %s", step, record["kimg"],
                  ", ".join(f"{k}={v:.4g}" for k, v in values.items() if v is not None))
         return result
@@ -293,6 +316,15 @@ def _ordered(per_rank: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> torch.T
     return torch.stack([row for _, row in pieces]) if pieces else torch.empty(0, metrics.FEATURE_DIMS)
 
 
+def _running(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 class _Stop:
     def __init__(self):
         self.requested = False
@@ -313,7 +345,10 @@ def run_evaluator(opts: EvalOptions) -> int:
     so = opts.storage_options
     evaluated = 0
     while not stop.requested:
-        todo = dist.broadcast_object(pending_steps(opts) if dist.is_main() else None)
+        # Whether the trainer is gone is read before the listing, so that a snapshot it committed
+        # just before it went is in the listing.
+        gone = opts.follow_pid is not None and not _running(opts.follow_pid)
+        todo, gone = dist.broadcast_object((pending_steps(opts), gone) if dist.is_main() else None)
         for step in todo:
             if stop.requested:
                 break
@@ -321,6 +356,10 @@ def run_evaluator(opts: EvalOptions) -> int:
         if opts.once or opts.step is not None:
             break
         done = dist.broadcast_object(io.exists(io.join(opts.run, DONE_MARKER), so) if dist.is_main() else None)
+        if gone and not done and not todo:
+            log.warning("the training process (pid %d) is gone without finishing the run; every committed "
+                        "snapshot is evaluated: stopping", opts.follow_pid)
+            break
         if done and not todo:
             if dist.is_main():
                 io.atomic_write_json(io.join(opts.run, EVAL_DIR, FINISHED), {"evaluated": evaluated,
