@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
+import uuid
 from pathlib import Path
 from typing import IO, Any
 
@@ -143,7 +143,10 @@ def atomic_write_bytes(url: str, data: bytes, storage_options: dict | None = Non
     if isinstance(fs, LocalFileSystem):
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        # Mode 0666 less the umask, as any other file the user writes (mkstemp's 0600 would keep
+        # a teammate, or an evaluator under another user id, from reading a run or a manifest).
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
