@@ -38,6 +38,30 @@ def test_bad_values_name_the_key_and_what_is_allowed(override, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("train.total_kimg=nan", "train.total_kimg: expected a finite number, got 'nan'"),
+    ("train.total_kimg=inf", "train.total_kimg: expected a finite number, got 'inf'"),
+    ("train.total_kimg=-inf", "train.total_kimg: expected a finite number, got '-inf'"),
+    ("train.total_kimg=1e308", "train.total_kimg: 1e+308 is above the maximum 1000000000000.0"),
+    ("run.seed=12345678901234567890123", "run.seed: 12345678901234567890123 is above the maximum 9223372036854775807"),
+    ("train.batch_size=99999999999", "train.batch_size: 99999999999 is above the maximum 2147483647"),
+    ("run.resume=sometimes", "run.resume: 'sometimes' is not allowed; choose one of: auto, never, must"),
+])
+def test_hostile_values_are_refused_before_anything_runs(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("pix2pix_demo", [override])
+    assert str(err.value) == message
+
+
+def test_a_yaml_file_with_a_python_tag_is_a_one_line_refusal(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text(f"train:\n  total_kimg: !!python/object/apply:os.system ['touch {tmp_path}/ran']\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path))
+    assert str(err.value).startswith(f"{path}: not a plain YAML mapping (line 2): could not determine a constructor")
+    assert "\n" not in str(err.value) and not (tmp_path / "ran").exists()
+
+
 def test_unknown_config_lists_the_shipped_ones():
     with pytest.raises(ConfigError, match="unknown config 'nope'; shipped configs: .*pix2pix_demo"):
         load_config("nope")

@@ -187,6 +187,73 @@ def test_killed_evaluator_resumes_without_redoing_and_skips_rotated_snapshots(tr
     assert "is gone or incomplete" in caplog.text
 
 
+def test_an_evaluator_stopped_between_its_writes_evaluates_that_snapshot_again_exactly_once(
+        trained_run, inception, tmp_path, monkeypatch):
+    # The step's result file is written last: stopped after the metrics line and before it, the
+    # evaluator finds the snapshot still pending and redoes it, and the line is not repeated.
+    from pipeline.eval.watcher import EvalOptions, Evaluator, pending_steps
+
+    run_dir = copy_run(trained_run, tmp_path / "run")
+    opts = EvalOptions(run=str(run_dir), inception_weights=inception, max_samples=7, kid_subset_size=4,
+                       kid_subsets=10, batch_size=4)
+
+    class Killed(BaseException):
+        pass
+
+    def killed(self, result):
+        raise Killed
+
+    monkeypatch.setattr(Evaluator, "_update_best", killed)
+    with pytest.raises(Killed):
+        Evaluator(opts).evaluate(2)
+    assert (run_dir / "eval" / "metrics.jsonl").exists() and not (run_dir / "eval" / "step-00000002.json").exists()
+    assert pending_steps(opts) == [2, 4]
+    monkeypatch.undo()
+    r = evaluate(run_dir, "--once", "--inception-weights", inception, *FAST_EVAL)
+    assert r.returncode == 0, explain(r)
+    lines = [json.loads(line) for line in (run_dir / "eval" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 4]
+    assert result(run_dir, 2)["metrics"] == lines[0]["metrics"]
+    assert json.loads((run_dir / "eval" / "best.json").read_text())["step"] in (2, 4)
+    assert pending_steps(opts) == []
+
+
+def test_a_snapshot_that_cannot_be_loaded_is_recorded_and_the_next_one_evaluated(trained_run, inception, tmp_path):
+    import hashlib
+    import pickle
+
+    run_dir = copy_run(trained_run, tmp_path / "run")
+    snap = run_dir / "snapshots" / "step-00000002"
+    data = pickle.dumps({"weight": print})  # not weights: refused by the weights-only loader
+    (snap / "G_ema.pt").write_bytes(data)
+    record = json.loads((snap / ckpt.COMMIT).read_text())
+    record["files"]["G_ema.pt"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (snap / ckpt.COMMIT).write_text(json.dumps(record))
+    r = evaluate(run_dir, "--once", "--inception-weights", inception, *FAST_EVAL)
+    assert r.returncode == 0, explain(r)
+    assert "G_ema.pt holds more than tensors" in result(run_dir, 2)["invalid"]
+    assert result(run_dir, 4)["metrics"]["fid"] > 0
+    lines = (run_dir / "eval" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [4]
+    again = evaluate(run_dir, "--once", "--inception-weights", inception, *FAST_EVAL)
+    assert again.returncode == 0 and "cannot be evaluated" not in again.stderr, explain(again)  # not retried
+
+
+def test_a_follower_stops_once_its_trainer_is_gone_after_evaluating_what_was_committed(trained_run, inception,
+                                                                                      tmp_path):
+    run_dir = copy_run(trained_run, tmp_path / "run")
+    (run_dir / "DONE.json").unlink()  # as if the trainer had been killed before the end
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    r = evaluate(run_dir, "--follow-pid", str(gone.pid), "--poll-sec", "0.2", "--inception-weights", inception,
+                 *FAST_EVAL, timeout=300)
+    assert r.returncode == 0, explain(r)
+    assert "is gone without finishing the run" in r.stderr
+    assert [json.loads(line)["step"] for line in (run_dir / "eval" / "metrics.jsonl").read_text().splitlines()] \
+        == [2, 4]
+    assert not (run_dir / "eval" / "FINISHED.json").exists()
+
+
 def test_missing_inception_weights_says_how_to_get_them(trained_run, tmp_path):
     run_dir = copy_run(trained_run, tmp_path / "run")
     r = evaluate(run_dir, "--once", "--inception-weights", str(tmp_path / "nope.pth"))
