@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     w = sub.add_parser("write", help="convert a dataset layout into shards + manifest.json")
-    w.add_argument("source", help="cityscapes | ade20k | aligned | paired | unpaired | folder | demo")
+    w.add_argument("source", help="cityscapes | ade20k | aligned | paired | unpaired | folder | demo | demo_unpaired")
     w.add_argument("--root", help="the dataset's folder (not needed for demo)")
     w.add_argument("--out", required=True, help="output URL: a path, file://..., s3://bucket/prefix")
     w.add_argument("--splits", help="comma-separated splits (default: the source's usual ones)")
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _source_options(args) -> dict:
     if args.source in ("aligned", "paired"):
         return {"direction": args.direction}
-    if args.source == "demo":
+    if args.source in ("demo", "demo_unpaired"):
         options = {"size": args.demo_size, "seed": args.seed}
         if args.demo_count:
             options["counts"] = dict(args.demo_count)
@@ -113,7 +113,7 @@ def cmd_write(args) -> int:
     if args.source not in SOURCES:
         raise CliError(f"unknown source {args.source!r}; choose one of: {', '.join(SOURCES)}")
     root = None
-    if args.source != "demo":
+    if args.source not in ("demo", "demo_unpaired"):
         if not args.root:
             raise CliError(f"source {args.source!r} needs --root DIR")
         root = Path(args.root)

@@ -19,6 +19,7 @@ SOURCES: dict[str, str] = {
     "unpaired": "paired:UnpairedSource",
     "folder": "folder:FolderSource",
     "demo": "demo:DemoSource",
+    "demo_unpaired": "demo_unpaired:DemoUnpairedSource",
 }
 
 
