@@ -45,9 +45,9 @@ class RunConfig:
 @dataclass
 class DataConfig:
     url: str = "shards/demo"  # shard directory or manifest URL
-    split: str = "train"
-    val_split: str = "val"
-    workers: int = bounded(2, 0, 64)  # DataLoader workers per rank
+    split: str = "train"  # what training reads (a family with two domains adds A and B: trainA, trainB)
+    val_split: str = "val"  # what image grids and the evaluator read
+    workers: int = bounded(2, 0, 64)  # DataLoader workers per rank (per stream)
     load_size: tuple[int, int] | None = None  # (W, H) resize before crop; None keeps the stored size
     crop_size: tuple[int, int] | None = None  # (W, H) random crop in training, centred in evaluation
     flip: bool = True
@@ -59,53 +59,25 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    family: str = choice("pix2pix", "pix2pix", "pix2pixhd", "dcgan")
-    generator: str = choice("unet_256", "unet_256", "unet_128", "dcgan", "global", "local")
-    ngf: int = bounded(64, 1)
-    ndf: int = bounded(64, 1)
-    n_layers_D: int = bounded(3, 1, 8)
-    norm: str = choice("batch", "batch", "instance", "none")
-    norm_D: str = choice("batch", "batch", "instance", "layer", "none")
-    dropout: bool = True
-    spectral_norm: bool = False
-    z_dim: int = bounded(100, 1)
-    image_size: int = choice(64, 32, 64, 128)
-    init_gain: float = bounded(0.02, 0.0)
-    # pix2pixHD (Wang et al. 2018; official option names in comments)
-    n_downsample_global: int = bounded(4, 1, 8)  # n_downsample_global
-    n_blocks_global: int = bounded(9, 0)  # n_blocks_global
-    n_local_enhancers: int = bounded(1, 1, 3)  # n_local_enhancers
-    n_blocks_local: int = bounded(3, 0)  # n_blocks_local
-    num_D: int = bounded(2, 1, 5)  # num_D
-    use_instance: bool = True  # instance-boundary map as an extra input channel (not no_instance)
-    use_features: bool = False  # instance-wise feature encoder E (instance_feat)
-    feat_num: int = bounded(3, 1)
-    nef: int = bounded(16, 1)
-    init_from: str | None = None  # checkpoint/snapshot URL whose G initialises this run (load_pretrain)
+    """The ``model`` section every family's own section extends (``Family.config``): its networks,
+    losses and optimizer hyperparameters, with the paper's and official code's defaults."""
 
+    family: str = "pix2pix"
+    init_from: str | None = None  # checkpoint/snapshot/run URL whose networks initialise this run
+    ema_kimg: float = bounded(0.0, 0.0)  # EMA half-life in kimg of the networks that have one; 0: none
+    ema_rampup: float | None = None  # half-life <= ema_rampup * kimg seen (StyleGAN2-ADA), None: no ramp-up
 
-@dataclass
-class LossConfig:
-    gan: str = choice("vanilla", "vanilla", "lsgan", "hinge", "wgan")
-    l1_weight: float = bounded(100.0, 0.0)
-    gp_weight: float = bounded(0.0, 0.0)  # WGAN-GP: 10
-    weight_clip: float = bounded(0.0, 0.0)  # original WGAN: 0.01; 0 disables
-    instance_noise: float = bounded(0.0, 0.0)  # sigma at kimg 0, decays linearly to 0
-    instance_noise_kimg: float = bounded(0.0, 0.0)
-    feat_weight: float = bounded(10.0, 0.0)  # pix2pixHD discriminator feature matching (lambda_feat)
-    vgg_weight: float = bounded(10.0, 0.0)  # pix2pixHD VGG19 perceptual loss; 0 turns it off
-    vgg_weights: str | None = None  # local torchvision vgg19 state_dict file (never downloaded)
+    def check(self) -> None:
+        """Checks across this section's keys (``ConfigError``)."""
+
+    def deepspeed_limits(self) -> None:
+        """What this family's options need from DDP that ZeRO engines cannot give (``ConfigError``)."""
 
 
 @dataclass
 class OptimConfig:
-    lr_G: float = bounded(2e-4, 0.0)
-    lr_D: float = bounded(2e-4, 0.0)
-    beta1: float = bounded(0.5, 0.0, 1.0)
-    beta2: float = bounded(0.999, 0.0, 1.0)
     schedule: str = choice("constant", "constant", "linear")
     decay_start_kimg: float = bounded(0.0, 0.0)  # linear: constant until here, then to 0 at total_kimg
-    n_critic: int = bounded(1, 1)  # D steps per G step
     grad_clip: float = bounded(0.0, 0.0)  # max grad norm; 0 disables
     # Adam implementation: fused is fastest on CPU and CUDA and needs no full-size temporaries
     # (foreach allocates one as large as the network: +183 MB and ~1.9x the optimizer time for
@@ -122,8 +94,6 @@ class TrainConfig:
                             doc="auto: bf16 on GPUs that support it, else fp32")
     channels_last: bool = False
     compile: bool = False
-    ema_halflife_kimg: float = bounded(10.0, 0.0)  # 0 disables EMA (G_ema = G)
-    ema_rampup: float | None = 0.05  # halflife <= rampup * kimg seen, as in StyleGAN2-ADA
     log_every_kimg: float = bounded(1.0, 0.0)
     image_every_kimg: float = bounded(10.0, 0.0)
     num_images: int = bounded(8, 1)
@@ -131,9 +101,8 @@ class TrainConfig:
     max_bad_steps: int = bounded(5, 1)  # consecutive skipped steps before a rollback
     max_rollbacks: int = bounded(2, 0)
     progress: bool = True
-    # Testing aids: rank ``debug_nan_rank`` multiplies G's loss by NaN for ``debug_nan_count``
-    # steps from ``debug_nan_step`` on, to exercise the divergence guard end to end.
-    fix_global_kimg: float = bounded(0.0, 0.0)  # pix2pixHD local stage: global G fixed this long
+    # Testing aids: rank ``debug_nan_rank`` multiplies the first phase's loss by NaN for
+    # ``debug_nan_count`` steps from ``debug_nan_step`` on, to exercise the divergence guard.
     debug_nan_step: int | None = None
     debug_nan_count: int = bounded(1, 1)
     debug_nan_rank: int = bounded(0, 0)
@@ -144,9 +113,9 @@ class DistributedConfig:
     # auto: DeepSpeed when `accelerate launch` was given a DeepSpeed config file
     # (launch/accelerate/deepspeed_zero2.yaml sets ACCELERATE_USE_DEEPSPEED), else DDP.
     backend: str = choice("auto", "auto", "ddp", "deepspeed")
-    # ZeRO stage of the G and D engines (optimizer state, and at 2 gradients, partitioned over
-    # ranks); None: the launcher's deepspeed_config zero_stage, else 2. Stage 3 is not supported:
-    # G_ema, the snapshots and the evaluator need every parameter on every rank.
+    # ZeRO stage of the engines (one per optimizer: optimizer state, and at 2 gradients,
+    # partitioned over ranks); None: the launcher's deepspeed_config zero_stage, else 2. Stage 3
+    # is not supported: EMA copies, snapshots and the evaluator need every parameter on every rank.
     zero_stage: int | None = choice(None, None, 1, 2)
     reduce_bucket_mb: float = bounded(200.0, 1.0)  # DeepSpeed's reduce_bucket_size / allgather_bucket_size
 
@@ -164,7 +133,7 @@ class EvalConfig:
     lpips_weights: str | None = None  # local LPIPS (AlexNet) weights; None leaves LPIPS out
     policy: str = choice("all", "all", "latest", "every_k")
     every_k: int = bounded(1, 1)
-    max_samples: int | None = None  # conditional: cap on validation samples (None: the whole split)
+    max_samples: int | None = None  # translation: cap on input samples (None: the whole split)
     num_samples: int = bounded(1000, 2)  # unconditional: generated images from fixed latents
     batch_size: int = bounded(16, 1)
     kid_subset_size: int = bounded(1000, 2)
@@ -178,8 +147,7 @@ class EvalConfig:
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the family's own section (a subclass)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -210,7 +178,11 @@ def _parse_scalar(key: str, tp: Any, value: Any) -> Any:
         return tuple(_parse_scalar(key, a, p) for a, p in zip(args, parts))
     if tp is dict or origin is dict:
         if isinstance(value, str):
-            value = json.loads(value)
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a JSON mapping such as {{\"key\": \"value\"}}, got {value!r}") \
+                    from None
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return value
@@ -258,15 +230,42 @@ def _check_field(key: str, f: dataclasses.Field, value: Any) -> None:
         raise ConfigError(f"{key}: {value!r} is above the maximum {hi}")
 
 
+# Keys of earlier versions, and where they are now (a family's own options moved into ``model``).
+MOVED = {"loss.": "model.", "optim.lr_G": "model.lr_G", "optim.lr_D": "model.lr_D", "optim.beta1": "model.beta1",
+         "optim.beta2": "model.beta2", "optim.n_critic": "model.n_critic",
+         "train.ema_halflife_kimg": "model.ema_kimg", "train.ema_rampup": "model.ema_rampup",
+         "train.fix_global_kimg": "model.fix_global_kimg"}
+
+
+def family_names() -> list[str]:
+    from .families import FAMILIES  # the registry imports the families, which import this module
+
+    return list(FAMILIES)
+
+
+def model_section(family: str) -> ModelConfig:
+    """A fresh ``model`` section of ``family`` (its defaults), or a ``ConfigError``."""
+    from .families import FAMILIES
+
+    if family not in FAMILIES:
+        raise ConfigError(f"model.family: {family!r} is not allowed; choose one of: {', '.join(FAMILIES)}")
+    return FAMILIES[family].config()
+
+
 def _set(cfg: Config, key: str, value: Any) -> None:
     section_name, _, name = key.partition(".")
     sections = {f.name: f for f in dataclasses.fields(Config) if f.name != "name"}
+    moved = next((new + key[len(old):] if old.endswith(".") else new for old, new in MOVED.items()
+                  if key == old or (old.endswith(".") and key.startswith(old))), None)
     if section_name not in sections or not name:
-        raise ConfigError(f"unknown key {key!r}; keys are <section>.<name> with sections: {', '.join(sections)}")
+        hint = f" ({key} is now {moved})" if moved else ""
+        raise ConfigError(f"unknown key {key!r}{hint}; keys are <section>.<name> with sections: {', '.join(sections)}")
     section = getattr(cfg, section_name)
     fields = {f.name: f for f in dataclasses.fields(section)}
     if name not in fields:
-        raise ConfigError(f"unknown key {key!r}; {section_name} has: {', '.join(fields)}")
+        where = f"model ({section.family})" if section_name == "model" else section_name
+        hint = f"; {key} is now {moved}" if moved else ""
+        raise ConfigError(f"unknown key {key!r}{hint}; {where} has: {', '.join(fields)}")
     hints = typing.get_type_hints(type(section))
     parsed = _parse_scalar(key, hints[name], value)
     _check_field(key, fields[name], parsed)
@@ -295,62 +294,70 @@ def resolve_config_path(name: str) -> Path:
     raise ConfigError(f"unknown config {name!r}; shipped configs: {', '.join(known)} (or give a .yaml path)")
 
 
-def load_config(name: str | None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the named config's differences, then ``key=value`` overrides."""
+def _read_yaml(path: Path) -> dict:
     import yaml
 
-    cfg = Config()
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:  # e.g. a python/object tag: safe_load constructs no objects
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not a plain YAML mapping{where}: {what}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections")
+    return tree
+
+
+def _build(items: list[tuple[str, Any]], name: str) -> Config:
+    """A config from ``(key, value)`` assignments in order; ``model.family`` (the last one given)
+    decides the ``model`` section's type before any key is set."""
+    family = ModelConfig.family
+    for key, value in items:
+        if key == "model.family":
+            family = _parse_scalar(key, str, value)
+    cfg = Config(model=model_section(family), name=name)
+    for key, value in items:
+        if key != "model.family":
+            _set(cfg, key, value)
+    return cfg
+
+
+def load_config(name: str | None, overrides: list[str] = ()) -> Config:
+    """Defaults (the family's, for ``model``), then the named config's differences, then
+    ``key=value`` overrides."""
+    items: list[tuple[str, Any]] = []
+    config_name = "unnamed"
     if name:
         path = resolve_config_path(name)
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:  # e.g. a python/object tag: safe_load constructs no objects
-            mark = getattr(exc, "problem_mark", None)
-            where = f" (line {mark.line + 1})" if mark is not None else ""
-            what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise ConfigError(f"{path}: not a plain YAML mapping{where}: {what}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections")
-        for key, value in _flatten(tree).items():
-            _set(cfg, key, value)
-        cfg.name = path.stem
+        items += list(_flatten(_read_yaml(path)).items())
+        config_name = path.stem
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} is not key=value")
-        _set(cfg, key.strip(), value.strip())
+        items.append((key.strip(), value.strip()))
+    cfg = _build(items, config_name)
     validate(cfg)
     cfg.run.dir = cfg.run.dir.replace("{config}", cfg.name)
     return cfg
 
 
 def validate(cfg: Config) -> None:
-    """Checks that involve more than one key."""
+    """Checks that involve more than one key; nothing is rewritten."""
     t = cfg.train
     if t.batch_per_device is not None and t.batch_size % t.batch_per_device:
         raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of "
                           f"train.batch_per_device={t.batch_per_device}")
-    generators = {"pix2pix": ("unet_256", "unet_128"), "pix2pixhd": ("global", "local"), "dcgan": ("dcgan",)}
-    if cfg.model.family == "dcgan":
-        cfg.model.generator = "dcgan"
-    if cfg.model.generator not in generators[cfg.model.family]:
-        raise ConfigError(f"model.generator: {cfg.model.generator!r} is not a {cfg.model.family} generator; "
-                          f"choose one of: {', '.join(generators[cfg.model.family])}")
+    cfg.model.check()
     if cfg.distributed.backend == "deepspeed":
         deepspeed_limits(cfg)
-    if cfg.loss.gp_weight and cfg.loss.weight_clip:
-        raise ConfigError("loss.gp_weight and loss.weight_clip are alternatives; set one of them to 0")
 
 
 def deepspeed_limits(cfg: Config) -> None:
     """What the DeepSpeed engines cannot do that DDP can; also checked at start-up when
     ``distributed.backend=auto`` resolves to deepspeed."""
-    if cfg.train.fix_global_kimg > 0:
-        raise ConfigError("train.fix_global_kimg needs distributed.backend=ddp: ZeRO partitions the gradients, "
-                          "so the fixed global generator's cannot be dropped before the step")
-    if cfg.loss.weight_clip > 0:
-        raise ConfigError("loss.weight_clip needs distributed.backend=ddp: ZeRO keeps the fp32 master weights "
-                          "inside its optimizer, where clipping the module's copy does not reach")
+    cfg.model.deepspeed_limits()
     if cfg.train.compile:
         raise ConfigError("train.compile needs distributed.backend=ddp (DeepSpeed engines are not compiled here)")
     if cfg.train.precision == "fp16":
@@ -368,8 +375,5 @@ def to_dict(cfg: Config) -> dict:
 
 def from_dict(data: dict) -> Config:
     """Rebuild a config saved by ``to_dict`` (same strict checks)."""
-    cfg = Config()
-    for key, value in _flatten({k: v for k, v in data.items() if k != "name"}).items():
-        _set(cfg, key, value)
-    cfg.name = data.get("name", cfg.name)
+    cfg = _build(list(_flatten({k: v for k, v in data.items() if k != "name"}).items()), data.get("name", "unnamed"))
     return cfg

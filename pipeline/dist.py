@@ -177,63 +177,202 @@ def resolve_zero_stage(stage: int | None) -> int:
     return int(launcher)
 
 
-def make_zero_engine(module: torch.nn.Module, optimizer: torch.optim.Optimizer, *, stage: int, micro_batch: int,
-                     grad_clip: float, bucket_mb: float):
-    """One DeepSpeed engine for one network (G and D each get their own partitions). Our torch
-    optimizer is kept as the client optimizer; the engine owns gradient reduction, clipping and
-    the step. Returns ``(engine, optimizer)``, the latter DeepSpeed's wrapper, whose
-    ``param_groups`` are the client optimizer's.
+class DDPEngine:
+    """One optimizer over one or more networks, each its own DDP module (never one wrapper around
+    the whole GAN). The loop drives every engine the same way: ``backward`` per micro-batch (under
+    ``sync_context``: gradients all-reduced on the last micro-batch only), ``check`` (the local
+    verdict on the gradients), then ``step(skip)`` once the ranks have agreed.
 
-    The engines run in fp32: bf16 is the loop's autocast, as with DDP (norm layers, losses and
-    regularizers stay fp32), where DeepSpeed's bf16 mode would cast whole modules, BatchNorm
-    included. fp16 is refused by ``config.deepspeed_limits``."""
-    import deepspeed
+    fp16: a GradScaler of its own (sharing one would let D's overflow shrink G's scale); its
+    overflows are its business, so ``check`` then passes and the scaler skips the step itself.
+    Parameter groups with ``fixed_until_nimg`` lose their gradients before the step while that
+    lasts, so Adam leaves them and their state untouched (freezing by ``requires_grad`` would
+    break DDP's reducer)."""
 
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    bucket = int(bucket_mb * 1e6)
-    config = {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": micro_batch * world_size(),
-        "zero_optimization": {"stage": stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
-                              "overlap_comm": torch.cuda.is_available(), "contiguous_gradients": True},
-        "bf16": {"enabled": False},
-        "fp16": {"enabled": False},
-        "gradient_clipping": grad_clip,
-        "zero_allow_untested_optimizer": True,  # torch's Adam as the client optimizer
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
-    engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config,
-                                                      dist_init_required=False)
-    return engine, ds_optimizer
+    local_dir = False  # whether ``save_local``/``load_local`` write DeepSpeed files
+    kind = "DDP"
+
+    def __init__(self, name: str, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler | None, grad_clip: float):
+        self.name, self.modules, self.optimizer, self.scaler = name, modules, optimizer, scaler
+        self.grad_clip = grad_clip
+        if not any(isinstance(m, torch.nn.parallel.DistributedDataParallel) for m in modules.values()):
+            self.kind = "one process"
+        self.norm = torch.zeros(())
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def sync_context(self, sync: bool):
+        stack = contextlib.ExitStack()
+        for module in self.modules.values():
+            stack.enter_context(sync_context(module, sync))
+        return stack
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def check(self, nimg: int) -> bool:
+        """Drop fixed groups' gradients, unscale, measure and clip; whether the norm is finite."""
+        for group in self.optimizer.param_groups:
+            if group.get("fixed_until_nimg", 0) > nimg:
+                for p in group["params"]:
+                    p.grad = None  # Adam skips a parameter without a gradient, state and all
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        self.norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(
+            (), device=self.optimizer.param_groups[0]["params"][0].device)
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, self.norm)
+        return self.scaler is not None or bool(torch.isfinite(self.norm).item())
+
+    def step(self, skip: bool) -> torch.Tensor:
+        """Step, or (``skip``: a rank saw a bad loss or gradient) drop the gradients; the norm."""
+        if skip:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler:
+                self.scaler.update()
+            return self.norm
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.norm
+
+    def state_dicts(self) -> dict[str, dict]:
+        """What rank 0 saves of this engine: ``opt`` (and ``scaler`` for fp16)."""
+        out = {"opt": self.optimizer.state_dict()}
+        if self.scaler:
+            out["scaler"] = self.scaler.state_dict()
+        return out
+
+    def load_state_dicts(self, read) -> None:
+        """``read(key)``: the saved state dict of ``state_dicts``' key."""
+        self.optimizer.load_state_dict(read("opt"))
+        if self.scaler:
+            self.scaler.load_state_dict(read("scaler"))
+
+    def save_local(self, local_dir: str) -> None:
+        pass
+
+    def load_local(self, local_dir: str) -> None:
+        pass
 
 
-def zero_save(engines: dict, local_dir: str) -> None:
-    """Every rank writes its ZeRO partitions (and rank 0 the module states) of each engine under
-    ``local_dir/<name>/``. Collective: call on every rank. Nothing is marked "latest": which
-    checkpoint counts is our commit record's business."""
-    for name, engine in engines.items():
-        engine.save_checkpoint(local_dir, tag=name, client_state={}, save_latest=False)
+class ZeroEngine:
+    """The DeepSpeed ZeRO (stage 1 or 2) path behind ``DDPEngine``'s interface: one engine per
+    optimizer over its networks (a ``ModuleDict``), our torch Adam as the client optimizer, the
+    engine owning gradient reduction, clipping and the step.
 
+    A skipped step must leave no gradient in the engine, so ``backward`` only keeps the loss
+    (no accumulation: the config check refuses it) and ``step`` runs the engine's backward and
+    step once the ranks agreed the loss is finite. The engines run in fp32 (bf16 is the loop's
+    autocast, as with DDP, where DeepSpeed's bf16 mode would cast whole modules, BatchNorm
+    included); fp16 is refused by ``config.deepspeed_limits``."""
 
-def zero_load(engines: dict, local_dir: str) -> None:
-    """Restore module weights, fp32 master weights, optimizer and loss-scaler state of each engine
-    from ``local_dir/<name>/``. Collective. DeepSpeed's files are its own (pickled) format: they
-    are read only from checkpoints whose commit record verified every file's SHA-256."""
-    for name, engine in engines.items():
-        if not (Path(local_dir) / name).is_dir():
-            raise FileNotFoundError(f"no DeepSpeed state for {name} in {local_dir}")
-        path, _ = engine.load_checkpoint(local_dir, tag=name, load_optimizer_states=True,
-                                         load_lr_scheduler_states=False)
+    local_dir = True
+
+    def __init__(self, name: str, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer, *,
+                 stage: int, micro_batch: int, grad_clip: float, bucket_mb: float):
+        import deepspeed
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        bucket = int(bucket_mb * 1e6)
+        config = {
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": 1,
+            "train_batch_size": micro_batch * world_size(),
+            "zero_optimization": {"stage": stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
+                                  "overlap_comm": torch.cuda.is_available(), "contiguous_gradients": True},
+            "bf16": {"enabled": False},
+            "fp16": {"enabled": False},
+            "gradient_clipping": grad_clip,
+            "zero_allow_untested_optimizer": True,  # torch's Adam as the client optimizer
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+        self.name, self.kind = name, f"DeepSpeed ZeRO stage {stage}"
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=torch.nn.ModuleDict(modules), optimizer=optimizer, config=config, dist_init_required=False)
+        # Forwards call the networks inside the engine: ZeRO 1/2 reduce through gradient hooks.
+        self.modules = dict(self.engine.module.items())
+        self.pending: torch.Tensor | None = None
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def sync_context(self, sync: bool):
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.pending = loss
+
+    def check(self, nimg: int) -> bool:
+        return self.pending is not None and bool(torch.isfinite(self.pending).item())
+
+    def step(self, skip: bool) -> torch.Tensor:
+        loss, self.pending = self.pending, None
+        if skip:
+            return torch.tensor(float("nan"))
+        self.engine.backward(loss)
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()  # measured before clipping
+        return torch.as_tensor(float("nan") if norm is None else float(norm))
+
+    def state_dicts(self) -> dict[str, dict]:
+        return {}  # the optimizer state is partitioned: saved by the engine (save_local)
+
+    def load_state_dicts(self, read) -> None:
+        pass
+
+    def save_local(self, local_dir: str) -> None:
+        """Every rank writes its partitions (rank 0 also the module states) under
+        ``local_dir/<name>/``. Collective. Nothing is marked "latest": which checkpoint counts is
+        our commit record's business."""
+        self.engine.save_checkpoint(local_dir, tag=self.name, client_state={}, save_latest=False)
+
+    def load_local(self, local_dir: str) -> None:
+        """Restore weights, fp32 master weights and optimizer state. Collective. DeepSpeed's files
+        are its own (pickled) format: they are read only from checkpoints whose commit record
+        verified every file's SHA-256."""
+        if not (Path(local_dir) / self.name).is_dir():
+            raise FileNotFoundError(f"no DeepSpeed state for {self.name} in {local_dir}")
+        path, _ = self.engine.load_checkpoint(local_dir, tag=self.name, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
         if path is None:
-            raise RuntimeError(f"DeepSpeed could not load the {name} engine from {local_dir}/{name}")
+            raise RuntimeError(f"DeepSpeed could not load the {self.name} engine from {local_dir}/{self.name}")
 
 
-def zero_grad_norm(engine) -> torch.Tensor:
-    """The global gradient norm the engine measured at its last step (before clipping)."""
-    norm = engine.get_global_grad_norm()
-    return torch.as_tensor(float("nan") if norm is None else float(norm))
+def make_engine(name: str, nets: dict[str, torch.nn.Module], groups, *, backend: str, accelerator, lr: float,
+                betas: tuple[float, float], adam: dict, precision: str, grad_clip: float, micro_batch: int,
+                zero_stage: int | None, bucket_mb: float):
+    """The engine of one optimizer over ``nets`` (plain modules, moved to the device here):
+    ``groups(nets)`` gives its parameter groups. Returns ``(engine, plain modules)``."""
+    device = accelerator.device
+    if backend == "deepspeed":
+        nets = {k: m.to(device) for k, m in nets.items()}
+        optimizer = torch.optim.Adam(groups(nets), lr=lr, betas=betas, **adam)
+        return ZeroEngine(name, nets, optimizer, stage=resolve_zero_stage(zero_stage), micro_batch=micro_batch,
+                          grad_clip=grad_clip, bucket_mb=bucket_mb), nets
+    wrapped = {k: accelerator.prepare(m) for k, m in nets.items()}
+    plain = {k: unwrap(m) for k, m in wrapped.items()}
+    optimizer = torch.optim.Adam(groups(plain), lr=lr, betas=betas, **adam)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    return DDPEngine(name, wrapped, optimizer, scaler, grad_clip), plain
+
+
+def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The mean of ``t`` over ranks (a new tensor; every rank must call it)."""
+    out = t.detach().clone()
+    if is_initialized() and world_size() > 1:
+        torch_dist.all_reduce(out, op=torch_dist.ReduceOp.SUM)
+        out /= world_size()
+    return out
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:

@@ -8,34 +8,52 @@ import math
 import pytest
 import torch
 
-from pipeline.config import Config, ConfigError, load_config, to_dict
+from pipeline.config import Config, ConfigError, from_dict, load_config, to_dict
+from pipeline.dist import DDPEngine
+from pipeline.losses.regularizers import instance_noise
 from pipeline.train.ema import ema_beta, make_ema, update_ema
-from pipeline.train.family import DataInfo, StepContext
-from pipeline.train.loop import lr_factor, make_scalers
+from pipeline.train.loop import lr_factor
 
 
 def test_overrides_are_typed():
     cfg = load_config("pix2pix_demo", ["data.crop_size=128x64", "train.batch_per_device=2", "data.flip=false",
-                                       "train.ema_rampup=none", "optim.lr_D=4e-4", "run.dir=s3://b/{config}"])
+                                       "model.ema_rampup=none", "model.lr_D=4e-4", "run.dir=s3://b/{config}"])
     assert cfg.data.crop_size == (128, 64)
-    assert cfg.train.batch_per_device == 2 and cfg.data.flip is False and cfg.train.ema_rampup is None
-    assert cfg.optim.lr_D == 4e-4 and cfg.run.dir == "s3://b/pix2pix_demo"
+    assert cfg.train.batch_per_device == 2 and cfg.data.flip is False and cfg.model.ema_rampup is None
+    assert cfg.model.lr_D == 4e-4 and cfg.run.dir == "s3://b/pix2pix_demo"
 
 
 @pytest.mark.parametrize("override, message", [
     ("data.crop_size=128", "data.crop_size: expected 2 values such as 256,128, got '128'"),
     ("data.flip=maybe", "data.flip: expected true or false, got 'maybe'"),
     ("train.batch_size=2.5", "train.batch_size: expected an int, got '2.5'"),
-    ("optim.beta1=1.5", "optim.beta1: 1.5 is above the maximum 1.0"),
-    ("model.family=stylegan9", "model.family: 'stylegan9' is not allowed; choose one of: pix2pix, pix2pixhd, dcgan"),
+    ("model.beta1=1.5", "model.beta1: 1.5 is above the maximum 1.0"),
+    ("model.family=stylegan9",
+     "model.family: 'stylegan9' is not allowed; choose one of: pix2pix, pix2pixhd, dcgan, cyclegan"),
     ("train.batch_per_device=3", "train.batch_size=4 must be a multiple of train.batch_per_device=3"),
-    ("loss.weight_clip=0.01", "loss.gp_weight and loss.weight_clip are alternatives"),
+    ("model.lambda_A=10", "unknown key 'model.lambda_A'; model (pix2pix) has: family, init_from, ema_kimg"),
+    ("loss.gan=lsgan", "unknown key 'loss.gan' (loss.gan is now model.gan); keys are <section>.<name>"),
+    ("optim.lr_G=1e-4", "unknown key 'optim.lr_G'; optim.lr_G is now model.lr_G; optim has: schedule"),
+    ('data.storage_options={"key": oops}', "data.storage_options: expected a JSON mapping"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(override, message):
-    extra = ["loss.gp_weight=10"] if "weight_clip" in override else []
     with pytest.raises(ConfigError) as err:
-        load_config("pix2pix_demo", [*extra, override])
+        load_config("pix2pix_demo", [override])
     assert message in str(err.value)
+
+
+def test_the_model_section_is_the_family_s_own_with_its_paper_defaults():
+    cyclegan = load_config(None, ["model.family=cyclegan"]).model
+    assert (cyclegan.lambda_A, cyclegan.lambda_identity, cyclegan.pool_size, cyclegan.gan) == (10.0, 0.5, 50, "lsgan")
+    hd = load_config("pix2pixhd_cityscapes").model
+    assert (hd.num_D, hd.norm, hd.gan, hd.feat_weight, hd.vgg_weight) == (2, "instance", "lsgan", 10, 10)
+    assert hd.ema_kimg == 0  # no EMA in the paper
+    # A later model.family chooses the section before any key is set (an override beats the file).
+    cfg = load_config("dcgan_folder64", ["model.family=cyclegan", "data.url=x"])
+    assert type(cfg.model).__name__ == "CycleGANConfig" and cfg.model.lambda_B == 10.0
+    assert from_dict(to_dict(cfg)) == cfg
+    with pytest.raises(ConfigError, match="model.gp_weight and model.weight_clip are alternatives"):
+        load_config("wgangp_demo", ["model.weight_clip=0.01"])
 
 
 @pytest.mark.parametrize("override, message", [
@@ -105,26 +123,29 @@ def test_linear_decay_schedule_in_kimg():
 
 
 def test_instance_noise_decays_linearly_to_zero():
-    cfg = Config()
-    cfg.loss.instance_noise, cfg.loss.instance_noise_kimg = 0.2, 10
-    ctx = StepContext(None, None, None, None, cfg, DataInfo("unconditional", None, ("image",)))
-    sigmas = []
-    for nimg in (0, 5000, 10_000, 20_000):
-        ctx.nimg = nimg
-        sigmas.append(ctx.instance_noise())
-    assert sigmas == [pytest.approx(0.2), pytest.approx(0.1), 0.0, 0.0]
+    x = torch.zeros(4, 3, 8, 8)
+    for nimg, sigma in ((0, 0.2), (5000, 0.1), (10_000, 0.0), (20_000, 0.0)):
+        torch.manual_seed(0)
+        noisy = instance_noise(x, 0.2, 10, nimg)
+        torch.manual_seed(0)
+        assert torch.equal(noisy, x + sigma * torch.randn_like(x)) if sigma else noisy is x
+    torch.manual_seed(0)
+    constant = instance_noise(x, 0.2, 0, 10**6)  # no span: constant
+    torch.manual_seed(0)
+    assert torch.equal(constant, 0.2 * torch.randn_like(x))
 
 
-def test_fp16_keeps_one_loss_scaler_per_network():
-    scalers = make_scalers("fp16", torch.device("cpu"))
-    assert set(scalers) == {"G", "D"} and scalers["G"] is not scalers["D"]
-    assert make_scalers("bf16", torch.device("cpu")) is None and make_scalers("fp32", torch.device("cpu")) is None
-    # An overflow in D's gradients lowers D's scale only.
+def test_fp16_keeps_one_loss_scaler_per_optimizer():
+    # Each engine (one per declared optimizer) has its scaler: an overflow in D's gradients lowers
+    # D's scale only, and D's step is the scaler's to skip.
     nets = {k: torch.nn.Linear(2, 1) for k in "GD"}
-    opts = {k: torch.optim.SGD(nets[k].parameters(), lr=0.1) for k in "GD"}
-    for k in "GD":
-        loss = nets[k](torch.ones(1, 2)).sum() * (math.inf if k == "D" else 1.0)
-        scalers[k].scale(loss).backward()
-        scalers[k].step(opts[k])
-        scalers[k].update()
-    assert scalers["D"].get_scale() < scalers["G"].get_scale() == 2.0**16
+    engines = {k: DDPEngine(k, {k: nets[k]}, torch.optim.SGD(nets[k].parameters(), lr=0.1),
+                            torch.amp.GradScaler("cpu"), grad_clip=0.0) for k in "GD"}
+    before = {k: nets[k].weight.detach().clone() for k in "GD"}
+    for k, engine in engines.items():
+        engine.backward(nets[k](torch.ones(1, 2)).sum() * (math.inf if k == "D" else 1.0))
+        assert engine.check(nimg=0)  # fp16 overflow is not a bad step of ours
+        engine.step(skip=False)
+    assert engines["D"].scaler.get_scale() < engines["G"].scaler.get_scale() == 2.0**16
+    assert torch.equal(nets["D"].weight, before["D"]) and not torch.equal(nets["G"].weight, before["G"])
+    assert set(engines["G"].state_dicts()) == {"opt", "scaler"}

@@ -75,7 +75,7 @@ def test_zero2_bf16_trains_commits_engine_state_and_resumes_bit_identical(demo_s
     a_dir, b_dir = tmp_path / "a", tmp_path / "b"
     r = run(zero_cmd([f"run.dir={a_dir}", *args]), timeout=300)
     assert r.returncode == 0, explain(r)
-    assert "DeepSpeed ZeRO stage 2: G and D on separate engines (bf16)" in r.stdout + r.stderr
+    assert "DeepSpeed ZeRO stage 2: G steps G; D steps D (bf16)" in r.stdout + r.stderr
     found = ckpt.latest(str(a_dir))
     files = set(found.record["files"])
     # Every rank's optimizer partition of each engine is inside the commit record, hashed.
@@ -116,7 +116,7 @@ def test_zero1_skips_a_nan_step_on_every_rank(demo_shards, tmp_path):
                       "train.total_kimg=0.024", "checkpoint.every_kimg=0.024",
                       "data.workers=1", "train.debug_nan_step=2", "train.debug_nan_rank=1", *SMALL]), timeout=300)
     assert r.returncode == 0, explain(r)
-    assert "DeepSpeed ZeRO stage 1: G and D on separate engines (fp32)" in r.stdout + r.stderr
+    assert "DeepSpeed ZeRO stage 1: G steps G; D steps D (fp32)" in r.stdout + r.stderr
     assert "step 3 skipped on every rank" in r.stderr
     found = ckpt.latest(str(run_dir))
     ranks = [ckpt.load_tensors(f"{found.url}/rank-{r:03d}.pt") for r in (0, 1)]
@@ -127,21 +127,20 @@ def test_zero1_skips_a_nan_step_on_every_rank(demo_shards, tmp_path):
     assert read_scalars(run_dir)["Train/skipped_steps"][-1][1] == 1
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.fix_global_kimg=1", "train.fix_global_kimg needs distributed.backend=ddp"),
-    ("loss.weight_clip=0.01", "loss.weight_clip needs distributed.backend=ddp"),
-    ("train.precision=fp16", "train.precision=fp16 needs distributed.backend=ddp; with deepspeed choose one of: "
-                             "auto, fp32, bf16"),
+@pytest.mark.parametrize("config, override, message", [
+    ("pix2pixhd_demo", "model.fix_global_kimg=1", "model.fix_global_kimg needs distributed.backend=ddp"),
+    ("dcgan_folder64", "model.weight_clip=0.01", "model.weight_clip needs distributed.backend=ddp"),
+    ("pix2pix_demo", "train.precision=fp16", "train.precision=fp16 needs distributed.backend=ddp; with deepspeed "
+                                             "choose one of: auto, fp32, bf16"),
 ])
-def test_what_zero_cannot_do_is_a_one_line_config_error(override, message):
+def test_what_zero_cannot_do_is_a_one_line_config_error(config, override, message):
     # With the backend named: one line, exit 2, before any process group exists.
-    r = run([sys.executable, TRAIN, "--config", "pix2pix_demo", override, "distributed.backend=deepspeed"],
-            timeout=120)
+    r = run([sys.executable, TRAIN, "--config", config, override, "distributed.backend=deepspeed"], timeout=120)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and message in lines[0], explain(r)
     # Under the DeepSpeed launch config (backend auto): the same line from the rank, no traceback
     # of ours (the launcher adds its own report of a failed child).
-    r = run(zero_cmd([override]), timeout=120)
+    r = run(zero_cmd([override], config), timeout=120)
     assert r.returncode != 0
     assert f"gan-train: config error: {message}" in r.stderr, explain(r)
     assert "pipeline/" not in r.stderr, explain(r)
@@ -186,7 +185,7 @@ def test_pix2pixhd_trains_on_zero2_engines(demo_shards, tmp_path):
 
     run_dir = tmp_path / "run"
     r = run(zero_cmd([f"data.url={demo_shards}", f"run.dir={run_dir}", "train.total_kimg=0.008",
-                      "checkpoint.every_kimg=0.004", "data.workers=1", "train.precision=bf16", "loss.vgg_weight=0",
+                      "checkpoint.every_kimg=0.004", "data.workers=1", "train.precision=bf16", "model.vgg_weight=0",
                       *TINY_HD], config="pix2pixhd_demo"), timeout=240)
     assert r.returncode == 0, explain(r)
     found = ckpt.latest(str(run_dir))

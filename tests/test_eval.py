@@ -75,7 +75,8 @@ def test_matches_torch_fidelity_command_line_tool(trained_run, inception, tmp_pa
     from pipeline.data.stream import make_stream
     from pipeline.data.transforms import Augment
     from pipeline.eval.metrics import to_uint8
-    from pipeline.train.family import DataInfo, get_family
+    from pipeline.families import get_family
+    from pipeline.train.family import DataInfo
 
     record = ckpt.verify(str(run_dir / "snapshots" / "step-00000004"))
     cfg = from_dict(record["config"])
@@ -87,16 +88,17 @@ def test_matches_torch_fidelity_command_line_tool(trained_run, inception, tmp_pa
     gen_dir, ref_dir = tmp_path / "gen", tmp_path / "ref"
     gen_dir.mkdir()
     ref_dir.mkdir()
-    stream = make_stream(cfg.data.url, cfg.data.val_split, train=False, fields=family.fields(info),
+    fields = family.streams(cfg, info, "val")[0].fields
+    stream = make_stream(cfg.data.url, cfg.data.val_split, train=False, fields=fields,
                          augment=Augment(cfg.data.load_size, cfg.data.crop_size, False))
     import torchvision
 
     for i, sample in enumerate(stream):
         if i == 7:
             break
-        b = family.prepare(torch.utils.data.default_collate([sample]), torch.device("cpu"), cfg, info)
+        b = family.prepare({"data": torch.utils.data.default_collate([sample])}, torch.device("cpu"), cfg, info)
         with torch.no_grad():
-            fake = family.generate(G, b, info).clamp(-1, 1)
+            fake = family.evaluations(cfg, info, "val")[0].generate({"G": G}, b).clamp(-1, 1)
         torchvision.io.write_png(to_uint8(fake)[0], str(gen_dir / f"{i:03d}.png"))
         torchvision.io.write_png(to_uint8(b["image"])[0], str(ref_dir / f"{i:03d}.png"))
     cli = run([str(Path(sys.executable).parent / "fidelity"), "--fid", "--kid", "--kid-subset-size", "4",

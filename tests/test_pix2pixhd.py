@@ -66,7 +66,8 @@ def test_multiscale_discriminator_parameter_count_matches_published() -> None:
     assert num_params(D) == 2 * per_scale == 5_603_202
     assert abs(num_params(D) - 5.6e6) < 0.1e6
     with torch.device("meta"):
-        assert num_params(MultiscaleDiscriminator(39)) == 3 * per_scale  # the paper's num_D=3
+        assert num_params(MultiscaleDiscriminator(39, num_D=3)) == 3 * per_scale  # the paper's num_D=3
+        assert num_params(MultiscaleDiscriminator(39)) == 2 * per_scale  # the official option's default
 
 
 def test_local_enhancer_and_encoder_parameter_counts() -> None:
@@ -338,7 +339,7 @@ def test_vgg_missing_file_says_how_to_get_it(tmp_path: Path) -> None:
         VGGLoss(missing)
     message = str(excinfo.value)
     assert str(missing) in message
-    assert "loss.vgg_weight=0" in message and "loss.vgg_weights=PATH" in message
+    assert "model.vgg_weight=0" in message and "model.vgg_weights=PATH" in message
     assert "torchvision.models.vgg19(weights='IMAGENET1K_V1').state_dict()" in message
 
 

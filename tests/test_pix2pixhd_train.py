@@ -81,7 +81,7 @@ TINY_HD = ["data.load_size=128,64", "model.ngf=4", "model.ndf=4", "model.n_block
 @pytest.mark.multiprocess
 def test_the_cityscapes_command_runs_on_two_processes(cityscapes_shards, vgg_weights, tmp_path):
     run_dir = tmp_path / "run"
-    r = run(launch_cmd(2, [f"data.url={cityscapes_shards}", f"run.dir={run_dir}", f"loss.vgg_weights={vgg_weights}",
+    r = run(launch_cmd(2, [f"data.url={cityscapes_shards}", f"run.dir={run_dir}", f"model.vgg_weights={vgg_weights}",
                            "train.total_kimg=0.008", "checkpoint.every_kimg=0.004", "data.workers=1", *TINY_HD],
                        config="pix2pixhd_cityscapes"))
     assert r.returncode == 0, explain(r)
@@ -93,22 +93,26 @@ def test_the_cityscapes_command_runs_on_two_processes(cityscapes_shards, vgg_wei
     scalars = read_scalars(run_dir)
     for tag in ("Loss/G_GAN", "Loss/G_GAN_Feat", "Loss/G_VGG", "Loss/D_real", "Loss/D_fake"):
         assert tag in scalars and all(v == v for _, v in scalars[tag]), tag
-    g = final_states(run_dir)["G"]
-    assert g["net.model.1.weight"].shape[1] == 36  # 35 Cityscapes label ids + the instance edge map
+    states = final_states(run_dir)
+    assert states["G"]["net.model.1.weight"].shape[1] == 36  # 35 Cityscapes label ids + the instance edge map
+    # No EMA in the paper's run: no EMA copy is kept, and snapshots hold G itself.
+    assert set(states) == {"G", "D", "opt_G", "opt_D"}
+    snapshot = ckpt.latest(str(run_dir), ckpt.SNAPSHOTS).record
+    assert snapshot["networks"] == {"G": "G.pt"} and set(snapshot["files"]) == {"G.pt"}
 
 
 def test_missing_vgg_weights_is_a_clear_error(cityscapes_shards, tmp_path):
     r = run(launch_cmd(1, [f"data.url={cityscapes_shards}", f"run.dir={tmp_path}", "train.total_kimg=0.002",
-                           "loss.vgg_weights=/nowhere/vgg19.pth", "data.workers=0", *TINY_HD],
+                           "model.vgg_weights=/nowhere/vgg19.pth", "data.workers=0", *TINY_HD],
                        config="pix2pixhd_cityscapes"))
     assert r.returncode != 0
-    assert "/nowhere/vgg19.pth" in r.stderr and "loss.vgg_weight=0" in r.stderr
+    assert "/nowhere/vgg19.pth" in r.stderr and "model.vgg_weight=0" in r.stderr
 
 
 def test_local_enhancer_starts_from_the_global_run_and_keeps_it_fixed(cityscapes_shards, tmp_path):
-    base = [f"data.url={cityscapes_shards}", "loss.vgg_weight=0", "data.workers=0", "model.n_blocks_global=1",
+    base = [f"data.url={cityscapes_shards}", "model.vgg_weight=0", "data.workers=0", "model.n_blocks_global=1",
             "model.ndf=4", "train.batch_size=2", "train.progress=false", "train.log_every_kimg=0.002",
-            "train.image_every_kimg=0", "checkpoint.every_kimg=0.004", "train.ema_halflife_kimg=0"]
+            "train.image_every_kimg=0", "checkpoint.every_kimg=0.004", "model.ema_kimg=0"]
     # Stage 1: the global generator at half resolution, ngf 8 (= 2 x the local ngf of 4).
     g_dir = tmp_path / "global"
     r = run(launch_cmd(1, [*base, f"run.dir={g_dir}", "data.load_size=64,32", "model.ngf=8",
@@ -119,10 +123,10 @@ def test_local_enhancer_starts_from_the_global_run_and_keeps_it_fixed(cityscapes
     local = [*base, "data.load_size=128,64", "model.ngf=4", f"model.init_from={g_dir}", "model.num_D=3",
              "model.n_blocks_local=1"]
     fixed_dir, joint_dir = tmp_path / "fixed", tmp_path / "joint"
-    r = run(launch_cmd(1, [*local, f"run.dir={fixed_dir}", "train.total_kimg=0.006", "train.fix_global_kimg=0.006"],
+    r = run(launch_cmd(1, [*local, f"run.dir={fixed_dir}", "train.total_kimg=0.006", "model.fix_global_kimg=0.006"],
                        config="pix2pixhd_cityscapes_1024"))
     assert r.returncode == 0, explain(r)
-    assert f"G initialised from {g_dir}" in r.stdout + r.stderr
+    assert f"initialised from {g_dir} ({g_dir}/snapshots/step-00000002)" in r.stdout + r.stderr
     fixed_G = final_states(fixed_dir)["G"]
     shared = [k for k in global_G if k.startswith("net.model.") and f"net.global_generator.{k[4:]}" in fixed_G]
     assert len(shared) > 10
@@ -132,7 +136,7 @@ def test_local_enhancer_starts_from_the_global_run_and_keeps_it_fixed(cityscapes
     branch = [k for k in fixed_G if k.startswith("net.enhancers.0.") and k.endswith("weight")]
     assert branch and all(not torch.equal(fixed_G[k], fresh[k]) for k in branch)  # the enhancer did train
     # Fixed for 2 of 3 steps only: afterwards the global generator trains jointly.
-    r = run(launch_cmd(1, [*local, f"run.dir={joint_dir}", "train.total_kimg=0.006", "train.fix_global_kimg=0.004"],
+    r = run(launch_cmd(1, [*local, f"run.dir={joint_dir}", "train.total_kimg=0.006", "model.fix_global_kimg=0.004"],
                        config="pix2pixhd_cityscapes_1024"))
     assert r.returncode == 0, explain(r)
     joint_G = final_states(joint_dir)["G"]
@@ -143,7 +147,8 @@ def fresh_G(config: str, overrides: list[str], shards: str) -> dict:
     """The initial G state of a run (``run.seed`` 0), before any loading or training."""
     from pipeline.config import load_config
     from pipeline.data.manifest import load_manifest
-    from pipeline.train.family import DataInfo, get_family
+    from pipeline.families import get_family
+    from pipeline.train.family import DataInfo
 
     cfg = load_config(config, [o for o in overrides if not o.startswith("model.init_from")])
     m = load_manifest(shards)
@@ -156,7 +161,8 @@ def l1_to_targets(run_dir: Path, demo_shards: str, state: dict) -> float:
     from pipeline.config import load_config
     from pipeline.data.manifest import load_manifest
     from pipeline.data.stream import make_stream
-    from pipeline.train.family import DataInfo, get_family
+    from pipeline.families import get_family
+    from pipeline.train.family import DataInfo
 
     cfg = load_config("pix2pixhd_demo", [f"data.url={demo_shards}"])
     family = get_family("pix2pixhd")
@@ -166,8 +172,8 @@ def l1_to_targets(run_dir: Path, demo_shards: str, state: dict) -> float:
     G.load_state_dict(state)
     G.eval()
     losses = []
-    for sample in make_stream(demo_shards, "val", train=False, fields=family.fields(info)):
-        b = family.prepare(torch.utils.data.default_collate([sample]), torch.device("cpu"), cfg, info)
+    for sample in make_stream(demo_shards, "val", train=False, fields=family.streams(cfg, info, "val")[0].fields):
+        b = family.prepare({"data": torch.utils.data.default_collate([sample])}, torch.device("cpu"), cfg, info)
         with torch.no_grad():
             losses.append((G(b["input"], b["image"], b["instance"]) - b["image"]).abs().mean().item())
     return float(np.mean(losses))

@@ -29,7 +29,7 @@ FAST_EVAL = ["--max-samples", "7", "--kid-subset-size", "4", "--kid-subsets", "1
 # tests/test_train.py's SMALL pix2pix: unet_128 at ngf 8 on 128x128 crops, global batch 4.
 SMALL = ["model.ngf=8", "model.ndf=8", "data.crop_size=128,128", "train.batch_size=4", "train.progress=false",
          "train.log_every_kimg=0.008", "train.image_every_kimg=0.016", "train.num_images=2",
-         "train.ema_halflife_kimg=0.01", "data.workers=1"]
+         "model.ema_kimg=0.01", "data.workers=1"]
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 

@@ -211,7 +211,9 @@ def test_prepare_gives_the_floats_of_the_host_side_conversion(tmp_path):
     from pipeline.data.manifest import load_manifest
     from pipeline.data.stream import _slot_rng
     from pipeline.data.transforms import decode_field
-    from pipeline.train.family import DataInfo, get_family, one_hot
+    from pipeline.families import get_family
+    from pipeline.families.labelmaps import one_hot
+    from pipeline.train.family import DataInfo
 
     write(tmp_path, {"train": 10}, per_shard=4)
     aug = Augment(crop=(16, 12), flip=True)
@@ -229,7 +231,7 @@ def test_prepare_gives_the_floats_of_the_host_side_conversion(tmp_path):
     for n, sample in enumerate(make_stream(str(tmp_path), "train", train=True, augment=aug, seed=3)):
         if n == 20:
             break
-        b = family.prepare(torch.utils.data.default_collate([sample]), torch.device("cpu"), cfg, info)
+        b = family.prepare({"data": torch.utils.data.default_collate([sample])}, torch.device("cpu"), cfg, info)
         rng = _slot_rng(3, sample["__slot__"], sample["__epoch__"], sample["__index__"])
         fields = {name: decode_field(m.fields[name]["kind"], data) for name, data in raws[sample["__key__"]].items()}
         _, box, flip = aug.params(fields["image"].size, rng, True)

@@ -25,7 +25,7 @@ ACCEL_CPU2 = str(REPO / "launch" / "accelerate" / "cpu_2proc.yaml")
 # A pix2pix small enough for CPU tests: unet_128 at ngf 8 on 128x128 crops, batch 4.
 SMALL = ["model.ngf=8", "model.ndf=8", "data.crop_size=128,128", "train.batch_size=4",
          "train.progress=false", "train.log_every_kimg=0.008", "train.image_every_kimg=0.016",
-         "train.num_images=2", "train.ema_halflife_kimg=0.01"]
+         "train.num_images=2", "model.ema_kimg=0.01"]
 
 
 def env() -> dict:
@@ -60,9 +60,11 @@ def explain(r: subprocess.CompletedProcess) -> str:
 
 
 def final_states(run_dir: Path) -> dict[str, dict]:
+    """The newest checkpoint's shared files (networks, EMA copies, optimizers), by name."""
     found = ckpt.latest(str(run_dir))
     assert found is not None, f"no committed checkpoint in {run_dir}"
-    return {name: ckpt.load_tensors(f"{found.url}/{name}.pt") for name in ("G", "D", "G_ema", "opt_G", "opt_D")}
+    return {name.removesuffix(".pt"): ckpt.load_tensors(f"{found.url}/{name}") for name in found.record["files"]
+            if name.endswith(".pt") and "/" not in name and not name.startswith("rank-")}
 
 
 def assert_identical(a, b, path="") -> None:
@@ -104,7 +106,7 @@ def test_two_processes_train_commit_checkpoints_and_agree_on_weights(demo_shards
     assert found.record["world_size"] == 2 and found.record["nimg"] == 32
     ranks = [ckpt.load_tensors(f"{found.url}/rank-{r:03d}.pt") for r in (0, 1)]
     assert ranks[0]["fingerprints"] == ranks[1]["fingerprints"]  # every rank holds the same G, D, G_ema
-    assert set(ranks[0]["positions"]) == {"0", "1"} and set(ranks[1]["positions"]) == {"2", "3"}
+    assert set(ranks[0]["positions"]["data"]) == {"0", "1"} and set(ranks[1]["positions"]["data"]) == {"2", "3"}
     assert ckpt.latest(str(run_dir), ckpt.SNAPSHOTS).step == 8
     run_info = json.loads((run_dir / "run.json").read_text())
     assert run_info["world_size"] == 2 and run_info["versions"]["torch"] == torch.__version__
@@ -273,7 +275,7 @@ def test_wgan_gp_trains_with_n_critic_and_logs_the_penalty(demo_shards, tmp_path
                            "checkpoint.every_kimg=0.016", "data.workers=0", "train.batch_size=4",
                            "model.ngf=8", "model.ndf=8", "model.image_size=32", "data.load_size=64,32",
                            "data.crop_size=32,32", "train.progress=false", "train.log_every_kimg=0.004",
-                           "optim.n_critic=2", "loss.instance_noise=0.1", "loss.instance_noise_kimg=0.01"],
+                           "model.n_critic=2", "model.instance_noise=0.1", "model.instance_noise_kimg=0.01"],
                         config="wgangp_demo"))
     assert r.returncode == 0, explain(r)
     scalars = read_scalars(run_dir)
@@ -290,7 +292,7 @@ def test_gradient_accumulation_matches_the_full_batch(demo_shards, tmp_path):
     # D as it was for G's phase, so G's gradients are taken against the same D in both runs.
     common = [f"data.url={demo_shards}", "train.total_kimg=0.004", "checkpoint.every_kimg=0.004",
               "data.workers=0", "model.norm=instance", "model.norm_D=instance", "model.dropout=false",
-              "optim.lr_D=0", *SMALL]
+              "model.lr_D=0", *SMALL]
     for name, extra in (("full", []), ("accum", ["train.batch_per_device=2"])):
         r = run(launch_cmd(1, [*common, f"run.dir={tmp_path / name}", *extra]))
         assert r.returncode == 0, explain(r)

@@ -32,7 +32,7 @@ from pipeline.data.transforms import (
     rgb_image,
 )
 from pipeline.eval.metrics import to_uint8
-from pipeline.train.family import one_hot
+from pipeline.families.labelmaps import one_hot
 
 RNG = np.random.default_rng(0)
 DTYPES = {"image": "rgbx", "label": "uint8", "instance": "uint16"}  # the loader dtypes of most tests here

@@ -6,9 +6,37 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 from .. import io
+
+# Launcher variables a sidecar evaluator must not inherit, or it would try to join our group.
+_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                 "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_", "ACCELERATE_", "OMP_NUM_THREADS")
+
+
+def start_sidecar(run_dir: str, trainer_pid: int) -> subprocess.Popen:
+    """One evaluator process beside the main process, in a session of its own; never waited on.
+    It follows the run until training is done, or until ``trainer_pid`` is gone (then it
+    evaluates what was committed and stops)."""
+    root = Path(__file__).resolve().parent.parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_ENV)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    log_path = Path(io.fs_for(run_dir)[1]) / "eval" / "sidecar.log" if io.is_local(run_dir) \
+        else Path(tempfile.mkdtemp(prefix="gan-eval-")) / "sidecar.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    io.remove(io.join(run_dir, "eval", "FINISHED.json"))  # a previous evaluator's, not this one's
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.eval.cli", "--run", run_dir,
+                                 "--follow-pid", str(trainer_pid)], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    print(f"evaluation sidecar started (pid {proc.pid}, log {log_path})", flush=True)
+    return proc
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,8 +23,9 @@ from ..config import Config, from_dict
 from ..data.manifest import load_manifest
 from ..data.stream import make_stream, slot_range
 from ..data.transforms import Augment, rgb_image
+from ..families import get_family
 from ..train import checkpoint as ckpt
-from ..train.family import DataInfo, get_family
+from ..train.family import DataInfo, Evaluation
 from . import metrics, paired
 
 log = logging.getLogger(__name__)
@@ -113,8 +114,8 @@ class Evaluator:
         url = ckpt.step_url(self.opts.run, ckpt.SNAPSHOTS, step)
         try:
             record = ckpt.verify(url, so)
-            weights = "G_ema.pt" if "G_ema.pt" in record["files"] else "G.pt"
-            state = ckpt.load_tensors(io.join(url, weights), so)
+            files = ckpt.snapshot_networks(record)
+            states = {name: ckpt.load_tensors(io.join(url, file), so) for name, file in files.items()}
             cfg = from_dict(record["config"])
         except FileNotFoundError as exc:
             log.warning("snapshot %s is gone or incomplete (%s): skipped", url, exc)
@@ -124,18 +125,37 @@ class Evaluator:
         family = get_family(cfg.model.family)
         manifest = load_manifest(cfg.data.url, so)
         info = DataInfo(manifest.task, manifest.num_classes, tuple(manifest.fields))
-        G = family.build(cfg, info)["G"]
+        built = family.build(cfg, info)
         try:
-            G.load_state_dict(state)
-        except RuntimeError as exc:  # weights of other shapes or names than the run's networks
+            for name, state in states.items():
+                built[name].load_state_dict(state)
+        except (RuntimeError, KeyError) as exc:  # weights of other shapes or names than the run's networks
             return self._invalid(step, url, exc)
-        G.eval().requires_grad_(False).to(self.device)
-        conditional = info.task in ("label2image", "paired")
-        split = cfg.data.val_split if cfg.data.val_split in manifest.splits else cfg.data.split
+        nets = {name: built[name].eval().requires_grad_(False).to(self.device) for name in states}
         t0 = time.perf_counter()
-        gen, real, sums, grid = (self._conditional if conditional else self._unconditional)(
-            cfg, family, info, G, split)
-        result = self._finish(step, record, cfg, manifest, split, gen, real, sums, grid, conditional, t0)
+        per_eval, protocols, grid = {}, {}, []
+        for ev in evaluations_for(family, cfg, info, manifest):
+            gen, real, sums, columns = self._run(cfg, family, info, nets, ev)
+            scores, protocols[ev.name] = self._scores(cfg, ev, gen, real)
+            for name, (total, count) in _summed(dist.gather_objects(sums)).items():
+                scores[name] = total / count if count else None
+            per_eval[ev.name] = scores
+            grid = grid + columns
+        if not dist.is_main():
+            return None
+        values = _named(per_eval)
+        result = {"step": step, "nimg": record["nimg"], "kimg": record["kimg"], "snapshot": url, "metrics": values,
+                  "seconds": round(time.perf_counter() - t0, 2), "evaluators": dist.world_size(),
+                  "protocol": protocols[""] if list(protocols) == [""] else protocols}
+        # Everything else first, the step's result file last: it is what marks the snapshot as
+        # evaluated, so an evaluator stopped before it evaluates the snapshot again (each write
+        # below replaces or repeats its own, never duplicates a line).
+        self._append_jsonl(result)
+        self._write_events(result, grid)
+        self._update_best(result)
+        io.atomic_write_json(result_url(self.opts.run, step), result, so)
+        log.info("step %d (kimg %.3f): %s", step, record["kimg"],
+                 ", ".join(f"{k}={v:.4g}" for k, v in values.items() if v is not None))
         return result
 
     def _invalid(self, step: int, url: str, exc: Exception) -> None:
@@ -152,12 +172,13 @@ class Evaluator:
                                  so)
         return None
 
-    def _batches(self, cfg: Config, family, info: DataInfo, split: str):
+    def _batches(self, cfg: Config, split: str, fields: tuple[str, ...]):
         """This rank's share of ``split``: (global sample index, batch as the loader collates it:
-        uint8 images, integer maps, on the CPU), exactly once. Callers ``family.prepare`` it where G
-        needs it; the uint8 images go to the Inception features as they are."""
+        uint8 images, integer maps, on the CPU), exactly once, at most ``max_samples`` of them.
+        Callers ``family.prepare`` it where a network needs it; the uint8 images go to the
+        Inception features as they are."""
         stream = make_stream(cfg.data.url, split, train=False, rank=dist.rank(), world_size=dist.world_size(),
-                             num_workers=self.opts.workers, fields=family.fields(info),
+                             num_workers=self.opts.workers, fields=fields,
                              augment=Augment(cfg.data.load_size, cfg.data.crop_size, False),
                              storage_options=self.opts.storage_options, batch_size=self.opts.batch_size)
         total = stream.spec.manifest.num_samples(split)
@@ -174,21 +195,37 @@ class Evaluator:
             yield index[keep], batch
 
     @torch.no_grad()
-    def _conditional(self, cfg, family, info, G, split):
-        gen, real, sums, grid = [], [], {}, None
-        for index, batch in self._batches(cfg, family, info, split):
-            b = family.prepare(batch, self.device, cfg, info)
-            fake = family.generate(G, b, info).float().clamp(-1, 1)
-            target = b["image"].float()
-            gen.append((index, self.inception(metrics.to_uint8(fake))))
-            # The loader's uint8 photo: what to_uint8 of the prepared [-1, 1] image gives back, bit
-            # for bit, without the round trip.
-            real.append((index, rgb_image(batch["image"])))
-            for name, values in self._paired(fake, target).items():
-                total, n = sums.get(name, (0.0, 0))
-                sums[name] = (total + float(values.double().sum()), n + len(values))
-            if grid is None:
-                grid = family.visualize(G, b, info)
+    def _run(self, cfg, family, info, nets, ev: Evaluation):
+        """Generate for one evaluation: (generated features by sample, reference uint8 images by
+        sample, paired-metric sums, grid columns). Translations follow the input stream's samples;
+        unconditional outputs come from ``num_samples`` fixed latents, split over the ranks."""
+        gen, real, sums, grid = [], [], {}, []
+        if ev.inputs is not None:
+            for index, batch in self._batches(cfg, ev.inputs.split, ev.inputs.fields):
+                b = family.prepare({ev.inputs.name: batch}, self.device, cfg, info)
+                fake = ev.generate(nets, b).float().clamp(-1, 1)
+                gen.append((index, self.inception(metrics.to_uint8(fake))))
+                if ev.paired:
+                    # The loader's uint8 photo: what to_uint8 of the prepared [-1, 1] image gives
+                    # back, bit for bit, without the round trip.
+                    real.append((index, rgb_image(batch["image"])))
+                    for name, values in self._paired(fake, b["image"].float()).items():
+                        total, n = sums.get(name, (0.0, 0))
+                        sums[name] = (total + float(values.double().sum()), n + len(values))
+                if not grid:
+                    grid = family.visualize(nets, b, info) if ev.paired else [fake]
+        else:
+            n, rank, world = self.opts.num_samples, dist.rank(), dist.world_size()
+            # The same latents whatever the number of evaluators: drawn once, sliced per rank.
+            z = torch.randn(n, cfg.model.z_dim, generator=torch.Generator().manual_seed(self.opts.seed))
+            lo, hi = rank * n // world, (rank + 1) * n // world
+            for start in range(lo, hi, self.opts.batch_size):
+                zb = z[start:min(hi, start + self.opts.batch_size)].to(self.device)
+                fake = ev.generate(nets, {"z": zb}).float().clamp(-1, 1)
+                gen.append((torch.arange(start, start + len(zb)), self.inception(metrics.to_uint8(fake))))
+                grid = grid or [fake]
+        if not ev.paired:
+            real = [(index, rgb_image(batch["image"])) for index, batch in self._batches(cfg, ev.reference, ("image",))]
         return gen, real, sums, grid
 
     def _paired(self, fake: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -201,31 +238,17 @@ class Evaluator:
             out["lpips"] = paired.lpips(self.lpips, fake, target)
         return out
 
-    @torch.no_grad()
-    def _unconditional(self, cfg, family, info, G, split):
-        n, rank, world = self.opts.num_samples, dist.rank(), dist.world_size()
-        # The same latents whatever the number of evaluators: drawn once, sliced per rank.
-        z = torch.randn(n, cfg.model.z_dim, generator=torch.Generator().manual_seed(self.opts.seed))
-        lo, hi = rank * n // world, (rank + 1) * n // world
-        gen, grid = [], None
-        for start in range(lo, hi, self.opts.batch_size):
-            zb = z[start:min(hi, start + self.opts.batch_size)].to(self.device)
-            fake = family.generate(G, {"z": zb, "image": torch.empty(0)}, info).float().clamp(-1, 1)
-            gen.append((torch.arange(start, start + len(zb)), self.inception(metrics.to_uint8(fake))))
-            grid = grid if grid is not None else [fake]
-        real = [(index, rgb_image(batch["image"])) for index, batch in self._batches(cfg, family, info, split)]
-        return gen, real, {}, grid
-
-    # ------------------------------------------------------------ gather, reference, write
-    def _finish(self, step, record, cfg, manifest, split, gen, real, sums, grid, conditional, t0):
+    # ------------------------------------------------------------ gather, reference, score
+    def _scores(self, cfg: Config, ev: Evaluation, gen, real) -> tuple[dict, dict]:
+        """FID and KID of one evaluation (on the main process; the gathers run on every rank),
+        with the protocol recorded beside them."""
         so = self.opts.storage_options
         gen_all = _ordered(dist.gather_objects(gen))
-        sums_all = dist.gather_objects(sums)
         shapes = [s for s in dist.gather_objects(tuple(real[0][1].shape[-2:]) if real else None) if s]
         resolution = shapes[0]
         num_ref = int(sum(dist.gather_objects(sum(len(index) for index, _ in real))))
         resize = f"load{cfg.data.load_size}-crop{cfg.data.crop_size}+{self.inception.resize}"
-        key = metrics.reference_key(cfg.data.url, split, self.inception, resolution=resolution,
+        key = metrics.reference_key(cfg.data.url, ev.reference, self.inception, resolution=resolution,
                                     num_samples=num_ref, resize=resize, storage_options=so)
         cache = self.opts.reference_cache or metrics.default_cache_url(cfg.data.url)
         # The main process decides hit or miss for everyone: a gather inside compute must run on all ranks.
@@ -238,35 +261,16 @@ class Evaluator:
             if dist.is_main():
                 ref = metrics.store(cache, key, ref, protocol=self.inception.protocol(), storage_options=so).features
         if not dist.is_main():
-            return None
+            return {}, {}
         scores = metrics.fid_kid(gen_all, ref, kid_subsets=self.opts.kid_subsets,
                                  kid_subset_size=self.opts.kid_subset_size, seed=self.opts.seed)
-        values = {"fid": scores["fid"], "kid": scores["kid_mean"], "kid_std": scores["kid_std"]}
-        for name in {k for part in sums_all for k in part}:
-            total = sum(part[name][0] for part in sums_all if name in part)
-            count = sum(part[name][1] for part in sums_all if name in part)
-            values[name] = total / count if count else None
-        result = {
-            "step": step, "nimg": record["nimg"], "kimg": record["kimg"], "snapshot": ckpt.step_url(
-                self.opts.run, ckpt.SNAPSHOTS, step), "metrics": values, "seconds": round(time.perf_counter() - t0, 2),
-            "evaluators": dist.world_size(), "conditional": conditional,
-            "protocol": metrics.provenance(self.inception, num_gen=scores["num_gen"], num_ref=scores["num_ref"],
-                                           reference_split=split, seed=self.opts.seed,
-                                           kid_subsets=scores["kid_subsets"],
-                                           kid_subset_size=scores["kid_subset_size"], image_resolution=resolution,
-                                           manifest_sha256=key.manifest_sha256, resize=resize,
-                                           lpips_weights=self.opts.lpips_weights, reference_cache=cache),
-        }
-        # Everything else first, the step's result file last: it is what marks the snapshot as
-        # evaluated, so an evaluator stopped before it evaluates the snapshot again (each write
-        # below replaces or repeats its own, never duplicates a line).
-        self._append_jsonl(result)
-        self._write_events(result, grid)
-        self._update_best(result)
-        io.atomic_write_json(result_url(self.opts.run, step), result, so)
-        log.info("step %d (kimg %.3f): %s", step, record["kimg"],
-                 ", ".join(f"{k}={v:.4g}" for k, v in values.items() if v is not None))
-        return result
+        protocol = metrics.provenance(self.inception, num_gen=scores["num_gen"], num_ref=scores["num_ref"],
+                                      reference_split=ev.reference, seed=self.opts.seed,
+                                      kid_subsets=scores["kid_subsets"], kid_subset_size=scores["kid_subset_size"],
+                                      image_resolution=resolution, manifest_sha256=key.manifest_sha256, resize=resize,
+                                      lpips_weights=self.opts.lpips_weights, reference_cache=cache,
+                                      conditional=ev.inputs is not None, paired=ev.paired)
+        return {"fid": scores["fid"], "kid": scores["kid_mean"], "kid_std": scores["kid_std"]}, protocol
 
     def _append_jsonl(self, result: dict) -> None:
         # Object stores cannot append: rewrite the whole file atomically (it is small).
@@ -306,6 +310,41 @@ class Evaluator:
         if better:
             io.atomic_write_json(url, {"metric": name, "value": value, "step": result["step"], "kimg": result["kimg"],
                                        "snapshot": result["snapshot"]}, so)
+
+
+def evaluations_for(family, cfg: Config, info: DataInfo, manifest) -> tuple[Evaluation, ...]:
+    """The family's evaluations over ``data.val_split``, or over ``data.split`` when the shards
+    have no such split (a dataset without a validation split)."""
+    for split in (cfg.data.val_split, cfg.data.split):
+        evs = family.evaluations(cfg, info, split)
+        needed = {ev.reference for ev in evs} | {ev.inputs.split for ev in evs if ev.inputs is not None}
+        if needed <= set(manifest.splits):
+            return evs
+    raise ValueError(f"{cfg.data.url} has none of the splits the evaluation reads ({', '.join(sorted(needed))}); it "
+                     f"has {', '.join(manifest.splits)}: set data.val_split")
+
+
+def _named(per_eval: dict[str, dict]) -> dict:
+    """One evaluation's metrics as they are; several evaluations' suffixed with their names
+    (``fid_AtoB``), and each metric's mean over them under its plain name (``fid``: what
+    ``eval.best_metric`` compares)."""
+    if list(per_eval) == [""]:
+        return per_eval[""]
+    out = {f"{k}_{name}": v for name, scores in per_eval.items() for k, v in scores.items()}
+    for metric in next(iter(per_eval.values())):
+        parts = [scores.get(metric) for scores in per_eval.values()]
+        out[metric] = sum(parts) / len(parts) if None not in parts else None
+    return out
+
+
+def _summed(per_rank: list[dict]) -> dict[str, tuple[float, int]]:
+    """Per-rank ``{metric: (sum, count)}`` added up."""
+    out: dict[str, tuple[float, int]] = {}
+    for part in per_rank:
+        for name, (total, count) in part.items():
+            t, n = out.get(name, (0.0, 0))
+            out[name] = (t + total, n + count)
+    return out
 
 
 def _ordered(per_rank: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> torch.Tensor:

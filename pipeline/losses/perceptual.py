@@ -23,7 +23,7 @@ VGG_WEIGHTS_HOWTO = (
     "On a machine with internet access run\n"
     "  python -c \"import torch, torchvision; torch.save(torchvision.models.vgg19(weights='IMAGENET1K_V1')"
     ".state_dict(), 'vgg19.pth')\"\n"
-    "copy vgg19.pth here and set loss.vgg_weights=PATH, or turn the perceptual loss off with loss.vgg_weight=0."
+    "copy vgg19.pth here and set model.vgg_weights=PATH, or turn the perceptual loss off with model.vgg_weight=0."
 )
 
 
@@ -153,3 +153,18 @@ class VGGLoss(nn.Module):
                 y_feats = self.vgg(y.float())
             terms = [w * F.l1_loss(fx, fy) for w, fx, fy in zip(self.layer_weights, x_feats, y_feats)]
         return sum(terms[1:], terms[0])
+
+
+_CACHE: dict[tuple[str, str], VGGLoss] = {}
+
+
+def vgg_loss(weights_path: str | None, device: torch.device) -> VGGLoss:
+    """The VGG19 loss of ``weights_path`` on ``device``, loaded once per process: a frozen helper
+    outside the trained networks (so outside DDP, EMA and checkpoints)."""
+    if not weights_path:
+        raise FileNotFoundError("model.vgg_weight > 0 needs model.vgg_weights=PATH to a local torchvision VGG19 "
+                                "state dict. " + VGG_WEIGHTS_HOWTO.replace("\n", " "))
+    key = (str(weights_path), str(device))
+    if key not in _CACHE:
+        _CACHE[key] = VGGLoss(weights_path).to(device)
+    return _CACHE[key]

@@ -1,4 +1,5 @@
-"""Discriminator regularizers: WGAN-GP gradient penalty, R1 penalty and WGAN weight clipping.
+"""Discriminator regularizers: WGAN-GP gradient penalty, R1 penalty, WGAN weight clipping, and
+instance noise.
 
 Penalties differentiate D w.r.t. its input in fp32 with autocast off, and keep the graph
 (``create_graph=True``) so their backward reaches D's parameters.
@@ -86,3 +87,11 @@ def _input_grad(D_fn: DFn, x: Tensor) -> Tensor:
     total = sum(logits.float().sum() for logits in final_logits(D_fn(x)))
     (grad,) = torch.autograd.grad(outputs=total, inputs=x, create_graph=True)
     return grad
+
+
+def instance_noise(x: Tensor, sigma: float, span_kimg: float, nimg: int) -> Tensor:
+    """``x`` plus Gaussian instance noise (Sønderby et al. 2017) whose sigma falls linearly from
+    ``sigma`` at kimg 0 to 0 at ``span_kimg`` (constant when ``span_kimg`` is 0); ``x`` itself
+    when the noise is off or over. Real and fake inputs of D both get it."""
+    now = sigma if span_kimg <= 0 else sigma * max(0.0, 1.0 - nimg / (span_kimg * 1000))
+    return x + now * torch.randn_like(x) if now > 0 else x

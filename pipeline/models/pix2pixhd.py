@@ -299,8 +299,8 @@ class MultiscaleDiscriminator(nn.Module):
 
     ``num_D`` identical :class:`NLayerDiscriminatorHD` see the input at full resolution and
     downsampled ``1 .. num_D-1`` times by ``AvgPool2d(3, stride=2, padding=1,
-    count_include_pad=False)``. ``num_D=3`` is the paper's (the official train option defaults
-    to 2).
+    count_include_pad=False)``. ``num_D=2`` is the official train option's default (its 512p
+    runs); the paper's 3 is what the official 1024p script passes.
 
     The output is ordered finest first, like the official ``forward``: ``out[0]`` is the
     full-resolution D. ``scales[i]`` sees the input downsampled ``i`` times; the official module
@@ -314,7 +314,7 @@ class MultiscaleDiscriminator(nn.Module):
         *,
         ndf: int = 64,
         n_layers: int = 3,
-        num_D: int = 3,
+        num_D: int = 2,
         norm: str = "instance",
         get_intermediate_features: bool = True,
     ) -> None:

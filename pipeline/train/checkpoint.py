@@ -169,6 +169,31 @@ def latest(run_dir: str, kind: str = CHECKPOINTS, storage_options: dict | None =
         return None
 
 
+def resume_candidates(run_dir: str, resume: str, storage_options: dict | None = None) -> tuple[list[Found], str | None]:
+    """The verified checkpoints to resume from, newest first, as ``run.resume`` asks; or why the
+    run cannot start. Damaged ones are reported as they are passed over."""
+    try:
+        found = list(verified(run_dir, storage_options=storage_options))
+    except NoUsableCheckpoint as exc:
+        if resume == "never":
+            return [], None  # starting over was asked for; the unusable ones are left where they are
+        return [], str(exc)
+    if resume == "never" and found:
+        return [], (f"run.resume=never, but {run_dir} holds checkpoints (the newest: {found[0].url}); use a new "
+                    f"run.dir to start over, or run.resume=auto to continue")
+    if resume == "must" and not found:
+        return [], f"run.resume=must, but {run_dir} holds no checkpoint to resume from"
+    return found, None
+
+
+def verified_list(run_dir: str, storage_options: dict | None = None) -> list[Found]:
+    """The verified checkpoints, newest first (none, when every one is broken)."""
+    try:
+        return list(verified(run_dir, storage_options=storage_options))
+    except NoUsableCheckpoint:
+        return []
+
+
 def resolve_init(url: str, storage_options: dict | None = None) -> str:
     """The committed directory that ``model.init_from`` names: a checkpoint or snapshot
     directory itself, or a run directory (its newest committed snapshot, else checkpoint)."""
@@ -259,3 +284,136 @@ def local_copy(url: str, storage_options: dict | None = None) -> Iterator[str]:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the training state
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint holds, by reference to the live objects: the family's networks
+    (plain modules) and their EMA copies, one engine per declared optimizer (its optimizer and
+    scaler, or DeepSpeed's partitions), the loop's counters, per stream and reading slot the data
+    position consumed, and the family's per-rank state. File names follow the declarations:
+    ``<net>.pt``, ``<net>_ema.pt``, ``opt_<name>.pt``, ``scaler_<name>.pt``, ``rank-NNN.pt``."""
+
+    nets: dict[str, torch.nn.Module]
+    ema: dict[str, torch.nn.Module]
+    engines: dict[str, Any]
+    counters: dict[str, int]
+    positions: dict[str, dict[int, tuple[int, int]]]
+    family_state: dict[str, torch.Tensor]
+    snapshot: tuple[str, ...]  # the networks a snapshot holds (their EMA copies too, where kept)
+    backend: str
+    world_size: int
+    rank: int
+    workers: int
+    device: torch.device
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """Networks and EMA copies by file stem."""
+        return {**self.nets, **{f"{k}_ema": m for k, m in self.ema.items()}}
+
+
+def save(run_dir: str, ts: TrainState, meta: dict, keep_last: int, storage_options: dict | None = None) -> None:
+    """Write, commit and prune one checkpoint and its snapshot at ``meta["step"]``. Collective:
+    every rank writes its own rank file (and DeepSpeed partitions); rank 0 the rest, then commits."""
+    from .. import dist
+
+    so, step = storage_options, meta["step"]
+    shared = {name: dist.averaged_state(m) for name, m in ts.modules().items()}
+    prints = {name: fingerprint(st) for name, st in shared.items()}
+    # Every rank must hold the same networks; a mismatch is a bug worth stopping for.
+    if dist.any_rank([prints != dist.broadcast_object(prints)], ts.device)[0]:
+        raise RuntimeError(f"ranks disagree on the networks at step {step}: {prints}")
+    url = step_url(run_dir, CHECKPOINTS, step)
+    if ts.rank == 0:
+        clear(url, so)  # what an earlier, unfinished or broken write of this step left
+    dist.barrier()  # orders: the step's old directory is gone before any rank writes into it
+    # Per rank: RNG, data positions, the family's state, and the rank's own running statistics
+    # (the shared files hold their average), so a resumed rank continues bit for bit.
+    mine = {"cpu_rng": torch.get_rng_state(), "fingerprints": prints,
+            "positions": {s: {str(k): list(p) for k, p in slots.items()} for s, slots in ts.positions.items()},
+            "buffers": {name: {k: b.detach().clone() for k, b in m.named_buffers()}
+                        for name, m in ts.modules().items()},
+            "family_state": {k: v.detach().cpu().clone() for k, v in ts.family_state.items()}}
+    if ts.device.type == "cuda":
+        mine["cuda_rng"] = torch.cuda.get_rng_state(ts.device)
+    save_tensors(io.join(url, f"rank-{ts.rank:03d}.pt"), mine, so)
+    if any(e.local_dir for e in ts.engines.values()):  # collective: every rank writes its own partitions
+        with staged_upload(io.join(url, ZERO_DIR), so) as local:
+            for engine in ts.engines.values():
+                engine.save_local(local)
+    if ts.rank == 0:
+        for name, st in shared.items():
+            save_tensors(io.join(url, f"{name}.pt"), st, so)
+        for name, engine in ts.engines.items():
+            for key, st in engine.state_dicts().items():
+                save_tensors(io.join(url, f"{key}_{name}.pt"), st, so)  # opt_G.pt, scaler_G.pt
+        write_json(io.join(url, "state.json"), {**ts.counters, "world_size": ts.world_size, "workers": ts.workers,
+                                                "backend": ts.backend}, so)
+    dist.barrier()  # orders: every rank's file is written before rank 0 hashes and commits
+    if ts.rank != 0:
+        return
+    commit(url, meta, so)
+    prune(run_dir, keep_last, CHECKPOINTS, so)
+    snap = step_url(run_dir, SNAPSHOTS, step)
+    clear(snap, so)
+    files = {}
+    for name in ts.snapshot:
+        save_tensors(io.join(snap, f"{name}.pt"), shared[name], so)
+        if name in ts.ema:
+            save_tensors(io.join(snap, f"{name}_ema.pt"), shared[f"{name}_ema"], so)
+        files[name] = f"{name}_ema.pt" if name in ts.ema else f"{name}.pt"
+    commit(snap, {**meta, "networks": files}, so)  # which file of each network to evaluate
+    prune(run_dir, keep_last, SNAPSHOTS, so)
+
+
+def snapshot_networks(record: dict) -> dict[str, str]:
+    """A snapshot's networks and the file of each to evaluate (its EMA copy where kept), from its
+    commit record; snapshots written before the record named them hold one G."""
+    return record.get("networks") or {"G": "G_ema.pt" if "G_ema.pt" in record["files"] else "G.pt"}
+
+
+class StateMismatch(Exception):
+    """A checkpoint that this run cannot continue, whatever its files hold (another backend)."""
+
+
+def restore(found: Found, ts: TrainState, storage_options: dict | None = None) -> bool:
+    """Load ``found`` into ``ts``; returns whether the per-rank part (RNG, data positions, family
+    state, running statistics) was restored, which needs the same world size."""
+    so = storage_options
+    saved = read_json(io.join(found.url, "state.json"), so)
+    if saved.get("backend", "ddp") != ts.backend:
+        raise StateMismatch(f"{found.url} was written with distributed.backend={saved.get('backend', 'ddp')}; resume "
+                            f"it with the same backend (this run uses {ts.backend})")
+    if any(e.local_dir for e in ts.engines.values()) and saved["world_size"] != ts.world_size:
+        raise StateMismatch(f"{found.url} holds DeepSpeed ZeRO partitions for {saved['world_size']} processes; resume "
+                            f"it with {saved['world_size']} processes (this run has {ts.world_size})")
+    for name, module in ts.modules().items():
+        module.load_state_dict(load_tensors(io.join(found.url, f"{name}.pt"), so))
+    if any(e.local_dir for e in ts.engines.values()):
+        with local_copy(io.join(found.url, ZERO_DIR), so) as local:
+            for engine in ts.engines.values():
+                engine.load_local(local)  # weights, fp32 master partitions, Adam state
+    for name, engine in ts.engines.items():
+        engine.load_state_dicts(lambda key, name=name: load_tensors(io.join(found.url, f"{key}_{name}.pt"), so))
+    ts.counters.update({k: saved[k] for k in ts.counters if k in saved})
+    ts.positions.clear()
+    ts.family_state.clear()
+    if saved["world_size"] != ts.world_size:
+        log.warning("checkpoint %s was written by %d processes, this run has %d: the data streams restart at a "
+                    "fresh epoch position and per-rank state starts anew", found.url, saved["world_size"],
+                    ts.world_size)
+        return False
+    mine = load_tensors(io.join(found.url, f"rank-{ts.rank:03d}.pt"), so)
+    for name, module in ts.modules().items():
+        for key, buf in module.named_buffers():
+            buf.copy_(mine["buffers"][name][key])
+    torch.set_rng_state(mine["cpu_rng"])
+    if ts.device.type == "cuda" and "cuda_rng" in mine:
+        torch.cuda.set_rng_state(mine["cuda_rng"], ts.device)
+    for stream, slots in mine["positions"].items():
+        ts.positions[stream] = {int(s): (int(e), int(i)) for s, (e, i) in slots.items()}
+    ts.family_state.update({k: v.to(ts.device) for k, v in mine.get("family_state", {}).items()})
+    return True

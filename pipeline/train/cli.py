@@ -25,7 +25,8 @@ def dry_run(cfg) -> int:
     import torch
 
     from ..data.manifest import ManifestError, load_manifest
-    from .family import DataInfo, get_family
+    from ..families import get_family
+    from .family import DataInfo, describe
 
     print(json.dumps(to_dict(cfg), indent=2))
     print(f"run directory: {cfg.run.dir}")
@@ -37,8 +38,7 @@ def dry_run(cfg) -> int:
         info = DataInfo("label2image", 35, ("image", "label"))
     torch.manual_seed(cfg.run.seed)
     for name, net in get_family(cfg.model.family).build(cfg, info).items():
-        n = sum(p.numel() for p in net.parameters())
-        print(f"{name}: {type(net).__name__}, {n:,} parameters ({n / 1e6:.3f}M)")
+        print(f"{name}: {describe(net)}")
     return 0
 
 

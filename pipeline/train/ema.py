@@ -23,18 +23,18 @@ def ema_beta(batch_size: int, nimg: int, halflife_kimg: float, rampup: float | N
     return 0.5 ** (batch_size / halflife_nimg)
 
 
-def make_ema(G: torch.nn.Module) -> torch.nn.Module:
-    """A frozen copy of G in evaluation mode."""
-    G_ema = copy.deepcopy(G).eval()
-    G_ema.requires_grad_(False)
-    return G_ema
+def make_ema(net: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy of ``net`` in evaluation mode."""
+    copied = copy.deepcopy(net).eval()
+    copied.requires_grad_(False)
+    return copied
 
 
 @torch.no_grad()
-def update_ema(G_ema: torch.nn.Module, G: torch.nn.Module, beta: float) -> None:
-    """``G_ema = beta * G_ema + (1 - beta) * G`` for parameters; buffers are copied."""
-    ema_params = list(G_ema.parameters())
-    params = [p.detach() for p in G.parameters()]
+def update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
+    """``ema = beta * ema + (1 - beta) * net`` for parameters; buffers are copied."""
+    ema_params = list(ema.parameters())
+    params = [p.detach() for p in net.parameters()]
     torch._foreach_lerp_(ema_params, params, 1.0 - beta)
-    for b_ema, b in zip(G_ema.buffers(), G.buffers()):
+    for b_ema, b in zip(ema.buffers(), net.buffers()):
         b_ema.copy_(b)

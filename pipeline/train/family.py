@@ -1,10 +1,12 @@
-"""How a GAN family plugs into the loop: networks + phases (step functions returning named
-losses) + batch preparation + what to show in image grids. No trainer classes, no hooks.
+"""The family contract: what a GAN family declares, and what the loop, the checkpoint module and
+the evaluator do with it. Types only; the families live in ``pipeline/families/``.
 
-A phase's ``fn(ctx, batch, scratch)`` returns a dict of losses with the total under ``"loss"``;
-the loop does backward, gradient sync, clipping, the optimizer step of ``phase.net``, EMA,
-logging and checkpoints. ``scratch`` is per micro-batch and lets a later phase reuse a tensor
-of an earlier one (pix2pix's G step reuses the fake that the D step made).
+A family names its networks (any names), which have an EMA copy and which are snapshotted; the
+optimizers that step them (each with its own parameter groups); its phases (step functions that
+return named losses), built from the config so that intervals and repeats are config; the data
+streams it reads; its per-rank state; how it prepares a batch, generates for evaluation, and
+shows an image grid. The loop does backward, gradient sync, the non-finite guard, clipping,
+optimizer steps, EMA, logging and checkpoints; a step function never does.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,78 +31,143 @@ class DataInfo:
     fields: tuple[str, ...]
 
 
-@dataclass
-class StepContext:
-    """What a step function may use. ``G``/``D`` may be DDP wrappers; ``G_plain``/``D_plain``
-    are the modules inside, for forwards that must not touch DDP's gradient reducer (D while it
-    is frozen in G's step)."""
+@dataclass(frozen=True)
+class Network:
+    """A trained network. ``ema``: an exponential moving average ``<name>_ema`` is kept when
+    ``model.ema_kimg > 0``; ``snapshot``: saved (its EMA copy in its place when there is one) in
+    every snapshot, for evaluation, image grids and inference."""
 
-    G: nn.Module
-    D: nn.Module
-    G_plain: nn.Module
-    D_plain: nn.Module
-    cfg: Config
-    info: DataInfo
-    nimg: int = 0
-    reuse_fake: bool = True
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-
-    def instance_noise(self) -> float:
-        """Instance-noise sigma now: linear decay from ``loss.instance_noise`` to 0."""
-        sigma, span = self.cfg.loss.instance_noise, self.cfg.loss.instance_noise_kimg
-        if sigma <= 0:
-            return 0.0
-        if span <= 0:
-            return sigma
-        return sigma * max(0.0, 1.0 - self.nimg / (span * 1000))
+    name: str
+    ema: bool = False
+    snapshot: bool = False
 
 
-def one_hot(label: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """``label`` [N, H, W] int64 -> float [N, num_classes, H, W], built in place on its device."""
-    n, h, w = label.shape
-    out = torch.zeros(n, num_classes, h, w, device=label.device)
-    return out.scatter_(1, label.unsqueeze(1), 1.0)
+@dataclass(frozen=True)
+class Optimizer:
+    """An Adam that steps the parameters of ``nets``. ``groups`` gives its parameter groups,
+    each a dict with ``params`` and, where they differ from the optimizer's, ``lr`` and ``betas``
+    (StyleGAN2's lazy regularisation, lr multipliers); a group with ``fixed_until_nimg`` keeps
+    its parameters (and their Adam state) unchanged until that many images were seen
+    (pix2pixHD's fixed global generator). Without ``groups``: one group of all of ``nets``."""
+
+    name: str
+    nets: tuple[str, ...]
+    lr: float
+    betas: tuple[float, float]
+    groups: Callable[[dict[str, nn.Module]], list[dict]] | None = None
+
+    def param_groups(self, nets: dict[str, nn.Module]) -> list[dict]:
+        if self.groups is not None:
+            return self.groups(nets)
+        return [{"params": [p for name in self.nets for p in nets[name].parameters()]}]
 
 
-StepFn = Callable[[StepContext, dict, dict], dict[str, torch.Tensor]]
+StepFn = Callable[["StepContext", dict, dict], dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)
 class Phase:
+    """One optimizer step (or several, ``repeats``) per iteration, every ``every`` iterations.
+
+    ``fn(ctx, batch, scratch)`` returns its losses by name, the total under ``"loss"``. The
+    networks of the optimizers in ``steps``, and those in ``trainable``, are trainable during the
+    phase; every other network is frozen (``requires_grad_(False)``), so no gradient reaches it
+    (D in G's phase). ``trainable`` is for a forward whose graph a later phase uses: pix2pix's D
+    phase runs G and leaves the fake, with its graph, for G's phase. ``fetch=False``
+    reuses the previous phase's micro-batches and their ``scratch`` dicts (a fake made there);
+    ``after_step(nets, cfg)`` follows a successful step (WGAN weight clipping)."""
+
     name: str
-    net: str  # "G" or "D": whose optimizer steps after this phase
+    steps: tuple[str, ...]
     fn: StepFn
-    fetch: bool = True  # draw new micro-batches; False reuses the previous phase's (and its scratch)
-    every: int = 1  # lazy interval in iterations (regularization phases)
-    after_step: Callable[[nn.Module, Config], None] | None = None  # e.g. WGAN weight clipping
+    fetch: bool = True
+    every: int = 1
+    repeats: int = 1
+    trainable: tuple[str, ...] = ()
+    after_step: Callable[[dict[str, nn.Module], Config], None] | None = None
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A stream of samples from one split: ``prepare`` receives its batch under ``name``.
+    Training streams are drawn independently, each resuming from its own position."""
+
+    name: str
+    split: str
+    fields: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What the evaluator scores: the outputs of ``generate(nets, prepared batch)`` ([N, 3, H, W]
+    in [-1, 1]) against the real images of the ``reference`` split (FID/KID). With ``inputs`` the
+    outputs translate that stream's samples (exactly once over all evaluators); without, they are
+    generated from ``eval.num_samples`` fixed latents (``prepare`` receives ``{"z": [N, z_dim]}``).
+    ``paired``: the prepared batch's ``image`` is the ground truth of each output (PSNR, SSIM,
+    LPIPS). ``name`` suffixes the metric names when a family has several (``fid_AtoB``)."""
+
+    name: str
+    reference: str
+    generate: Callable[[dict[str, nn.Module], dict], torch.Tensor]
+    inputs: Stream | None = None
+    paired: bool = False
+
+
+@dataclass
+class StepContext:
+    """What a step function may use; one per run, its counters updated by the loop.
+
+    ``nets[name]`` may be a DDP wrapper (or a DeepSpeed engine): a network being trained must
+    run through it at least once in its phase's backward. ``plain[name]`` is the module inside:
+    for frozen networks (D in G's phase), whose forwards must not touch DDP's reducer.
+    ``state`` is per rank, outlives iterations and is checkpointed per rank (image pools, path
+    length means); ``mean_over_ranks`` averages a tensor over ranks (every rank must call it)."""
+
+    nets: dict[str, nn.Module]
+    plain: dict[str, nn.Module]
+    cfg: Config
+    info: DataInfo
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    nimg: int = 0
+    step: int = 0
+    reuse_fake: bool = True  # no gradient accumulation: a D phase may keep G's graph for G's phase
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
 @dataclass(frozen=True)
 class Family:
+    """A GAN family: declarations (see the module docstring and ``docs/families.md``)."""
+
     name: str
+    config: type  # its ``model`` section: a ``config.ModelConfig`` subclass, paper defaults
     build: Callable[[Config, DataInfo], dict[str, nn.Module]]
-    phases: tuple[Phase, ...]
-    prepare: Callable[[dict, torch.device, Config, DataInfo], dict]
-    visualize: Callable[[nn.Module, dict, DataInfo], list[torch.Tensor]]
-    fields: Callable[[DataInfo], tuple[str, ...]]
-    d_repeats: Callable[[Config], int] = field(default=lambda cfg: cfg.optim.n_critic)
-    # Parameters of G that must not change yet (pix2pixHD's global generator during
-    # fix_global_kimg): their gradients are dropped before G's step, so Adam leaves them, and
-    # their optimizer state, untouched. Freezing by requires_grad would break DDP's reducer.
-    fixed_params: Callable[[nn.Module, Config, int], list[nn.Parameter]] | None = None
-    # Load ``model.init_from`` (a checkpoint or snapshot URL's G.pt state) into a fresh G.
-    init_from: Callable[[nn.Module, dict], None] | None = None
+    networks: tuple[Network, ...]
+    optimizers: Callable[[Config], tuple[Optimizer, ...]]
+    phases: Callable[[Config], tuple[Phase, ...]]
+    streams: Callable[[Config, DataInfo, str], tuple[Stream, ...]]  # for a split: data.split, val_split
+    prepare: Callable[[dict[str, dict], torch.device, Config, DataInfo], dict]
+    evaluations: Callable[[Config, DataInfo, str], tuple[Evaluation, ...]]  # for a split: data.val_split
+    visualize: Callable[[dict[str, nn.Module], dict, DataInfo], list[torch.Tensor]]
+    # Load ``model.init_from``: ``load(name)`` is that network's saved state dict, or None.
+    init_from: Callable[[dict[str, nn.Module], Callable[[str], dict | None]], None] | None = None
 
-    def generate(self, G: nn.Module, batch: dict, info: DataInfo) -> torch.Tensor:
-        """G's output for a prepared batch, [N, 3, H, W] in [-1, 1]: the grid's output column
-        (``visualize`` puts the output second to last and the real image last)."""
-        return self.visualize(G, batch, info)[-2]
+    def network(self, name: str) -> Network:
+        return next(n for n in self.networks if n.name == name)
+
+    def snapshotted(self) -> tuple[str, ...]:
+        return tuple(n.name for n in self.networks if n.snapshot)
 
 
-def get_family(name: str) -> Family:
-    from . import steps_dcgan, steps_pix2pix, steps_pix2pixhd
+def default_init_from(nets: dict[str, nn.Module], load: Callable[[str], dict | None]) -> None:
+    """Each network whose state the source holds starts from it, as saved."""
+    for name, net in nets.items():
+        state = load(name)
+        if state is not None:
+            net.load_state_dict(state)
 
-    families = {"pix2pix": steps_pix2pix.FAMILY, "pix2pixhd": steps_pix2pixhd.FAMILY, "dcgan": steps_dcgan.FAMILY}
-    if name not in families:
-        raise KeyError(f"unknown model.family {name!r}; choose one of: {', '.join(families)}")
-    return families[name]
+
+def describe(value: Any) -> str:
+    """A network's class name and parameter count, for dry runs and logs."""
+    n = sum(p.numel() for p in value.parameters())
+    return f"{type(value).__name__}, {n:,} parameters ({n / 1e6:.3f}M)"

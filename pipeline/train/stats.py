@@ -4,6 +4,7 @@ and a description of the run (command, git SHA, library versions)."""
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import resource
 import subprocess
@@ -78,6 +79,21 @@ class RunEvents:
         self.writer.close()
 
 
+@contextlib.contextmanager
+def evaluating(modules):
+    """Modules in eval mode inside (no dropout, batch norm's running statistics used and left
+    alone), in their own modes again afterwards: a grid from networks that are training."""
+    modules = list(modules)
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+
+
 class Monitor:
     """Collects what the loop reports and writes it at ``log_every_kimg`` / ``image_every_kimg``."""
 
@@ -114,23 +130,25 @@ class Monitor:
         return (nimg // every + 1) * every
 
     def _fixed_batch(self) -> dict | None:
-        """The first ``num_images`` validation samples, prepared once, with fixed randomness."""
+        """The first ``num_images`` samples of each of the family's streams over the validation
+        split, prepared once, with fixed randomness."""
         from ..data.stream import make_stream
         from ..data.transforms import Augment
 
-        cfg = self.cfg
+        cfg, batches = self.cfg, {}
         try:
-            stream = make_stream(cfg.data.url, cfg.data.val_split, train=False, fields=self.family.fields(self.info),
-                                 storage_options=cfg.data.storage_options or None,
-                                 augment=Augment(cfg.data.load_size, cfg.data.crop_size, False),
-                                 batch_size=cfg.train.num_images)
+            for s in self.family.streams(cfg, self.info, cfg.data.val_split):
+                stream = make_stream(cfg.data.url, s.split, train=False, fields=s.fields,
+                                     storage_options=cfg.data.storage_options or None,
+                                     augment=Augment(cfg.data.load_size, cfg.data.crop_size, False),
+                                     batch_size=cfg.train.num_images)
+                batches[s.name] = next(iter(stream))  # the first num_images samples (fewer in a smaller split)
         except (ValueError, KeyError) as exc:
             print(f"no image grids: {exc}")
             return None
-        batch = next(iter(stream))  # the first num_images samples (fewer in a smaller split)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(cfg.run.seed)  # fixed latents; the training RNG is not touched
-            return self.family.prepare(batch, self.device, cfg, self.info)
+            return self.family.prepare(batches, self.device, cfg, self.info)
 
     # -------------------------------------------------------------- per step
     def add(self, phase: str, losses: list[dict], grad_norm: torch.Tensor, skipped: bool) -> None:
@@ -144,22 +162,24 @@ class Monitor:
             self.sums[key] = self.sums.get(key, 0) + value
             self.counts[key] = self.counts.get(key, 0) + 1
 
-    def step(self, state: dict, opt: dict, skipped_samples: int, G_ema, G, D) -> None:
+    def step(self, state: dict, engines: dict, skipped_samples: int, nets: dict, shown: dict) -> None:
+        """After each iteration: ``nets`` are the trained networks (histograms), ``shown`` the
+        ones the image grid runs (EMA copies in place of their networks)."""
         nimg = state["nimg"]
         if self.next_log is not None and nimg >= self.next_log:
             # Collective on every rank (same nimg everywhere), before the main-only writing.
             total_skipped = dist.all_sum([skipped_samples], self.device)[0]
             self.next_log = self._next(nimg, self.cfg.train.log_every_kimg)
             if self.enabled:
-                self._log_scalars(state, opt, total_skipped, G, D)
+                self._log_scalars(state, engines, total_skipped, nets)
         if self.next_image is not None and nimg >= self.next_image:
             self.next_image = self._next(nimg, self.cfg.train.image_every_kimg)
             if self.enabled:
-                self._log_images(nimg, G_ema)
+                self._log_images(nimg, shown)
         if self.bar is not None:
             self.bar.update(round(nimg / 1000 - self.bar.n, 3))  # tqdm throttles the redraws
 
-    def _log_scalars(self, state: dict, opt: dict, skipped_samples: float, G, D) -> None:
+    def _log_scalars(self, state: dict, engines: dict, skipped_samples: float, nets: dict) -> None:
         nimg, w = state["nimg"], self.writer
         per_phase = {}
         for key, total in self.sums.items():
@@ -175,10 +195,10 @@ class Monitor:
         w.add_scalar("Resources/peak_mem_gb", peak_mem_gb(self.device), nimg)
         w.add_scalar("Data/skipped_samples", skipped_samples, nimg)
         w.add_scalar("Train/skipped_steps", state["skipped_steps"], nimg)
-        for k, o in opt.items():
-            w.add_scalar(f"LR/{k}", o.param_groups[0]["lr"], nimg)
+        for k, engine in engines.items():
+            w.add_scalar(f"LR/{k}", engine.param_groups[0]["lr"], nimg)
         if self.cfg.train.histograms:
-            for name, module in (("G", G), ("D", D)):
+            for name, module in nets.items():
                 for pname, p in module.named_parameters():
                     w.add_histogram(f"Weights/{name}/{pname}", p.detach().float().cpu(), nimg)
         self.sums.clear()
@@ -188,12 +208,13 @@ class Monitor:
             shown = {k.split("/")[1]: f"{v:.3g}" for k, v in per_phase.items() if k.startswith("Loss/")}
             self.bar.set_postfix(shown, refresh=False)
 
-    def _log_images(self, nimg: int, G_ema) -> None:
+    def _log_images(self, nimg: int, nets: dict) -> None:
         if self.val_batch is None:
             return
         import torchvision
 
-        columns = self.family.visualize(G_ema, self.val_batch, self.info)
+        with evaluating(nets.values()):
+            columns = self.family.visualize(nets, self.val_batch, self.info)
         rows = torch.stack(columns, 1).flatten(0, 1)  # [N * columns, 3, H, W], row = one sample
         grid = torchvision.utils.make_grid(rows.clamp(-1, 1).cpu(), nrow=len(columns), normalize=True,
                                            value_range=(-1, 1))

@@ -1,0 +1,144 @@
+"""Unconditional DCGAN-family training (Radford et al. 2016): non-saturating, LSGAN, hinge, or
+WGAN with gradient penalty (Gulrajani et al. 2017) or weight clipping (Arjovsky et al. 2017),
+``model.n_critic`` D steps per G step, optional spectral norm and decaying instance noise.
+Defaults are DCGAN's: Adam(2e-4, 0.5, 0.999), non-saturating loss, batch norm in G and D."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import Config, ConfigError, ModelConfig, bounded, choice
+from ..data.transforms import float_image
+from ..losses.adversarial import d_loss, g_loss
+from ..losses.regularizers import gradient_penalty, instance_noise, weight_clip_
+from ..models.dcgan import DCGANDiscriminator, DCGANGenerator
+from ..models.layers import init_weights
+from ..train.family import DataInfo, Evaluation, Family, Network, Optimizer, Phase, StepContext, Stream
+
+
+@dataclass
+class DCGANConfig(ModelConfig):
+    family: str = "dcgan"
+    z_dim: int = bounded(100, 1)
+    ngf: int = bounded(64, 1)
+    ndf: int = bounded(64, 1)
+    image_size: int = choice(64, 32, 64, 128)
+    norm_D: str = choice("batch", "batch", "instance", "layer", "none")  # layer: WGAN-GP's critic
+    spectral_norm: bool = False  # Miyato et al. 2018, on every D layer
+    init_gain: float = bounded(0.02, 0.0)
+    gan: str = choice("vanilla", "vanilla", "lsgan", "hinge", "wgan")
+    gp_weight: float = bounded(0.0, 0.0)  # WGAN-GP: 10
+    weight_clip: float = bounded(0.0, 0.0)  # original WGAN: 0.01; 0 disables
+    n_critic: int = bounded(1, 1)  # D steps per G step (WGAN: 5)
+    instance_noise: float = bounded(0.0, 0.0)  # sigma at kimg 0, decays linearly to 0
+    instance_noise_kimg: float = bounded(0.0, 0.0)
+    lr_G: float = bounded(2e-4, 0.0)
+    lr_D: float = bounded(2e-4, 0.0)
+    beta1: float = bounded(0.5, 0.0, 1.0)
+    beta2: float = bounded(0.999, 0.0, 1.0)
+
+    def check(self) -> None:
+        if self.gp_weight and self.weight_clip:
+            raise ConfigError("model.gp_weight and model.weight_clip are alternatives; set one of them to 0")
+
+    def deepspeed_limits(self) -> None:
+        if self.weight_clip > 0:
+            raise ConfigError("model.weight_clip needs distributed.backend=ddp: ZeRO keeps the fp32 master weights "
+                              "inside its optimizer, where clipping the module's copy does not reach")
+
+
+def build(cfg: Config, info: DataInfo) -> dict:
+    m = cfg.model
+    G = DCGANGenerator(z_dim=m.z_dim, ngf=m.ngf, out_channels=3, image_size=m.image_size)
+    D = DCGANDiscriminator(in_channels=3, ndf=m.ndf, image_size=m.image_size, norm=m.norm_D,
+                           spectral_norm=m.spectral_norm)
+    return {"G": init_weights(G, "normal", m.init_gain), "D": init_weights(D, "normal", m.init_gain)}
+
+
+def streams(cfg: Config, info: DataInfo, split: str) -> tuple[Stream, ...]:
+    return (Stream("data", split, ("image",)),)
+
+
+def prepare(batches: dict[str, dict], device: torch.device, cfg: Config, info: DataInfo) -> dict:
+    """``image`` [N, 3, S, S] in [-1, 1] and ``z`` [N, z_dim] drawn from the rank's RNG."""
+    image = float_image(batches["data"]["image"].to(device, non_blocking=True))
+    size = cfg.model.image_size
+    if image.shape[-1] != size or image.shape[-2] != size:
+        raise ValueError(f"dcgan expects {size}x{size} images, got {tuple(image.shape[-2:])}: set "
+                         f"data.load_size / data.crop_size")
+    return {"image": image, "z": torch.randn(image.shape[0], cfg.model.z_dim, device=device)}
+
+
+def _noisy(ctx: StepContext, x: torch.Tensor) -> torch.Tensor:
+    m = ctx.cfg.model
+    return instance_noise(x, m.instance_noise, m.instance_noise_kimg, ctx.nimg)
+
+
+def d_step(ctx: StepContext, b: dict, scratch: dict) -> dict:
+    m, D = ctx.cfg.model, ctx.nets["D"]
+    with torch.no_grad(), ctx.autocast():
+        fake = ctx.nets["G"](b["z"])
+    real_in, fake_in = _noisy(ctx, b["image"]), _noisy(ctx, fake.float())
+    with ctx.autocast():
+        # One call for both unless D has batch norm, whose statistics must not mix them.
+        pred_real, pred_fake = D(torch.cat([real_in, fake_in])).chunk(2) if m.norm_D != "batch" \
+            else (D(real_in), D(fake_in))
+    l_real, l_fake = d_loss(m.gan, pred_real, pred_fake)
+    losses = {"D_real": l_real, "D_fake": l_fake}
+    loss = l_real + l_fake
+    if m.gp_weight > 0:
+        # Through the plain module: the penalty's double backward must not run DDP's reducer twice.
+        gp = gradient_penalty(ctx.plain["D"], b["image"], fake)
+        losses["D_gp"] = gp
+        loss = loss + m.gp_weight * gp
+    losses["loss"] = loss
+    return losses
+
+
+def g_step(ctx: StepContext, b: dict, scratch: dict) -> dict:
+    with ctx.autocast():
+        fake = ctx.nets["G"](torch.randn_like(b["z"]))
+        pred = ctx.plain["D"](_noisy(ctx, fake))  # D is frozen
+    g = g_loss(ctx.cfg.model.gan, pred)
+    return {"loss": g, "G_GAN": g}
+
+
+def clip_after_step(nets: dict, cfg: Config) -> None:
+    weight_clip_(nets["D"], cfg.model.weight_clip)
+
+
+def phases(cfg: Config) -> tuple[Phase, ...]:
+    m = cfg.model
+    return (Phase("D", ("D",), d_step, repeats=m.n_critic, after_step=clip_after_step if m.weight_clip > 0 else None),
+            Phase("G", ("G",), g_step, fetch=False))
+
+
+def optimizers(cfg: Config) -> tuple[Optimizer, ...]:
+    m = cfg.model
+    return (Optimizer("G", ("G",), m.lr_G, (m.beta1, m.beta2)), Optimizer("D", ("D",), m.lr_D, (m.beta1, m.beta2)))
+
+
+def evaluations(cfg: Config, info: DataInfo, split: str) -> tuple[Evaluation, ...]:
+    return (Evaluation("", reference=split, generate=lambda nets, b: nets["G"](b["z"])),)
+
+
+@torch.no_grad()
+def visualize(nets: dict, b: dict, info: DataInfo) -> list[torch.Tensor]:
+    """Columns: a generated image from a fixed latent | a real image."""
+    return [nets["G"](b["z"]).float(), b["image"].float()]
+
+
+FAMILY = Family(
+    name="dcgan",
+    config=DCGANConfig,
+    build=build,
+    networks=(Network("G", ema=True, snapshot=True), Network("D")),
+    optimizers=optimizers,
+    phases=phases,
+    streams=streams,
+    prepare=prepare,
+    evaluations=evaluations,
+    visualize=visualize,
+)
