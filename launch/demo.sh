@@ -41,4 +41,4 @@ for _ in $(seq 1 600); do
 done
 [ -f "$RUN/eval/metrics.jsonl" ] && cat "$RUN/eval/metrics.jsonl"
 echo "TensorBoard (losses, image grids, Metrics/*): .venv/bin/tensorboard --logdir $RUN --host 127.0.0.1"
-echo "checkpoints: $RUN/checkpoints   snapshots (G_ema): $RUN/snapshots   evaluation: $RUN/eval"
+echo "checkpoints: $RUN/checkpoints   snapshots (G_ema, G): $RUN/snapshots   evaluation: $RUN/eval"

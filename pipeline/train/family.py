@@ -35,11 +35,14 @@ class DataInfo:
 class Network:
     """A trained network. ``ema``: an exponential moving average ``<name>_ema`` is kept when
     ``model.ema_kimg > 0``; ``snapshot``: saved (its EMA copy in its place when there is one) in
-    every snapshot, for evaluation, image grids and inference."""
+    every snapshot, for evaluation, image grids and inference. ``sync_batchnorm``: its batch
+    norms use statistics over all ranks' samples (``nn.SyncBatchNorm``, CUDA only: on CPU each
+    rank normalises its own samples)."""
 
     name: str
     ema: bool = False
     snapshot: bool = False
+    sync_batchnorm: bool = False
 
 
 @dataclass(frozen=True)

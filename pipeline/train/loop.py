@@ -181,6 +181,9 @@ def train(cfg: Config, command: str = "") -> int:
     check_declarations(family, nets, cfg, precision, backend)
     if cfg.train.channels_last:
         nets = {k: m.to(memory_format=torch.channels_last) for k, m in nets.items()}
+    if device.type == "cuda" and world > 1:  # gloo has no SyncBatchNorm: on CPU each rank normalises its own
+        nets.update({n.name: torch.nn.SyncBatchNorm.convert_sync_batchnorm(nets[n.name])
+                     for n in family.networks if n.sync_batchnorm})
 
     # ------------------------------------------------------------ the run directory: lease, resume point
     # One job writes a run directory: rank 0 takes its lease (waiting for, then refusing, a live
