@@ -123,7 +123,10 @@ class DistributedConfig:
 @dataclass
 class CheckpointConfig:
     every_kimg: float = bounded(10.0, 0.0)
-    keep_last: int = bounded(2, 2)
+    keep_last: int = bounded(2, 2)  # checkpoints that verify
+    # Snapshots (the networks for evaluation and inference): None keeps every one; a number keeps
+    # the newest that many, and always those not evaluated yet and the best one.
+    keep_snapshots: int | None = None
 
 
 @dataclass

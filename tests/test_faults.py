@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from test_train import SMALL, env, explain, launch_cmd, run, wait_for_commit
+from test_train import SMALL, assert_identical, env, explain, launch_cmd, run, wait_for_commit
 
 from pipeline import io
 from pipeline.train import checkpoint as ckpt
@@ -126,6 +126,35 @@ def test_prune_keeps_verified_checkpoints_and_only_removes_what_a_newer_verified
     assert ckpt.prune(str(run_dir), 2) == []
     with pytest.raises(ckpt.NoUsableCheckpoint, match="holds 4 committed checkpoint"):
         list(ckpt.verified(str(run_dir)))
+
+
+def test_snapshot_retention_keeps_what_awaits_evaluation_and_the_best(tmp_path):
+    run_dir = tmp_path / "run"
+    for step in range(1, 6):
+        url = ckpt.step_url(str(run_dir), ckpt.SNAPSHOTS, step)
+        ckpt.save_tensors(io.join(url, "G.pt"), {"w": torch.zeros(1)})
+        ckpt.commit(url, {"step": step})
+    for step in (1, 2, 3):  # evaluated
+        io.atomic_write_json(ckpt.eval_result_url(str(run_dir), step), {"step": step})
+    io.atomic_write_json(str(run_dir / "eval" / "best.json"), {"step": 1})
+    assert ckpt.snapshots_to_keep(str(run_dir)) == {1, 4, 5}
+    assert ckpt.prune(str(run_dir), 1, ckpt.SNAPSHOTS, keep=ckpt.snapshots_to_keep(str(run_dir))) == [2, 3]
+    assert ckpt.list_steps(str(run_dir), ckpt.SNAPSHOTS) == [1, 4, 5]
+
+
+def test_a_checkpoint_whose_snapshot_was_never_written_gets_it_on_resume(three_checkpoints, demo_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(three_checkpoints, run_dir)
+    ckpt.clear(ckpt.step_url(str(run_dir), ckpt.SNAPSHOTS, 6))  # killed after the checkpoint's commit
+    (run_dir / "DONE.json").unlink()
+    r = run(launch_cmd(1, [f"data.url={demo_shards}", f"run.dir={run_dir}", "train.total_kimg=0.032", *ONE]))
+    assert r.returncode == 0, explain(r)
+    assert "step-00000006 had no snapshot (interrupted before it was written): written now" in r.stderr
+    record = ckpt.verify(ckpt.step_url(str(run_dir), ckpt.SNAPSHOTS, 6))
+    saved = ckpt.load_tensors(f"{step_dir(run_dir, 6)}/G_ema.pt")
+    assert_identical(ckpt.load_tensors(f"{ckpt.step_url(str(run_dir), ckpt.SNAPSHOTS, 6)}/G_ema.pt"), saved)
+    assert record["networks"] == {"G": "G_ema.pt"} and record["nimg"] == 24
+    assert ckpt.list_steps(str(run_dir), ckpt.SNAPSHOTS) == [2, 4, 6, 8]  # none pruned by default
 
 
 # ---------------------------------------------------------------- one job per run directory

@@ -30,7 +30,7 @@ from . import metrics, paired
 
 log = logging.getLogger(__name__)
 
-EVAL_DIR = "eval"
+EVAL_DIR = ckpt.EVAL_DIR
 DONE_MARKER = "DONE.json"  # written by training when it completes
 FINISHED = "FINISHED.json"  # written here when a following evaluator has seen everything
 LOWER_IS_BETTER = {"fid": True, "kid": True, "lpips": True, "psnr": False, "ssim": False}
@@ -70,8 +70,7 @@ class EvalOptions:
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def result_url(run: str, step: int, suffix: str = "json") -> str:
-    return io.join(run, EVAL_DIR, f"step-{step:08d}.{suffix}")
+result_url = ckpt.eval_result_url
 
 
 def pending_steps(opts: EvalOptions) -> list[int]:

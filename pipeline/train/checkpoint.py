@@ -35,11 +35,31 @@ COMMIT = "COMMIT.json"
 CHECKPOINTS = "checkpoints"
 SNAPSHOTS = "snapshots"
 ZERO_DIR = "zero"  # DeepSpeed engines' state inside a checkpoint: zero/G/..., zero/D/...
+EVAL_DIR = "eval"  # the evaluator's results: eval/step-NNNNNNNN.json marks a snapshot as evaluated
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
 def step_url(run_dir: str, kind: str, step: int) -> str:
     return io.join(run_dir, kind, f"step-{step:08d}")
+
+
+def eval_result_url(run_dir: str, step: int, suffix: str = "json") -> str:
+    """The evaluator's result for snapshot ``step``; the JSON, written last, marks it evaluated."""
+    return io.join(run_dir, EVAL_DIR, f"step-{step:08d}.{suffix}")
+
+
+def snapshots_to_keep(run_dir: str, storage_options: dict | None = None) -> frozenset[int]:
+    """Snapshots that retention must leave: those not evaluated yet, and the best one."""
+    so = storage_options
+    keep = {s for s in list_steps(run_dir, SNAPSHOTS, so) if not io.exists(eval_result_url(run_dir, s), so)}
+    best = io.join(run_dir, EVAL_DIR, "best.json")
+    if io.exists(best, so):
+        try:
+            keep.add(int(io.read_json(best, so)["step"]))
+        except (ValueError, KeyError, TypeError):
+            log.warning("%s is unreadable: no snapshot is pruned this time", best)
+            return frozenset(list_steps(run_dir, SNAPSHOTS, so))
+    return frozenset(keep)
 
 
 def save_tensors(url: str, obj: Any, storage_options: dict | None = None) -> None:
@@ -315,9 +335,12 @@ class TrainState:
         return {**self.nets, **{f"{k}_ema": m for k, m in self.ema.items()}}
 
 
-def save(run_dir: str, ts: TrainState, meta: dict, keep_last: int, storage_options: dict | None = None) -> None:
+def save(run_dir: str, ts: TrainState, meta: dict, keep_last: int, keep_snapshots: int | None,
+         storage_options: dict | None = None) -> None:
     """Write, commit and prune one checkpoint and its snapshot at ``meta["step"]``. Collective:
-    every rank writes its own rank file (and DeepSpeed partitions); rank 0 the rest, then commits."""
+    every rank writes its own rank file (and DeepSpeed partitions); rank 0 the rest, then commits.
+    Snapshots are pruned only with ``keep_snapshots`` set, and never one that awaits evaluation or
+    is the best."""
     from .. import dist
 
     so, step = storage_options, meta["step"]
@@ -357,7 +380,16 @@ def save(run_dir: str, ts: TrainState, meta: dict, keep_last: int, storage_optio
         return
     commit(url, meta, so)
     prune(run_dir, keep_last, CHECKPOINTS, so)
-    snap = step_url(run_dir, SNAPSHOTS, step)
+    write_snapshot(run_dir, ts, shared, meta, so)
+    if keep_snapshots is not None:
+        prune(run_dir, keep_snapshots, SNAPSHOTS, so, keep=snapshots_to_keep(run_dir, so))
+
+
+def write_snapshot(run_dir: str, ts: TrainState, shared: dict, meta: dict, storage_options: dict | None) -> None:
+    """The snapshot of ``meta["step"]`` from ``shared`` (averaged states by file stem), committed
+    with the file of each network to evaluate (rank 0)."""
+    so = storage_options
+    snap = step_url(run_dir, SNAPSHOTS, meta["step"])
     clear(snap, so)
     files = {}
     for name in ts.snapshot:
@@ -365,8 +397,27 @@ def save(run_dir: str, ts: TrainState, meta: dict, keep_last: int, storage_optio
         if name in ts.ema:
             save_tensors(io.join(snap, f"{name}_ema.pt"), shared[f"{name}_ema"], so)
         files[name] = f"{name}_ema.pt" if name in ts.ema else f"{name}.pt"
-    commit(snap, {**meta, "networks": files}, so)  # which file of each network to evaluate
-    prune(run_dir, keep_last, SNAPSHOTS, so)
+    commit(snap, {**meta, "networks": files}, so)
+
+
+def ensure_snapshot(run_dir: str, ts: TrainState, found: Found, storage_options: dict | None = None) -> bool:
+    """After resuming from ``found``: write its snapshot if it has none that verifies (a kill
+    between the checkpoint's commit and the snapshot's). Collective. Returns whether it wrote."""
+    from .. import dist
+
+    url = step_url(run_dir, SNAPSHOTS, found.step)
+    try:
+        missing = ts.rank == 0 and not verify(url, storage_options, full=False)
+    except CheckpointInvalid:
+        missing = True
+    if not dist.any_rank([missing], ts.device)[0]:
+        return False
+    shared = {name: dist.averaged_state(m) for name, m in ts.modules().items()}
+    if ts.rank == 0:
+        meta = {k: found.record[k] for k in ("step", "nimg", "kimg", "world_size", "config") if k in found.record}
+        write_snapshot(run_dir, ts, shared, meta, storage_options)
+        log.warning("checkpoint %s had no snapshot (interrupted before it was written): written now", found.url)
+    return True
 
 
 def snapshot_networks(record: dict) -> dict[str, str]:

@@ -271,6 +271,7 @@ def train(cfg: Config, command: str = "") -> int:
             return EXIT_NO_CHECKPOINT
         skipped = f" ({len(fallbacks)} newer checkpoint(s) could not be loaded)" if fallbacks else ""
         dist.main_print(f"resumed from {found.url} at kimg {state['nimg'] / 1000:.3f}{skipped}")
+        ckpt.ensure_snapshot(run_dir, ts, found, so)
     else:
         torch.manual_seed(dist.seed_for(cfg.run.seed, rank))
     if dist.is_main():
@@ -334,7 +335,7 @@ def train(cfg: Config, command: str = "") -> int:
             return False
         meta = {"step": state["step"], "nimg": state["nimg"], "kimg": state["nimg"] / 1000, "world_size": world,
                 "config": to_dict(cfg)}
-        ckpt.save(run_dir, ts, meta, cfg.checkpoint.keep_last, so)
+        ckpt.save(run_dir, ts, meta, cfg.checkpoint.keep_last, cfg.checkpoint.keep_snapshots, so)
         return True
 
     phases = family.phases(cfg)
