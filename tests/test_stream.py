@@ -22,7 +22,7 @@ from synthetic_data import NUM_CLASSES, SyntheticSource, render
 from pipeline.data.manifest import ShardInfo
 from pipeline.data.shards import WriteOptions, write_dataset
 from pipeline.data.sources.base import encode_png
-from pipeline.data.stream import BadDataBudgetExceeded, make_stream, plan_segments, shuffled
+from pipeline.data.stream import POSITIONS, BadDataBudgetExceeded, make_stream, plan_segments, shuffled
 from pipeline.data.transforms import Augment
 
 REPO = Path(__file__).resolve().parent.parent
@@ -172,7 +172,7 @@ def test_training_with_uneven_shards_keeps_ranks_in_step(tmp_path, damage):
 
 def check_rule(sample: dict) -> None:
     """The synthetic pixel rule survives any paired transform (see synthetic_data)."""
-    image = sample["image"][..., :3].permute(2, 0, 1).to(torch.int64)  # RGBX [H, W, 4] -> [3, H, W]
+    image = sample["image"].to(torch.int64)  # [3, H, W]
     label, instance = sample["label"].to(torch.int64), sample["instance"].to(torch.int64)
     k = int(image[2, 0, 0])
     assert torch.equal(image[0], label * 20)
@@ -188,13 +188,13 @@ def test_paired_augmentation_applies_one_crop_and_flip_to_every_field(tmp_path):
             break
         # The loader's contract: integers as stored, uint8 images, (<= 256 classes) uint8 labels and
         # uint16 instance maps (stored as PNG, at most 16 bits).
-        assert sample["image"].dtype == torch.uint8 and sample["image"].shape == (12, 16, 4)
+        assert sample["image"].dtype == torch.uint8 and sample["image"].shape == (3, 12, 16)
         assert sample["label"].dtype == torch.uint8 and sample["label"].shape == (12, 16)
         assert sample["instance"].dtype == torch.uint16 and sample["instance"].shape == (12, 16)
         assert all(sample[f].is_contiguous() for f in ("image", "label", "instance"))
         assert int(sample["label"].max()) < NUM_CLASSES
         check_rule(sample)
-        green = sample["image"][0, :, 1].to(torch.int64)
+        green = sample["image"][1, 0].to(torch.int64)
         flips.add(bool(green[0] > green[-1]))  # the column ramp runs backwards after a flip
         origins.add(int(green.min()) // 8)  # the crop's first column
     assert flips == {True, False}
@@ -202,15 +202,14 @@ def test_paired_augmentation_applies_one_crop_and_flip_to_every_field(tmp_path):
 
 
 def test_prepare_gives_the_floats_of_the_host_side_conversion(tmp_path):
-    """The float path of before (PIL crop and flip, ``np.array``, ``.float().mul_(1 / 127.5).sub_(1)``
-    and int64 labels on the host) and the uint8 stream + ``prepare`` give the same tensors, bit for
-    bit, on every sample of a real stream with random crops and flips."""
+    """A host-side reference (PIL crop and flip, ``np.array``, ``.float().mul_(1 / 127.5).sub_(1)``
+    and int64 labels) and the uint8 stream + ``prepare`` give the same tensors, bit for bit, on
+    every sample of a real stream with random crops and flips drawn from ``sample_rng``."""
     from PIL import Image
 
     from pipeline.config import load_config
     from pipeline.data.manifest import load_manifest
-    from pipeline.data.stream import _slot_rng
-    from pipeline.data.transforms import decode_field
+    from pipeline.data.transforms import decode_field, sample_rng
     from pipeline.train.family import DataInfo, get_family, one_hot
 
     write(tmp_path, {"train": 10}, per_shard=4)
@@ -230,7 +229,7 @@ def test_prepare_gives_the_floats_of_the_host_side_conversion(tmp_path):
         if n == 20:
             break
         b = family.prepare(torch.utils.data.default_collate([sample]), torch.device("cpu"), cfg, info)
-        rng = _slot_rng(3, sample["__slot__"], sample["__epoch__"], sample["__index__"])
+        rng = sample_rng(3, sample["__slot__"], sample["__epoch__"], sample["__index__"])
         fields = {name: decode_field(m.fields[name]["kind"], data) for name, data in raws[sample["__key__"]].items()}
         _, box, flip = aug.params(fields["image"].size, rng, True)
         flips.add(flip)
@@ -267,6 +266,24 @@ def test_batches_are_the_samples_in_order_stacked(tmp_path, train):
         assert b["__epoch__"].tolist() == [x["__epoch__"] for x in part]
         for name in ("image", "label", "instance"):
             assert torch.equal(b[name], torch.stack([x[name] for x in part]))
+
+
+def test_a_stream_under_a_users_own_dataloader_batches_as_the_stream_does(tmp_path):
+    """``DataLoader(stream, batch_size=B, num_workers=W)`` over single samples (what a user writes)
+    gives the batches the stream makes itself with ``batch_size=B`` (what the loop uses)."""
+    write(tmp_path, {"train": 26}, per_shard=7)
+    make = lambda batch: make_stream(str(tmp_path), "train", train=True, num_workers=2, seed=1,  # noqa: E731
+                                     augment=Augment(crop=(16, 12)), batch_size=batch)
+    users = list(itertools.islice(torch.utils.data.DataLoader(make(None), batch_size=4, num_workers=2), 8))
+    ours = list(itertools.islice(torch.utils.data.DataLoader(make(4), batch_size=None, num_workers=2), 8))
+    assert {int(s) for b in users for s in b["__slot__"]} == {0, 1}  # both workers took part
+    for a, b in zip(users, ours):
+        assert a.keys() == b.keys() and a["__key__"] == b["__key__"]
+        assert a["image"].shape == (4, 3, 12, 16) and a["image"].dtype == torch.uint8
+        assert a["label"].dtype == torch.uint8 and a["instance"].dtype == torch.uint16
+        assert a["__index__"].dtype == torch.int64
+        for name in ("image", "label", "instance", *POSITIONS):
+            assert torch.equal(a[name], b[name]), name
 
 
 def test_resize_keeps_label_ids_and_eval_is_deterministic(tmp_path):

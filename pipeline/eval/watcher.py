@@ -22,7 +22,7 @@ from .. import dist, io
 from ..config import Config, from_dict
 from ..data.manifest import load_manifest
 from ..data.stream import make_stream, slot_range
-from ..data.transforms import Augment, rgb_image
+from ..data.transforms import Augment
 from ..train import checkpoint as ckpt
 from ..train.family import DataInfo, get_family
 from . import metrics, paired
@@ -163,7 +163,7 @@ class Evaluator:
             gen.append((index, self.inception(metrics.to_uint8(fake))))
             # The loader's uint8 photo: what to_uint8 of the prepared [-1, 1] image gives back, bit
             # for bit, without the round trip.
-            real.append((index, rgb_image(batch["image"])))
+            real.append((index, batch["image"]))
             for name, values in self._paired(fake, target).items():
                 total, n = sums.get(name, (0.0, 0))
                 sums[name] = (total + float(values.double().sum()), n + len(values))
@@ -193,7 +193,7 @@ class Evaluator:
             fake = family.generate(G, {"z": zb, "image": torch.empty(0)}, info).float().clamp(-1, 1)
             gen.append((torch.arange(start, start + len(zb)), self.inception(metrics.to_uint8(fake))))
             grid = grid if grid is not None else [fake]
-        real = [(index, rgb_image(batch["image"])) for index, batch in self._batches(cfg, family, info, split)]
+        real = [(index, batch["image"]) for index, batch in self._batches(cfg, family, info, split)]
         return gen, real, {}, grid
 
     # ------------------------------------------------------------ gather, reference, write

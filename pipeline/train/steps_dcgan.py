@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..config import Config
-from ..data.transforms import float_image
+from ..data.device import float_image
 from ..losses.adversarial import d_loss, g_loss
 from ..losses.regularizers import gradient_penalty, weight_clip_
 from ..models.dcgan import DCGANDiscriminator, DCGANGenerator

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Config
-from ..data.transforms import class_ids, float_image
+from ..data.device import class_ids, float_image
 from ..losses.adversarial import d_loss, g_loss
 from ..models.layers import init_weights
 from ..models.pix2pix import NLayerDiscriminator, UnetGenerator
@@ -42,7 +42,7 @@ def fields(info: DataInfo) -> tuple[str, ...]:
 def prepare(batch: dict, device: torch.device, cfg: Config, info: DataInfo) -> dict:
     """``input`` [N, C_in, H, W] (one-hot labels built on the device), ``image`` [N, 3, H, W] in
     [-1, 1], ``label`` [N, H, W] int64 (label2image) or None. The loader's uint8 images and integer
-    label maps are moved as they are and converted on the device (``data.transforms``)."""
+    label maps are moved as they are and converted on the device (``data.device``)."""
     image = float_image(batch["image"].to(device, non_blocking=True))
     label = None
     if info.task == "label2image":
