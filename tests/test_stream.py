@@ -374,6 +374,31 @@ def test_truncated_shard_is_reported_and_the_rest_still_streams(tmp_path, caplog
     assert str(shard) in caplog.text
 
 
+def test_a_slot_enters_its_shard_at_the_recorded_offset_and_without_offsets_walks_the_headers(tmp_path, caplog):
+    write(tmp_path, {"val": 8}, per_shard=8)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    offsets = manifest["splits"]["val"]["shards"][0]["offsets"]
+    keys = [s["__key__"] for s in make_stream(str(tmp_path), "val", train=False)]
+    ranks = lambda: [list(make_stream(str(tmp_path), "val", train=False, rank=r, world_size=2))  # noqa: E731
+                     for r in range(2)]
+    del manifest["splits"]["val"]["shards"][0]["offsets"]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    walked = ranks()  # no offsets: tar headers walked up to the slot's first sample
+    assert [[s["__key__"] for s in r] for r in walked] == [keys[:4], keys[4:]]
+    shard = tmp_path / "val-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[offsets[1]:offsets[1] + 512] = b"\xff" * 512  # sample 1's first header is garbage now
+    shard.write_bytes(bytes(data))
+    assert [s["__key__"] for s in ranks()[1]] == []  # the walk cannot pass it: rank 1's samples are lost
+    manifest["splits"]["val"]["shards"][0]["offsets"] = offsets
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    caplog.clear()
+    entered = ranks()  # with offsets, rank 1 seeks to sample 4 and never reads sample 1
+    assert [s["__key__"] for s in entered[1]] == keys[4:] and entered[1][-1]["__bad__"] == 0
+    assert [s["__key__"] for s in entered[0]] == keys[:1]  # the tar ends at the garbage for rank 0:
+    assert "skipped 3 bad sample(s)" in caplog.text and "shard ends after 1 samples" in caplog.text  # counted
+
+
 def test_bad_sample_budget_stops_with_a_clear_message(tmp_path):
     url = hand_made_dataset(tmp_path, [("s0", {**good(0), "image.png": b"x"}), ("s1", {**good(1), "label.png": b"y"}),
                                        ("s2", good(2))])

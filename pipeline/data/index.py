@@ -5,10 +5,13 @@ byte offsets and image-size statistics, without rewriting a byte of them."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import io as _io
 import logging
 import os
+import tarfile
+from collections.abc import Iterator
 from typing import BinaryIO
 
 import numpy as np
@@ -66,14 +69,25 @@ def detect_fields(suffixes: set[str]) -> dict[str, dict]:
     return fields
 
 
+@contextlib.contextmanager
+def open_plain_tar(url: str, storage_options: dict | None) -> Iterator[BinaryIO]:
+    """``url`` opened for reading; a compressed, unreadable or missing shard is a one-line
+    ``ManifestError`` naming it."""
+    try:
+        with io.open_url(url, "rb", storage_options) as f:
+            if f.read(2) == GZIP_MAGIC:
+                raise CompressedShardError(f"{url} is compressed: store shards as plain .tar (images are "
+                                           f"compressed already), so that a reader can enter one at a sample")
+            f.seek(0)
+            yield f
+    except (tarfile.TarError, *io.storage_errors()) as exc:
+        raise ManifestError(f"cannot index {url}: {exc}") from exc
+
+
 def scan_shard(url: str, size_members: tuple[str, ...], full: bool, storage_options: dict | None) -> dict:
     """One shard: samples, bytes, SHA-256 (``full``; else ""), per-sample offsets, the sets of
     member suffixes met (``layouts``) and the image size of each sample (``full``)."""
-    with io.open_url(url, "rb", storage_options) as raw:
-        if raw.read(2) == GZIP_MAGIC:
-            raise CompressedShardError(f"{url} is compressed: store shards as plain .tar (images are "
-                                       f"compressed already), so that a reader can enter one at a sample")
-        raw.seek(0)
+    with open_plain_tar(url, storage_options) as raw:
         f = HashingReader(raw) if full else raw
         offsets, sizes, layouts, last, members = [], [], collections.Counter(), None, set()
         for tar, info, key, suffix in tar_members(f, stream=full):
@@ -114,7 +128,7 @@ def index_shards(patterns: dict[str, str], storage_options: dict | None = None, 
     urls = {split: expand(pattern) for split, pattern in patterns.items()}
     first = next(u for split_urls in urls.values() for u in split_urls)
     if fields is None:
-        with io.open_url(first, "rb", storage_options) as f:
+        with open_plain_tar(first, storage_options) as f:
             fields = detect_fields({suffix for _, _, key, suffix in _first_sample(f)})
     fields = {name: {**spec, "required": True, "exts": sorted({m.rsplit(".", 1)[-1] for m in spec["members"]})}
               for name, spec in fields.items()}
