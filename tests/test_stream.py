@@ -250,6 +250,54 @@ def test_prepare_gives_the_floats_of_the_host_side_conversion(tmp_path):
     assert flips == {True, False}
 
 
+def paired_shard(path: Path, count: int) -> None:
+    """A paired (pix2pix facades-like) shard written by webdataset's own ShardWriter."""
+    import webdataset as wds
+
+    with wds.TarWriter(str(path)) as sink:
+        for k in range(count):
+            fields = render(k)
+            sink.write({"__key__": f"p{k}", "input.png": encode_png(fields["image"][..., ::-1].copy()),
+                        "image.png": encode_png(fields["image"])})
+
+
+@pytest.mark.parametrize("family, task", [("pix2pix", "label2image"), ("pix2pix", "paired"),
+                                          ("pix2pixhd", "label2image"), ("dcgan", "unconditional")])
+def test_every_familys_prepare_takes_the_stream_batch(tmp_path, family, task):
+    """The batch contract end to end: a real stream's batch through each family's ``prepare``."""
+    from pipeline.config import load_config
+    from pipeline.data.manifest import load_manifest
+    from pipeline.train.family import DataInfo, get_family
+
+    if task == "paired":
+        paired_shard(tmp_path / "facades-000.tar", 4)
+        url = str(tmp_path / "facades-000.tar")  # a shard pattern: fields found by their stems
+    else:
+        write(tmp_path, {"train": 4}, per_shard=4)
+        url = str(tmp_path)
+    manifest = load_manifest(url)
+    info = DataInfo(task, manifest.num_classes, tuple(manifest.fields))
+    assert manifest.task == task or task == "unconditional"
+    fam = get_family(family)
+    size, aug = ((64, 64), Augment(resize=(64, 64))) if family == "dcgan" else ((16, 12), Augment(crop=(16, 12)))
+    generator = {"pix2pix": "unet_128", "pix2pixhd": "global", "dcgan": "dcgan"}[family]
+    cfg = load_config(None, [f"model.family={family}", f"model.generator={generator}"])
+    batch = next(iter(make_stream(url, "train", train=True, fields=fam.fields(info), augment=aug, batch_size=4)))
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (4, 3, size[1], size[0])
+    b = fam.prepare(batch, torch.device("cpu"), cfg, info)
+    assert b["image"].dtype == torch.float32 and b["image"].shape == (4, 3, size[1], size[0])
+    assert -1 <= float(b["image"].min()) and float(b["image"].max()) <= 1
+    expected_input = {"pix2pix": 3 if task == "paired" else NUM_CLASSES, "pix2pixhd": NUM_CLASSES + 1}
+    if family in expected_input:
+        assert b["input"].dtype == torch.float32 and b["input"].shape == (4, expected_input[family], size[1], size[0])
+    if task == "label2image":
+        assert b["label"].dtype == torch.int64 and b["label"].shape == (4, size[1], size[0])
+    if family == "pix2pixhd":
+        assert b["instance"].dtype == torch.int32 and b["instance"].shape == (4, 1, size[1], size[0])
+    if family == "dcgan":
+        assert b["z"].shape == (4, cfg.model.z_dim)
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_batches_are_the_samples_in_order_stacked(tmp_path, train):
     write(tmp_path, {"val": 11}, per_shard=4)
