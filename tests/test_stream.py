@@ -400,16 +400,25 @@ def test_corrupt_pickled_and_unsafe_samples_are_skipped_counted_and_named(tmp_pa
         ("s2", {**good(2), "meta.pyd": b"cos\nsystem\n(S'echo owned'\ntR."}),
         ("../s3", good(3)),
         ("s4", {k: v for k, v in good(4).items() if k != "label.png"}),
+        ("\u00e9\u00e8", good(6)),  # nothing of it can name a file
         ("s5", good(5)),
     ])
     out = list(make_stream(url, "val", train=False))
     assert [s["__key__"] for s in out] == ["s0", "s5"]
-    assert out[-1]["__bad__"] == 4
+    assert out[-1]["__bad__"] == 5
     text = caplog.text
     assert "val-000000.tar#s1" in text and "cannot decode" in text
     assert "refusing member s2.meta.pyd" in text
     assert "unsafe key '../s3'" in text
     assert "missing field 'label'" in text
+    assert "cannot make a sample key" in text
+
+
+def test_a_batch_of_samples_of_different_sizes_names_them_and_what_to_set(tmp_path):
+    smaller = {f"{name}.png": encode_png(arr) for name, arr in render(1, 20, 16).items()}
+    url = hand_made_dataset(tmp_path, [("s0", good(0)), ("s1", smaller)])
+    with pytest.raises(ValueError, match=r"samples \['s0', 's1'\] differ in size .*data.crop_size"):
+        next(iter(make_stream(url, "val", train=False, batch_size=2)))
 
 
 def test_truncated_shard_is_reported_and_the_rest_still_streams(tmp_path, caplog):

@@ -226,10 +226,10 @@ def iterate_slot(spec: StreamSpec, slot: int, num_slots: int) -> Iterator[dict]:
                 continue  # consumed before the resume: read again, never decoded
             try:  # evaluation draws nothing
                 sample = decode(raw, sample_rng(spec.seed, slot, epoch, index) if spec.train else None)
+                sample["__key__"] = sanitize_key(raw["__key__"])
             except (DecodeError, ValueError, OSError) as exc:
                 stats.record(f"{raw['__url__']}#{raw['__key__']}", str(exc))
                 continue
-            sample["__key__"] = sanitize_key(raw["__key__"])
             sample.update(zip(POSITIONS, (slot, epoch, index, stats.bad)))
             yield sample
         if not spec.train:
@@ -243,11 +243,12 @@ def batches(samples: Iterator[dict], size: int) -> Iterator[dict]:
     samples = iter(samples)
     while batch := list(itertools.islice(samples, size)):
         try:
-            yield default_collate(batch)
+            collated = default_collate(batch)
         except RuntimeError as exc:  # torch.stack: "stack expects each tensor to be equal size"
             shapes = sorted({tuple(s[k].shape) for s in batch for k in s if torch.is_tensor(s[k])})
             raise ValueError(f"samples {[s['__key__'] for s in batch]} differ in size ({shapes}); crop them "
                              f"to one size (data.crop_size) to batch them") from exc
+        yield collated
 
 
 class ShardStream(torch.utils.data.IterableDataset):
