@@ -190,3 +190,24 @@ def _leaves(obj):
 
 def _shapes(obj):
     return [list(t.shape) for t in _leaves(obj)]
+
+
+@pytest.mark.s3
+def test_index_and_stream_shards_on_s3_in_place(s3_server, tmp_path):
+    from pipeline import io as storage
+
+    keys = shardwriter_set(tmp_path, "train", 9, 4)  # 3 shards
+    for path in sorted(tmp_path.glob("*.tar")):
+        storage.atomic_upload(path, s3_server.url(f"elsewhere/{path.name}"))
+    pattern = s3_server.url("elsewhere/photos-train-{000..002}.tar")
+    manifest = s3_server.url("index/manifest.json")
+    assert shard_cli(["index", pattern, "--out", manifest]) == 0
+    m = json.loads(s3_server.client().get_object(Bucket=s3_server.bucket, Key="index/manifest.json")["Body"].read())
+    assert [s["url"] for s in m["splits"]["train"]["shards"]] == [
+        s3_server.url(f"elsewhere/photos-train-00{i}.tar") for i in range(3)]
+    assert all(s["sha256"] == hashlib.sha256((tmp_path / s["name"]).read_bytes()).hexdigest()
+               for s in m["splits"]["train"]["shards"])
+    for url in (manifest, pattern):
+        halves = [[s["__key__"] for s in make_stream(url, "train", train=False, rank=rank, world_size=2)]
+                  for rank in range(2)]
+        assert sorted(halves[0] + halves[1]) == keys and len(halves[0]) == 4  # 9 samples over 2 ranks, exactly once
