@@ -21,6 +21,7 @@ from webdataset.shardlists import expand_urls
 from .. import __version__, io
 from .manifest import FORMAT, VERSION, ManifestError
 from .shard_reader import GZIP_MAGIC, CompressedShardError, tar_members
+from .shards import size_stats
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +135,8 @@ def index_shards(patterns: dict[str, str], storage_options: dict | None = None, 
               for name, spec in fields.items()}
     task = "label2image" if "label" in fields else "paired" if "input" in fields else "unconditional"
     if any(spec["kind"] == "label" for spec in fields.values()) and not num_classes:
-        raise ManifestError(f"{patterns} holds label maps: their number of classes is needed "
-                            f"(gan-shard index ... --num-classes N)")
+        raise ManifestError(f"{' '.join(patterns.values())} holds label maps: their number of classes is "
+                            f"needed (gan-shard index ... --num-classes N)")
     image = next(spec["members"] for spec in fields.values() if spec["kind"] == "image")
     splits = {split: _split_entry([scan_shard(u, tuple(image), full, storage_options) for u in split_urls],
                                   fields, offsets) for split, split_urls in urls.items()}
@@ -166,8 +167,6 @@ def _first_sample(f: BinaryIO):
 
 
 def _split_entry(scans: list[dict], fields: dict[str, dict], offsets: bool) -> dict:
-    from .shards import size_stats
-
     lacking = collections.Counter()
     for scan in scans:
         for layout, count in scan["layouts"].items():
