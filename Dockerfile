@@ -3,7 +3,10 @@
 # constraints.txt, the same file CI installs from.
 FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 
+# GLIBC_TUNABLES: data-loading processes keep freed memory mapped instead of faulting it in
+# again for every sample (measured in docs/data.md).
 ENV DEBIAN_FRONTEND=noninteractive \
+    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=134217728 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     VIRTUAL_ENV=/opt/venv \

@@ -80,7 +80,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pipeline.data.transforms import float_image  # noqa: E402
+from pipeline.data.device import float_image  # noqa: E402
 from pipeline.train.loop import adam_kwargs  # noqa: E402
 
 RESULT_TAG = "RESULT "
@@ -131,7 +131,7 @@ def make_config():
 
 def make_batch(seed: int = SEED) -> dict:
     """A collated batch as the stream delivers it: ``label`` uint8 [1, H, W] (35 classes),
-    ``instance`` uint16 [1, H, W] (from 16-bit PNGs), ``image`` uint8 [1, H, W, 4] (RGBX)."""
+    ``instance`` uint16 [1, H, W] (from 16-bit PNGs), ``image`` uint8 [1, 3, H, W]."""
     g = torch.Generator().manual_seed(seed)
     coarse = torch.randint(0, LABEL_NC, (1, 1, H // 32, W // 32), generator=g).float()
     label = F.interpolate(coarse, size=(H, W), mode="nearest").to(torch.uint8)[:, 0]
@@ -140,7 +140,7 @@ def make_batch(seed: int = SEED) -> dict:
                                            (24, 45, 165, 55, 16), (33, 90, 200, 25, 30)]):
         label[:, y:y + h, x:x + w] = cls
         instance[:, y:y + h, x:x + w] = cls * 1000 + k
-    image = torch.randint(0, 256, (1, H, W, 4), generator=g, dtype=torch.uint8)
+    image = torch.randint(0, 256, (1, 3, H, W), generator=g, dtype=torch.uint8)
     return {"label": label, "instance": instance.to(torch.uint16), "image": image}
 
 

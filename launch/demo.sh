@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 bash launch/setup.sh
 PY=.venv/bin/python
 RUN=runs/pix2pixhd_demo
+# Data loading: keep freed memory mapped rather than fault it in again per sample (docs/data.md).
+export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=134217728}
 echo "== 1/4 sharding the embedded demo dataset into shards/demo"
 $PY launch/shard.py write demo --out shards/demo --samples-per-shard 64 --workers 2
 $PY launch/shard.py verify shards/demo

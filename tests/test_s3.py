@@ -86,7 +86,7 @@ url, rank, world = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 stream = make_stream(url, "train", train=False, rank=rank, world_size=world, num_workers=2)
 loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
 rows = [{"key": s["__key__"], "slot": s["__slot__"], "bad": s["__bad__"],
-         "dtype": str(s["image"].dtype), "rgb": s["image"][0, 0, :3].int().tolist()} for s in loader]
+         "dtype": str(s["image"].dtype), "rgb": s["image"][:, 0, 0].int().tolist()} for s in loader]
 print("ROWS " + json.dumps(rows))
 """
 

@@ -22,7 +22,7 @@ from synthetic_data import NUM_CLASSES, SyntheticSource, render
 from pipeline.data.manifest import ShardInfo
 from pipeline.data.shards import WriteOptions, write_dataset
 from pipeline.data.sources.base import encode_png
-from pipeline.data.stream import BadDataBudgetExceeded, make_stream, plan_segments, shuffled
+from pipeline.data.stream import POSITIONS, BadDataBudgetExceeded, make_stream, plan_segments, shuffled
 from pipeline.data.transforms import Augment
 
 REPO = Path(__file__).resolve().parent.parent
@@ -172,7 +172,7 @@ def test_training_with_uneven_shards_keeps_ranks_in_step(tmp_path, damage):
 
 def check_rule(sample: dict) -> None:
     """The synthetic pixel rule survives any paired transform (see synthetic_data)."""
-    image = sample["image"][..., :3].permute(2, 0, 1).to(torch.int64)  # RGBX [H, W, 4] -> [3, H, W]
+    image = sample["image"].to(torch.int64)  # [3, H, W]
     label, instance = sample["label"].to(torch.int64), sample["instance"].to(torch.int64)
     k = int(image[2, 0, 0])
     assert torch.equal(image[0], label * 20)
@@ -188,13 +188,13 @@ def test_paired_augmentation_applies_one_crop_and_flip_to_every_field(tmp_path):
             break
         # The loader's contract: integers as stored, uint8 images, (<= 256 classes) uint8 labels and
         # uint16 instance maps (stored as PNG, at most 16 bits).
-        assert sample["image"].dtype == torch.uint8 and sample["image"].shape == (12, 16, 4)
+        assert sample["image"].dtype == torch.uint8 and sample["image"].shape == (3, 12, 16)
         assert sample["label"].dtype == torch.uint8 and sample["label"].shape == (12, 16)
         assert sample["instance"].dtype == torch.uint16 and sample["instance"].shape == (12, 16)
         assert all(sample[f].is_contiguous() for f in ("image", "label", "instance"))
         assert int(sample["label"].max()) < NUM_CLASSES
         check_rule(sample)
-        green = sample["image"][0, :, 1].to(torch.int64)
+        green = sample["image"][1, 0].to(torch.int64)
         flips.add(bool(green[0] > green[-1]))  # the column ramp runs backwards after a flip
         origins.add(int(green.min()) // 8)  # the crop's first column
     assert flips == {True, False}
@@ -202,15 +202,14 @@ def test_paired_augmentation_applies_one_crop_and_flip_to_every_field(tmp_path):
 
 
 def test_prepare_gives_the_floats_of_the_host_side_conversion(tmp_path):
-    """The float path of before (PIL crop and flip, ``np.array``, ``.float().mul_(1 / 127.5).sub_(1)``
-    and int64 labels on the host) and the uint8 stream + ``prepare`` give the same tensors, bit for
-    bit, on every sample of a real stream with random crops and flips."""
+    """A host-side reference (PIL crop and flip, ``np.array``, ``.float().mul_(1 / 127.5).sub_(1)``
+    and int64 labels) and the uint8 stream + ``prepare`` give the same tensors, bit for bit, on
+    every sample of a real stream with random crops and flips drawn from ``sample_rng``."""
     from PIL import Image
 
     from pipeline.config import load_config
     from pipeline.data.manifest import load_manifest
-    from pipeline.data.stream import _slot_rng
-    from pipeline.data.transforms import decode_field
+    from pipeline.data.transforms import decode_field, sample_rng
     from pipeline.families import get_family
     from pipeline.families.labelmaps import one_hot
     from pipeline.train.family import DataInfo
@@ -232,7 +231,7 @@ def test_prepare_gives_the_floats_of_the_host_side_conversion(tmp_path):
         if n == 20:
             break
         b = family.prepare({"data": torch.utils.data.default_collate([sample])}, torch.device("cpu"), cfg, info)
-        rng = _slot_rng(3, sample["__slot__"], sample["__epoch__"], sample["__index__"])
+        rng = sample_rng(3, sample["__slot__"], sample["__epoch__"], sample["__index__"])
         fields = {name: decode_field(m.fields[name]["kind"], data) for name, data in raws[sample["__key__"]].items()}
         _, box, flip = aug.params(fields["image"].size, rng, True)
         flips.add(flip)
@@ -253,6 +252,62 @@ def test_prepare_gives_the_floats_of_the_host_side_conversion(tmp_path):
     assert flips == {True, False}
 
 
+def paired_shard(path: Path, count: int) -> None:
+    """A paired (pix2pix facades-like) shard written by webdataset's own ShardWriter."""
+    import webdataset as wds
+
+    with wds.TarWriter(str(path)) as sink:
+        for k in range(count):
+            fields = render(k)
+            sink.write({"__key__": f"p{k}", "input.png": encode_png(fields["image"][..., ::-1].copy()),
+                        "image.png": encode_png(fields["image"])})
+
+
+@pytest.mark.parametrize("family, task", [("pix2pix", "label2image"), ("pix2pix", "paired"),
+                                          ("pix2pixhd", "label2image"), ("dcgan", "unconditional"),
+                                          ("cyclegan", "unpaired")])
+def test_every_familys_prepare_takes_the_stream_batch(tmp_path, family, task):
+    """The batch contract end to end: a real stream's batch through each family's ``prepare``."""
+    from pipeline.config import load_config
+    from pipeline.data.manifest import load_manifest
+    from pipeline.families import get_family
+    from pipeline.train.family import DataInfo
+
+    if task == "paired":
+        paired_shard(tmp_path / "facades-000.tar", 4)
+        url = str(tmp_path / "facades-000.tar")  # a shard pattern: fields found by their stems
+    else:
+        write(tmp_path, {"train": 4}, per_shard=4)
+        url = str(tmp_path)
+    manifest = load_manifest(url)
+    info = DataInfo(task, manifest.num_classes, tuple(manifest.fields))
+    assert manifest.task == task or task in ("unconditional", "unpaired")
+    fam = get_family(family)
+    size, aug = ((64, 64), Augment(resize=(64, 64))) if family == "dcgan" else ((16, 12), Augment(crop=(16, 12)))
+    cfg = load_config(None, [f"model.family={family}"])
+    # Each of the family's streams reads the one split here (CycleGAN's A and B: its two domains).
+    batches = {s.name: next(iter(make_stream(url, "train", train=True, fields=s.fields, augment=aug, batch_size=4)))
+               for s in fam.streams(cfg, info, "train")}
+    for batch in batches.values():
+        assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (4, 3, size[1], size[0])
+    b = fam.prepare(batches, torch.device("cpu"), cfg, info)
+    if family == "cyclegan":
+        assert set(b) == {"A", "B"} and all(t.dtype == torch.float32 and t.shape == (4, 3, size[1], size[0])
+                                              for t in b.values())
+        return
+    assert b["image"].dtype == torch.float32 and b["image"].shape == (4, 3, size[1], size[0])
+    assert -1 <= float(b["image"].min()) and float(b["image"].max()) <= 1
+    expected_input = {"pix2pix": 3 if task == "paired" else NUM_CLASSES, "pix2pixhd": NUM_CLASSES + 1}
+    if family in expected_input:
+        assert b["input"].dtype == torch.float32 and b["input"].shape == (4, expected_input[family], size[1], size[0])
+    if task == "label2image":
+        assert b["label"].dtype == torch.int64 and b["label"].shape == (4, size[1], size[0])
+    if family == "pix2pixhd":
+        assert b["instance"].dtype == torch.int32 and b["instance"].shape == (4, 1, size[1], size[0])
+    if family == "dcgan":
+        assert b["z"].shape == (4, cfg.model.z_dim)
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_batches_are_the_samples_in_order_stacked(tmp_path, train):
     write(tmp_path, {"val": 11}, per_shard=4)
@@ -269,6 +324,24 @@ def test_batches_are_the_samples_in_order_stacked(tmp_path, train):
         assert b["__epoch__"].tolist() == [x["__epoch__"] for x in part]
         for name in ("image", "label", "instance"):
             assert torch.equal(b[name], torch.stack([x[name] for x in part]))
+
+
+def test_a_stream_under_a_users_own_dataloader_batches_as_the_stream_does(tmp_path):
+    """``DataLoader(stream, batch_size=B, num_workers=W)`` over single samples (what a user writes)
+    gives the batches the stream makes itself with ``batch_size=B`` (what the loop uses)."""
+    write(tmp_path, {"train": 26}, per_shard=7)
+    make = lambda batch: make_stream(str(tmp_path), "train", train=True, num_workers=2, seed=1,  # noqa: E731
+                                     augment=Augment(crop=(16, 12)), batch_size=batch)
+    users = list(itertools.islice(torch.utils.data.DataLoader(make(None), batch_size=4, num_workers=2), 8))
+    ours = list(itertools.islice(torch.utils.data.DataLoader(make(4), batch_size=None, num_workers=2), 8))
+    assert {int(s) for b in users for s in b["__slot__"]} == {0, 1}  # both workers took part
+    for a, b in zip(users, ours):
+        assert a.keys() == b.keys() and a["__key__"] == b["__key__"]
+        assert a["image"].shape == (4, 3, 12, 16) and a["image"].dtype == torch.uint8
+        assert a["label"].dtype == torch.uint8 and a["instance"].dtype == torch.uint16
+        assert a["__index__"].dtype == torch.int64
+        for name in ("image", "label", "instance", *POSITIONS):
+            assert torch.equal(a[name], b[name]), name
 
 
 def test_resize_keeps_label_ids_and_eval_is_deterministic(tmp_path):
@@ -337,16 +410,25 @@ def test_corrupt_pickled_and_unsafe_samples_are_skipped_counted_and_named(tmp_pa
         ("s2", {**good(2), "meta.pyd": b"cos\nsystem\n(S'echo owned'\ntR."}),
         ("../s3", good(3)),
         ("s4", {k: v for k, v in good(4).items() if k != "label.png"}),
+        ("\u00e9\u00e8", good(6)),  # nothing of it can name a file
         ("s5", good(5)),
     ])
     out = list(make_stream(url, "val", train=False))
     assert [s["__key__"] for s in out] == ["s0", "s5"]
-    assert out[-1]["__bad__"] == 4
+    assert out[-1]["__bad__"] == 5
     text = caplog.text
     assert "val-000000.tar#s1" in text and "cannot decode" in text
     assert "refusing member s2.meta.pyd" in text
     assert "unsafe key '../s3'" in text
     assert "missing field 'label'" in text
+    assert "cannot make a sample key" in text
+
+
+def test_a_batch_of_samples_of_different_sizes_names_them_and_what_to_set(tmp_path):
+    smaller = {f"{name}.png": encode_png(arr) for name, arr in render(1, 20, 16).items()}
+    url = hand_made_dataset(tmp_path, [("s0", good(0)), ("s1", smaller)])
+    with pytest.raises(ValueError, match=r"samples \['s0', 's1'\] differ in size .*data.crop_size"):
+        next(iter(make_stream(url, "val", train=False, batch_size=2)))
 
 
 def test_truncated_shard_is_reported_and_the_rest_still_streams(tmp_path, caplog):
@@ -357,6 +439,31 @@ def test_truncated_shard_is_reported_and_the_rest_still_streams(tmp_path, caplog
     assert 8 <= len(out) < 12
     assert out[-1]["__bad__"] == 12 - len(out)
     assert str(shard) in caplog.text
+
+
+def test_a_slot_enters_its_shard_at_the_recorded_offset_and_without_offsets_walks_the_headers(tmp_path, caplog):
+    write(tmp_path, {"val": 8}, per_shard=8)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    offsets = manifest["splits"]["val"]["shards"][0]["offsets"]
+    keys = [s["__key__"] for s in make_stream(str(tmp_path), "val", train=False)]
+    ranks = lambda: [list(make_stream(str(tmp_path), "val", train=False, rank=r, world_size=2))  # noqa: E731
+                     for r in range(2)]
+    del manifest["splits"]["val"]["shards"][0]["offsets"]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    walked = ranks()  # no offsets: tar headers walked up to the slot's first sample
+    assert [[s["__key__"] for s in r] for r in walked] == [keys[:4], keys[4:]]
+    shard = tmp_path / "val-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[offsets[1]:offsets[1] + 512] = b"\xff" * 512  # sample 1's first header is garbage now
+    shard.write_bytes(bytes(data))
+    assert [s["__key__"] for s in ranks()[1]] == []  # the walk cannot pass it: rank 1's samples are lost
+    manifest["splits"]["val"]["shards"][0]["offsets"] = offsets
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    caplog.clear()
+    entered = ranks()  # with offsets, rank 1 seeks to sample 4 and never reads sample 1
+    assert [s["__key__"] for s in entered[1]] == keys[4:] and entered[1][-1]["__bad__"] == 0
+    assert [s["__key__"] for s in entered[0]] == keys[:1]  # the tar ends at the garbage for rank 0:
+    assert "skipped 3 bad sample(s)" in caplog.text and "shard ends after 1 samples" in caplog.text  # counted
 
 
 def test_bad_sample_budget_stops_with_a_clear_message(tmp_path):

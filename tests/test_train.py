@@ -288,7 +288,7 @@ def test_gradient_accumulation_matches_the_full_batch(demo_shards, tmp_path):
     # moment after one step is (1 - beta1) x the gradient, and it is in the checkpoint. (Weights
     # after several Adam steps would not do: Adam turns rounding-level differences, such as the
     # gradient of a conv bias in front of instance norm, into full-size steps.) Instance norm and
-    # no dropout make the batch's loss the mean of its micro-batches' losses; optim.lr_D=0 keeps
+    # no dropout make the batch's loss the mean of its micro-batches' losses; model.lr_D=0 keeps
     # D as it was for G's phase, so G's gradients are taken against the same D in both runs.
     common = [f"data.url={demo_shards}", "train.total_kimg=0.004", "checkpoint.every_kimg=0.004",
               "data.workers=0", "model.norm=instance", "model.norm_D=instance", "model.dropout=false",

@@ -1,5 +1,6 @@
-"""The sharding CLI (``gan-shard`` / ``python launch/shard.py``): write, verify and inspect
-WebDataset shards on any fsspec URL. Every failure is one line on stderr and a non-zero exit."""
+"""The sharding CLI (``gan-shard`` / ``python launch/shard.py``): write, index (shards made
+elsewhere), verify and inspect WebDataset shards on any fsspec URL. Every failure is one line on
+stderr and a non-zero exit."""
 
 from __future__ import annotations
 
@@ -83,6 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
                           help="write the shards and the manifest from the N staged parts (byte-identical "
                                "to a write without parts), then remove OUT/_parts/")
 
+    x = sub.add_parser("index", help="write a manifest for WebDataset shards made elsewhere, without rewriting them")
+    x.add_argument("shards", nargs="+", metavar="[SPLIT=]PATTERN",
+                   help="shard URLs or brace patterns (s3://b/x-{00000..00099}.tar), of --split unless prefixed")
+    x.add_argument("--out", required=True, help="the manifest's URL (a .json, or a directory for manifest.json)")
+    x.add_argument("--split", default="train", help="split of the patterns given without SPLIT= (default train)")
+    x.add_argument("--field", action="append", default=[], metavar="NAME=KIND:SUFFIX[,SUFFIX]",
+                   help="a field and the member suffixes that hold it, e.g. image=image:jpg,png label=label:seg.png "
+                        "(default: found in the first sample)")
+    x.add_argument("--num-classes", type=_positive, help="classes of label maps (needed when there are any)")
+    x.add_argument("--dataset", help="dataset name recorded in the manifest")
+    x.add_argument("--no-offsets", action="store_true",
+                   help="leave out per-sample byte offsets (smaller manifest; readers then walk tar headers)")
+
     v = sub.add_parser("verify", help="re-check every checksum and decode every sample")
     v.add_argument("url", help="the shard directory or its manifest.json")
     v.add_argument("--splits", help="only these splits")
@@ -150,6 +164,30 @@ def cmd_write(args) -> int:
     return EXIT_OK
 
 
+def cmd_index(args) -> int:
+    from .. import io
+    from .index import index_shards, parse_field
+    from .manifest import manifest_url
+
+    patterns: dict[str, str] = {}
+    for arg in args.shards:
+        m = re.fullmatch(r"(\w+)=(.+)", arg)
+        split, pattern = (m[1], m[2]) if m else (args.split, arg)
+        patterns[split] = f"{patterns[split]}::{pattern}" if split in patterns else pattern
+    fields = dict(parse_field(text) for text in args.field) or None
+    manifest = index_shards(patterns, fields=fields, num_classes=args.num_classes, dataset=args.dataset,
+                            offsets=not args.no_offsets, command=shlex.join(["gan-shard", *sys.argv[1:]]))
+    out = manifest_url(args.out)
+    io.atomic_write_json(out, manifest)
+    for split, entry in manifest["splits"].items():
+        lacking = ", ".join(f"{n} lack {name!r}" for name, n in entry["lacking"].items())
+        print(f"{split}: {entry['samples']} samples in {len(entry['shards'])} shards "
+              f"({entry['bytes'] / 1e6:.1f} MB)" + (f"; {lacking}" if lacking else ""))
+    fields = ", ".join(f"{n}[{s['kind']}: {'/'.join(s['members'])}]" for n, s in manifest["fields"].items())
+    print(f"fields: {fields}; task {manifest['task']}; manifest {out}")
+    return EXIT_OK
+
+
 def cmd_verify(args) -> int:
     from .manifest import load_manifest
     from .verify import verify
@@ -187,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     from .shards import ShardWriteError
 
     try:
-        return {"write": cmd_write, "verify": cmd_verify, "inspect": cmd_inspect}[args.command](args)
+        commands = {"write": cmd_write, "index": cmd_index, "verify": cmd_verify, "inspect": cmd_inspect}
+        return commands[args.command](args)
     except (CliError, ManifestError, ShardWriteError, ValueError) as exc:
         print(f"gan-shard: error: {exc}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, CliError) else EXIT_FAILED

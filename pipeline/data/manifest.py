@@ -1,11 +1,15 @@
 """The shard manifest: the contract between the sharding CLI and every reader of shards.
 
-``manifest.json`` sits beside the shards and is written last; a manifest never names a shard
-that is not complete. Readers resolve shard names relative to the manifest's own URL.
+``manifest.json`` is written last; a manifest never names a shard that is not complete. Shards
+are named relative to the manifest's own URL, or by a URL of their own (``gan-shard index`` of
+shards made elsewhere). A shard pattern (``s3://b/x-{000..099}.tar``) in place of a manifest is
+indexed in memory (``index.index_shards``) as one split.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +20,7 @@ FORMAT = "gan-pipeline-shards"
 VERSION = 1
 
 
-class ManifestError(Exception):
+class ManifestError(ValueError):
     """A manifest that is missing, unreadable or not of this format."""
 
 
@@ -27,6 +31,7 @@ class ShardInfo:
     samples: int
     bytes: int
     sha256: str
+    offsets: tuple[int, ...] | None = None  # per sample, the byte offset of its first tar header
 
 
 def manifest_url(url: str) -> str:
@@ -62,6 +67,12 @@ class Manifest:
     def num_classes(self) -> int | None:
         return self.data.get("num_classes")
 
+    def members(self, field: str) -> tuple[str, ...]:
+        """The member suffixes that may hold ``field`` in a sample, in order of preference
+        (``image.png``; ``jpg`` for shards made elsewhere)."""
+        spec = self.fields[field]
+        return tuple(spec.get("members") or (f"{field}.{ext}" for ext in spec.get("exts", ())))
+
     def split(self, name: str) -> dict[str, Any]:
         if name not in self.data["splits"]:
             raise ManifestError(f"split {name!r} is not in {self.url}; it has: {', '.join(self.splits)}")
@@ -69,14 +80,25 @@ class Manifest:
 
     def shards(self, split: str) -> list[ShardInfo]:
         base = base_url(self.url)
-        return [ShardInfo(name=s["name"], url=io.join(base, s["name"]), samples=int(s["samples"]),
-                          bytes=int(s["bytes"]), sha256=s["sha256"]) for s in self.split(split)["shards"]]
+        return [ShardInfo(name=s["name"], url=s.get("url") or io.join(base, s["name"]), samples=int(s["samples"]),
+                          bytes=int(s["bytes"]), sha256=s["sha256"],
+                          offsets=tuple(s["offsets"]) if s.get("offsets") else None)
+                for s in self.split(split)["shards"]]
 
     def num_samples(self, split: str) -> int:
         return int(self.split(split)["samples"])
 
 
-def load_manifest(url: str, storage_options: dict | None = None) -> Manifest:
+def is_shard_pattern(url: str) -> bool:
+    """A brace pattern or a single tar, not a manifest or its directory."""
+    return "{" in str(url) or str(url).endswith(".tar")
+
+
+def load_manifest(url: str, storage_options: dict | None = None, split: str = "train") -> Manifest:
+    """The manifest at ``url`` (its JSON or the directory holding it), or a shard pattern indexed
+    in memory as the one split ``split`` (once per process)."""
+    if is_shard_pattern(url):
+        return _pattern_manifest(str(url), json.dumps(storage_options or {}, sort_keys=True), split)
     murl = manifest_url(url)
     try:
         data = io.read_json(murl, storage_options)
@@ -92,3 +114,10 @@ def load_manifest(url: str, storage_options: dict | None = None) -> Manifest:
         if key not in data:
             raise ManifestError(f"{murl} lacks the required key {key!r}")
     return Manifest(url=murl, data=data)
+
+
+@functools.cache
+def _pattern_manifest(url: str, options: str, split: str) -> Manifest:
+    from .index import index_shards
+
+    return Manifest(url=url, data=index_shards({split: url}, json.loads(options) or None, full=False))

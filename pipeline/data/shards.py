@@ -32,6 +32,7 @@ from PIL import Image
 
 from .. import __version__, io
 from .manifest import FORMAT, MANIFEST_NAME, VERSION
+from .shard_reader import sample_offsets
 from .sources.base import Item, Problem, Source, SourceInfo, encode_png
 from .transforms import MAP_KINDS, DecodeError, decode_field, map_array
 
@@ -253,13 +254,17 @@ class _SplitWriter:
         self._file.close()
         with open(self._path, "rb") as f:
             sha, nbytes = io.sha256_stream(f)
+            f.seek(0)
+            offsets = sample_offsets(f) if self._count else []  # where each sample starts, for readers
         name = self._path.name
+        if len(offsets) != self._count:  # keys that webdataset's reader would group otherwise
+            raise ShardWriteError(f"{name}: {self._count} samples written, {len(offsets)} by webdataset's key rule")
         if self._count:
             io.atomic_upload(self._path, io.join(self.out, name), self.so)
         self._path.unlink()
         sizes = np.array(self._sizes, dtype=np.int64).reshape(-1, 2)
         entry = {"name": name, "plan": self.plan_hash, "start": self._start, "end": end,
-                 "samples": self._count, "bytes": nbytes if self._count else 0, "sha256": sha,
+                 "samples": self._count, "bytes": nbytes if self._count else 0, "sha256": sha, "offsets": offsets,
                  "skipped": self._skipped, "fields": sorted(self._fields), "sizes": sizes.tolist(),
                  "hist": None if self._hist is None else self._hist.tolist()}
         io.atomic_write_json(io.join(self.out, JOURNAL_DIR, name + ".json"), entry, self.so)
@@ -409,7 +414,8 @@ def remove_parts(out: str, splits: list[str], parts: int, storage_options: dict 
 
 
 def _split_entry(entries: list[dict], problems: list[Problem]) -> dict:
-    shards = [{k: e[k] for k in ("name", "samples", "bytes", "sha256")} for e in entries if e["samples"]]
+    shards = [{k: e[k] for k in ("name", "samples", "bytes", "sha256", "offsets") if k in e} for e in entries
+              if e["samples"]]
     skipped = [p.to_json() for p in problems] + [s for e in entries for s in e["skipped"]]
     sizes = np.array([s for e in entries for s in e["sizes"]], dtype=np.int64).reshape(-1, 2)
     hists = [np.array(e["hist"]) for e in entries if e["hist"] is not None]
@@ -423,7 +429,7 @@ def _split_entry(entries: list[dict], problems: list[Problem]) -> dict:
         "skipped_count": len(skipped),
         "skipped_by_kind": kinds,
         "skipped": skipped,
-        "image_size": _size_stats(sizes),
+        "image_size": size_stats(sizes),
         "_fields": sorted({f for e in entries for f in e.get("fields", [])}),
     }
     if hists:
@@ -431,7 +437,7 @@ def _split_entry(entries: list[dict], problems: list[Problem]) -> dict:
     return entry
 
 
-def _size_stats(sizes: np.ndarray) -> dict:
+def size_stats(sizes: np.ndarray) -> dict:
     if not len(sizes):
         return {}
     uniq, counts = np.unique(sizes, axis=0, return_counts=True)

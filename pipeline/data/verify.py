@@ -4,7 +4,6 @@ with a contact sheet of a few samples (``inspect``)."""
 from __future__ import annotations
 
 import colorsys
-import hashlib
 import tarfile
 from dataclasses import dataclass, field
 
@@ -12,28 +11,11 @@ import numpy as np
 from PIL import Image
 
 from .. import io
-from .manifest import Manifest
+from .index import HashingReader
+from .manifest import Manifest, ShardInfo
+from .shard_reader import read_samples, reason, sample_offsets
 from .stream import check_member_names
-from .tar_samples import TarSamples
 from .transforms import DecodeError, decode_field, map_array
-
-
-class _HashingReader:
-    """A read-only file wrapper that hashes every byte it hands out."""
-
-    def __init__(self, f):
-        self.f, self.sha, self.n = f, hashlib.sha256(), 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.f.read(size)
-        self.sha.update(data)
-        self.n += len(data)
-        return data
-
-    def drain(self) -> tuple[str, int]:
-        while self.read(1 << 20):
-            pass
-        return self.sha.hexdigest(), self.n
 
 
 @dataclass
@@ -53,7 +35,7 @@ def check_sample(raw: dict, manifest: Manifest) -> str | None:
     if reason:
         return reason
     for stem, spec in manifest.fields.items():
-        member = next((k for k in raw if k.split(".", 1)[0] == stem), None)
+        member = next((m for m in manifest.members(stem) if m in raw), None)
         if member is None:
             if spec.get("required", True):
                 return f"missing field {stem!r}"
@@ -79,9 +61,9 @@ def verify(manifest: Manifest, storage_options: dict | None = None, splits: list
             count = 0
             try:
                 with io.open_url(shard.url, "rb", storage_options) as f:
-                    reader = _HashingReader(f)
+                    reader = HashingReader(f)
                     try:
-                        for raw in TarSamples(reader, shard.url):
+                        for raw in read_samples(reader, shard.url):
                             count += 1
                             problem = check_sample(raw, manifest)
                             if problem:
@@ -89,7 +71,7 @@ def verify(manifest: Manifest, storage_options: dict | None = None, splits: list
                     except (tarfile.TarError, ValueError) as exc:
                         # A damaged tar header: said, and the whole file still hashed below, so
                         # the report also tells damage after writing from a shard written wrong.
-                        report.errors.append(f"{shard.url}: unreadable after {count} samples ({exc})")
+                        report.errors.append(f"{shard.url}: unreadable after {count} samples ({reason(exc)})")
                     sha, nbytes = reader.drain()
             except io.storage_errors() as exc:
                 report.errors.append(f"{shard.url}: unreadable after {count} samples ({exc})")
@@ -100,8 +82,16 @@ def verify(manifest: Manifest, storage_options: dict | None = None, splits: list
                                      f"manifest {shard.sha256[:12]}…, {shard.bytes} bytes)")
             if count != shard.samples:
                 report.errors.append(f"{shard.url}: {count} samples, the manifest says {shard.samples}")
+            elif shard.offsets and sha == shard.sha256 and not _offsets_match(shard, storage_options):
+                report.errors.append(f"{shard.url}: the manifest's sample offsets are not where the samples start")
         log(f"{split}: {len(manifest.shards(split))} shards checked")
     return report
+
+
+def _offsets_match(shard: ShardInfo, storage_options: dict | None) -> bool:
+    """Whether the manifest's per-sample offsets are the tar's (a reader enters shards there)."""
+    with io.open_url(shard.url, "rb", storage_options) as f:
+        return tuple(sample_offsets(f)) == shard.offsets
 
 
 # ---------------------------------------------------------------- inspect
@@ -131,10 +121,10 @@ def contact_sheet(manifest: Manifest, split: str, count: int = 8,
     rows = []
     for shard in manifest.shards(split):
         with io.open_url(shard.url, "rb", storage_options) as f:
-            for raw in TarSamples(f, shard.url):
+            for raw in read_samples(f, shard.url):
                 tiles = []
                 for stem, spec in manifest.fields.items():
-                    member = next((k for k in raw if k.split(".", 1)[0] == stem), None)
+                    member = next((m for m in manifest.members(stem) if m in raw), None)
                     if member is None:
                         continue
                     img = decode_field(spec["kind"], raw[member])

@@ -22,7 +22,7 @@ from .. import dist, io
 from ..config import Config, from_dict
 from ..data.manifest import load_manifest
 from ..data.stream import make_stream, slot_range
-from ..data.transforms import Augment, rgb_image
+from ..data.transforms import Augment
 from ..families import get_family
 from ..train import checkpoint as ckpt
 from ..train.family import DataInfo, Evaluation
@@ -207,7 +207,7 @@ class Evaluator:
                 if ev.paired:
                     # The loader's uint8 photo: what to_uint8 of the prepared [-1, 1] image gives
                     # back, bit for bit, without the round trip.
-                    real.append((index, rgb_image(batch["image"])))
+                    real.append((index, batch["image"]))
                     for name, values in self._paired(fake, b["image"].float()).items():
                         total, n = sums.get(name, (0.0, 0))
                         sums[name] = (total + float(values.double().sum()), n + len(values))
@@ -224,7 +224,7 @@ class Evaluator:
                 gen.append((torch.arange(start, start + len(zb)), self.inception(metrics.to_uint8(fake))))
                 grid = grid or [fake]
         if not ev.paired:
-            real = [(index, rgb_image(batch["image"])) for index, batch in self._batches(cfg, ev.reference, ("image",))]
+            real = [(index, batch["image"]) for index, batch in self._batches(cfg, ev.reference, ("image",))]
         return gen, real, sums, grid
 
     def _paired(self, fake: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:

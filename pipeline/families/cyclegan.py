@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Config, ModelConfig, bounded, choice
-from ..data.transforms import float_image
+from ..data.device import float_image
 from ..losses.adversarial import d_loss, g_loss
 from ..models.cyclegan import resnet_generator
 from ..models.layers import init_weights

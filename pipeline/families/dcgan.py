@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import Config, ConfigError, ModelConfig, bounded, choice
-from ..data.transforms import float_image
+from ..data.device import float_image
 from ..losses.adversarial import d_loss, g_loss
 from ..losses.regularizers import gradient_penalty, instance_noise, weight_clip_
 from ..models.dcgan import DCGANDiscriminator, DCGANGenerator

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Config, ModelConfig, bounded, choice
-from ..data.transforms import class_ids, float_image
+from ..data.device import class_ids, float_image
 from ..losses.adversarial import d_loss, g_loss
 from ..losses.regularizers import instance_noise
 from ..models.layers import init_weights

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..config import Config, ConfigError, ModelConfig, bounded, choice
-from ..data.transforms import class_ids, float_image
+from ..data.device import class_ids, float_image, instance_ids
 from ..losses.adversarial import d_loss, g_loss
 from ..losses.feature_matching import feature_matching_loss
 from ..losses.perceptual import vgg_loss
@@ -109,7 +109,8 @@ def streams(cfg: Config, info: DataInfo, split: str) -> tuple[Stream, ...]:
 
 def prepare(batches: dict[str, dict], device: torch.device, cfg: Config, info: DataInfo) -> dict:
     """``input`` [N, label_nc (+1 edges), H, W] built on the device (no per-step host work),
-    ``image`` [N, 3, H, W] in [-1, 1], ``instance`` [N, 1, H, W] int32, ``label`` [N, H, W] int64."""
+    ``image`` [N, 3, H, W] in [-1, 1], ``instance`` [N, 1, H, W] int32, ``label`` [N, H, W] int64.
+    The loader's uint8 images and integer maps are converted on the device (``data.device``)."""
     batch, m = batches["data"], cfg.model
     label = class_ids(batch["label"].to(device, non_blocking=True))
     parts = [one_hot(label, info.num_classes)]
@@ -117,7 +118,7 @@ def prepare(batches: dict[str, dict], device: torch.device, cfg: Config, info: D
     if m.use_instance or m.use_features:
         if "instance" not in batch:
             raise ValueError("model.use_instance / use_features need instance maps in the shards")
-        instance = batch["instance"].to(device, non_blocking=True).int().unsqueeze(1)  # uint16 from PNG
+        instance = instance_ids(batch["instance"].to(device, non_blocking=True)).unsqueeze(1)  # uint16 from PNG
     if m.use_instance:
         parts.append(instance_edges(instance))
     inp = torch.cat(parts, 1)

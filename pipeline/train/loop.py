@@ -293,7 +293,7 @@ def train(cfg: Config, command: str = "") -> int:
                            shuffle_buffer=cfg.data.shuffle_buffer, shuffle_buffer_mb=cfg.data.shuffle_buffer_mb,
                            max_bad_samples=cfg.data.max_bad_samples, storage_options=so, start=positions,
                            batch_size=bpd)
-        # Batched in the stream (one copy per field, see data/collate.py). Its own generator:
+        # Batched in the stream (default_collate, see data/stream.py). Its own generator:
         # creating the loader must not move the training RNG.
         return iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers,
                                                 pin_memory=device.type == "cuda",
