@@ -118,6 +118,8 @@ class DistributedConfig:
     # is not supported: EMA copies, snapshots and the evaluator need every parameter on every rank.
     zero_stage: int | None = choice(None, None, 1, 2)
     reduce_bucket_mb: float = bounded(200.0, 1.0)  # DeepSpeed's reduce_bucket_size / allgather_bucket_size
+    # How long a rank waits in a collective for the others before the job stops with a message.
+    timeout_sec: float = bounded(600.0, 5.0, 86400.0)
 
 
 @dataclass

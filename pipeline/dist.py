@@ -130,7 +130,7 @@ def seed_for(seed: int, rank_: int, nimg: int = 0) -> int:
     return (seed * 1_000_003 + rank_ * 7919 + nimg) % (2**63 - 1)
 
 
-def make_accelerator(precision: str, accumulation: int = 1):
+def make_accelerator(precision: str, accumulation: int = 1, timeout_sec: float = 600.0):
     """An Accelerator on CUDA if present, else CPU with gloo; mixed precision is ours, not its.
 
     Accelerate would keep one GradScaler for all optimizers (wrong for G and D) and silently
@@ -151,9 +151,24 @@ def make_accelerator(precision: str, accumulation: int = 1):
     # process group here (resolve_backend has read the variable before).
     os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
     handlers = [DistributedDataParallelKwargs(broadcast_buffers=False, find_unused_parameters=False),
-                InitProcessGroupKwargs(timeout=timedelta(minutes=10))]  # accelerate picks gloo or nccl
+                InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_sec))]  # accelerate picks gloo or nccl
     return Accelerator(cpu=cpu, mixed_precision="no", gradient_accumulation_steps=accumulation,
                        kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
+
+
+def collective_failure(exc: BaseException, timeout_sec: float) -> str | None:
+    """One line for a collective that failed because of another rank (stopped, swapped out, on a
+    dead node, or gone), or None for any other error."""
+    text = str(exc)
+    if not (isinstance(exc, torch_dist.DistError) or any(w in text for w in ("gloo", "NCCL", "c10d"))):
+        return None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)[:200]
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return (f"rank {rank()}: a collective did not complete within distributed.timeout_sec={timeout_sec:g}: another "
+                f"rank stopped answering (stopped, swapped out, a dead node, a stalled data read); the job stops, "
+                f"and running it again resumes from the last checkpoint ({first})")
+    return (f"rank {rank()}: a collective failed because another rank is gone; the job stops, and running it "
+            f"again resumes from the last checkpoint ({first})")
 
 
 def resolve_backend(backend: str) -> str:

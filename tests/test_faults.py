@@ -50,6 +50,17 @@ def step_dir(run_dir: Path, step: int) -> Path:
 # ---------------------------------------------------------------- no silent restart
 
 
+def test_the_same_seed_world_size_and_config_give_the_same_state(three_checkpoints, demo_shards, tmp_path):
+    # The determinism golden the fault tests lean on: a second run of the same command writes the
+    # same checkpoint, file for file (hashes from its commit record), RNG and data positions included.
+    again = tmp_path / "again"
+    r = run(launch_cmd(1, [f"data.url={demo_shards}", f"run.dir={again}", "train.total_kimg=0.024",
+                           "checkpoint.every_kimg=0.008", "checkpoint.keep_last=3", "data.workers=0", *SMALL]))
+    assert r.returncode == 0, explain(r)
+    a, b = ckpt.latest(str(three_checkpoints)).record, ckpt.latest(str(again)).record
+    assert a["files"] == b["files"] and len(a["files"]) >= 7
+
+
 def test_every_checkpoint_broken_stops_with_its_exit_code_and_deletes_nothing(three_checkpoints, demo_shards,
                                                                               tmp_path):
     run_dir = tmp_path / "run"
@@ -184,6 +195,35 @@ def test_killing_only_the_launcher_ends_its_ranks_and_a_relaunch_resumes(demo_sh
     assert r.returncode == 0, explain(r)
     assert "resumed from" in r.stdout + r.stderr
     assert ckpt.latest(str(run_dir)).record["nimg"] == 64
+
+
+@pytest.mark.multiprocess
+def test_a_stopped_rank_ends_the_job_with_a_clear_message_and_a_relaunch_resumes(demo_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = launch_cmd(2, [f"data.url={demo_shards}", f"run.dir={run_dir}", "train.total_kimg=0.048",
+                         "data.workers=1", "checkpoint.every_kimg=0.008", "distributed.timeout_sec=10", *SMALL])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+                            start_new_session=True)
+    try:
+        wait_for_commit(run_dir, 2, proc)
+        ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())
+                 and p.parent().pid == proc.pid]
+        rank1 = next(p for p in ranks if p.environ().get("RANK") == "1")
+        t0 = time.monotonic()
+        rank1.send_signal(signal.SIGSTOP)  # swapped out, a frozen node: alive, silent
+        out, err = proc.communicate(timeout=180)
+        took = time.monotonic() - t0
+    finally:
+        for p in psutil.Process(os.getpid()).children(recursive=True):
+            p.send_signal(signal.SIGCONT)
+            p.kill()
+    assert proc.returncode != 0
+    assert "rank 0: a collective did not complete within distributed.timeout_sec=10: another rank stopped" in err, \
+        f"{out[-2000:]}\n{err[-5000:]}"
+    assert took < 120, took
+    r = run(cmd)
+    assert r.returncode == 0 and "resumed from" in r.stdout + r.stderr, explain(r)
+    assert ckpt.latest(str(run_dir)).record["nimg"] == 48
 
 
 def test_a_second_job_on_the_same_run_dir_waits_then_refuses(demo_shards, tmp_path):

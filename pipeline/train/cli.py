@@ -15,6 +15,7 @@ import traceback
 from ..config import ConfigError, deepspeed_limits, load_config, to_dict
 
 CONFIG_ERROR_PAUSE_S = 5.0  # how long a rank other than 0 waits for rank 0 to report a config error
+EXIT_PEER_FAILED = 7  # a collective failed or timed out because of another rank
 
 
 def _is_first_process() -> bool:
@@ -73,7 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:  # found at start-up: the run cannot go on as configured
         print(f"gan-train: error: {exc}", file=sys.stderr, flush=True)
         os._exit(2)  # as below: DataLoader workers must not be joined
-    except Exception:
+    except Exception as exc:
+        from ..dist import collective_failure
+
+        why = collective_failure(exc, cfg.distributed.timeout_sec)
+        if why:
+            print(f"gan-train: {why}", file=sys.stderr, flush=True)
+            os._exit(EXIT_PEER_FAILED)
         # DataLoader workers ignore SIGTERM (so that SLURM's notice cannot kill them before the
         # rank saves); after an exception, multiprocessing's exit handler would terminate and
         # then join them forever, and this rank, and every rank waiting on it, would hang. Report

@@ -153,7 +153,7 @@ def train(cfg: Config, command: str = "") -> int:
     # ------------------------------------------------------------ processes, devices, precision
     precision = resolve_precision(cfg.train.precision)
     backend = dist.resolve_backend(cfg.distributed.backend)  # before make_accelerator: it reads the launcher's
-    accelerator = dist.make_accelerator(precision)
+    accelerator = dist.make_accelerator(precision, timeout_sec=cfg.distributed.timeout_sec)
     device, rank, world = accelerator.device, dist.rank(), dist.world_size()
     bpd = cfg.train.batch_per_device or cfg.train.batch_size // world
     if bpd < 1 or cfg.train.batch_size % (bpd * world):
