@@ -155,6 +155,28 @@ def test_everything_declared_round_trips_through_a_checkpoint(tmp_path):
     assert ckpt.snapshot_networks(snap) == {"G_A": "G_A_ema.pt", "G_B": "G_B.pt"}
 
 
+def test_a_resume_at_another_world_size_goes_on_at_the_next_epoch_not_at_epoch_0(tmp_path, caplog):
+    from pipeline.dist import DDPEngine
+
+    def state(world: int, workers: int) -> ckpt.TrainState:
+        net = torch.nn.Linear(2, 1)
+        engine = DDPEngine("G", {"G": net}, torch.optim.Adam(net.parameters()), None, 0.0)
+        return ckpt.TrainState(nets={"G": net}, ema={}, engines={"G": engine}, counters={"step": 0, "nimg": 0},
+                               positions={}, family_state={}, snapshot=("G",), backend="ddp", world_size=world,
+                               rank=0, workers=workers, device=torch.device("cpu"))
+
+    two = state(world=2, workers=1)  # as rank 0 of two: its slot read into epoch 3, the other rank's into 5
+    two.positions.update({"A": {0: (3, 7)}, "B": {0: (5, 2)}})
+    two.family_state["pool"] = torch.ones(2)
+    two.counters.update(step=9, nimg=36)
+    ckpt.save(str(tmp_path), two, {"step": 9, "nimg": 36}, keep_last=2, keep_snapshots=None)
+    one = state(world=1, workers=2)
+    assert not ckpt.restore(ckpt.latest(str(tmp_path)), one)  # the per-rank part is not restored
+    assert one.positions == {"A": {0: (4, 0), 1: (4, 0)}, "B": {0: (6, 0), 1: (6, 0)}}
+    assert one.family_state == {} and one.counters == {"step": 9, "nimg": 36}
+    assert "the data streams go on at the next epoch (A: 4, B: 6" in caplog.text
+
+
 # ---------------------------------------------------------------- real processes
 
 

@@ -349,6 +349,11 @@ def save(run_dir: str, ts: TrainState, meta: dict, keep_last: int, keep_snapshot
     # Every rank must hold the same networks; a mismatch is a bug worth stopping for.
     if dist.any_rank([prints != dist.broadcast_object(prints)], ts.device)[0]:
         raise RuntimeError(f"ranks disagree on the networks at step {step}: {prints}")
+    # Per stream, the newest epoch any rank reads: where a run at another world size continues.
+    epochs: dict[str, int] = {}
+    for part in dist.gather_objects({s: max((e for e, _ in slots.values()), default=0)
+                                     for s, slots in ts.positions.items()}):
+        epochs.update({s: max(e, epochs.get(s, 0)) for s, e in part.items()})
     url = step_url(run_dir, CHECKPOINTS, step)
     if ts.rank == 0:
         clear(url, so)  # what an earlier, unfinished or broken write of this step left
@@ -374,7 +379,7 @@ def save(run_dir: str, ts: TrainState, meta: dict, keep_last: int, keep_snapshot
             for key, st in engine.state_dicts().items():
                 save_tensors(io.join(url, f"{key}_{name}.pt"), st, so)  # opt_G.pt, scaler_G.pt
         write_json(io.join(url, "state.json"), {**ts.counters, "world_size": ts.world_size, "workers": ts.workers,
-                                                "backend": ts.backend}, so)
+                                                "backend": ts.backend, "epochs": epochs}, so)
     dist.barrier()  # orders: every rank's file is written before rank 0 hashes and commits
     if ts.rank != 0:
         return
@@ -453,9 +458,15 @@ def restore(found: Found, ts: TrainState, storage_options: dict | None = None) -
     ts.positions.clear()
     ts.family_state.clear()
     if saved["world_size"] != ts.world_size:
-        log.warning("checkpoint %s was written by %d processes, this run has %d: the data streams restart at a "
-                    "fresh epoch position and per-rank state starts anew", found.url, saved["world_size"],
-                    ts.world_size)
+        # The reading slots are others now: each stream goes on at the start of the epoch after
+        # the newest one read (what is left of that one is not seen), never back at epoch 0.
+        slots = max(1, ts.workers)
+        for stream, epoch in saved.get("epochs", {}).items():
+            ts.positions[stream] = {s: (int(epoch) + 1, 0) for s in range(ts.rank * slots, (ts.rank + 1) * slots)}
+        log.warning("checkpoint %s was written by %d processes, this run has %d: the data streams go on at the "
+                    "next epoch (%s; the rest of the current one is skipped) and per-rank state starts anew",
+                    found.url, saved["world_size"], ts.world_size,
+                    ", ".join(f"{s}: {int(e) + 1}" for s, e in saved.get("epochs", {}).items()) or "epoch 0")
         return False
     mine = load_tensors(io.join(found.url, f"rank-{ts.rank:03d}.pt"), so)
     for name, module in ts.modules().items():
