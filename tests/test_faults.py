@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -106,6 +107,23 @@ def test_a_checkpoint_that_verifies_but_cannot_be_loaded_is_passed_over_and_noth
     assert f"resumed from {step_dir(run_dir, 4)} at kimg 0.016 (1 newer checkpoint(s) could not be loaded)" in out
     assert not marker.exists()
     assert "weights_only` set to `False`" not in out  # torch's advice to load it anyway is not passed on
+
+
+@pytest.mark.parametrize("tamper, reason", [
+    (lambda r: [r], "lists no files"),
+    (lambda r: {**r, "files": {}}, "lists no files"),
+    (lambda r: {**r, "files": {**r["files"], "G.pt": {"bytes": "1"}}}, "entry for 'G.pt' is malformed"),
+    (lambda r: {**r, "files": {"../../../etc/hostname": {"bytes": 1, "sha256": "0" * 64}}}, "outside the checkpoint"),
+    (lambda r: {**r, "files": {**r["files"], "extra.pt": {"bytes": 1, "sha256": "0" * 64}}}, "extra.pt is missing"),
+])
+def test_a_tampered_commit_record_makes_a_checkpoint_invalid(tmp_path, tamper, reason):
+    make_checkpoint(tmp_path, 1)
+    url = make_checkpoint(tmp_path, 2)
+    record = json.loads((url / ckpt.COMMIT).read_text())
+    (url / ckpt.COMMIT).write_text(json.dumps(tamper(record)))
+    with pytest.raises(ckpt.CheckpointInvalid, match=re.escape(reason)):
+        ckpt.verify(str(url))
+    assert [f.step for f in ckpt.verified(str(tmp_path))] == [1]
 
 
 def make_checkpoint(run_dir: Path, step: int, commit: bool = True) -> Path:

@@ -124,7 +124,14 @@ def verify(ckpt_url: str, storage_options: dict | None = None, full: bool = True
         record = io.read_json(url, storage_options)
     except ValueError as exc:
         raise CheckpointInvalid(f"COMMIT.json unreadable: {exc}") from exc
-    for name, want in record.get("files", {}).items():
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise CheckpointInvalid("COMMIT.json lists no files (damaged, or not a commit record)")
+    for name, want in files.items():
+        if not (isinstance(want, dict) and isinstance(want.get("sha256"), str) and type(want.get("bytes")) is int):
+            raise CheckpointInvalid(f"COMMIT.json's entry for {name!r} is malformed")
+        if name.startswith("/") or ".." in name.split("/") or "\\" in name:
+            raise CheckpointInvalid(f"COMMIT.json names a file outside the checkpoint: {name!r}")
         file_url = io.join(ckpt_url, name)
         if not io.exists(file_url, storage_options):
             raise CheckpointInvalid(f"{name} is missing")
