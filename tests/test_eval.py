@@ -189,11 +189,14 @@ def test_killed_evaluator_resumes_without_redoing_and_skips_rotated_snapshots(tr
     assert "is gone or incomplete" in caplog.text
 
 
+@pytest.mark.parametrize("killed_at", ["_write_events", "_update_best"])  # after the metrics line
 def test_an_evaluator_stopped_between_its_writes_evaluates_that_snapshot_again_exactly_once(
-        trained_run, inception, tmp_path, monkeypatch):
-    # The step's result file is written last: stopped after the metrics line and before it, the
-    # evaluator finds the snapshot still pending and redoes it, and the line is not repeated.
-    from pipeline.eval.watcher import EvalOptions, Evaluator, pending_steps
+        trained_run, inception, tmp_path, monkeypatch, killed_at):
+    # The step's result file is written last: stopped at any write before it, the evaluator finds
+    # the snapshot still pending and redoes it, and no metrics line is repeated.
+    from dataclasses import replace
+
+    from pipeline.eval.watcher import EvalOptions, Evaluator, pending_steps, run_evaluator
 
     run_dir = copy_run(trained_run, tmp_path / "run")
     opts = EvalOptions(run=str(run_dir), inception_weights=inception, max_samples=7, kid_subset_size=4,
@@ -202,17 +205,17 @@ def test_an_evaluator_stopped_between_its_writes_evaluates_that_snapshot_again_e
     class Killed(BaseException):
         pass
 
-    def killed(self, result):
+    def killed(self, *args):
         raise Killed
 
-    monkeypatch.setattr(Evaluator, "_update_best", killed)
+    monkeypatch.setattr(Evaluator, killed_at, killed)
     with pytest.raises(Killed):
         Evaluator(opts).evaluate(2)
-    assert (run_dir / "eval" / "metrics.jsonl").exists() and not (run_dir / "eval" / "step-00000002.json").exists()
+    assert not (run_dir / "eval" / "step-00000002.json").exists()
+    assert (run_dir / "eval" / "metrics.jsonl").exists()
     assert pending_steps(opts) == [2, 4]
     monkeypatch.undo()
-    r = evaluate(run_dir, "--once", "--inception-weights", inception, *FAST_EVAL)
-    assert r.returncode == 0, explain(r)
+    assert run_evaluator(replace(opts, once=True)) == 0
     lines = [json.loads(line) for line in (run_dir / "eval" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [2, 4]
     assert result(run_dir, 2)["metrics"] == lines[0]["metrics"]
