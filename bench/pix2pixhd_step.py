@@ -1,22 +1,25 @@
-"""pix2pixHD training iteration: our step functions against an official-style iteration, one run.
+"""pix2pixHD training iteration: the training loop's own iteration against an official-style one.
 
 What runs. One fixed config, the official global-generator defaults at a CPU-sized scale:
 label_nc 35 + instance edges (G input 36 channels, D input 39), 256x128, ngf 32, ndf 32,
 n_downsample_global 4, n_blocks_global 9, instance norm, num_D 2, n_layers_D 3, LSGAN, feature
 matching (lambda_feat 10), no VGG, batch 1, Adam(2e-4, 0.5, 0.999). Every variant trains the same
-networks (built by ``steps_pix2pixhd.build`` from the same seed) on the same batch: a fixed
+networks (built by ``families.pix2pixhd.build`` from the same seed) on the same batch: a fixed
 random label map (piecewise-constant classes plus a few Cityscapes-style "thing" instances with
 ids ``class * 1000 + k``), its instance map, and a random uint8 target image, all as the loader
 hands them over (both sides convert the image to [-1, 1] with the loader's ``float_image``).
 
-- ``ours fp32``: one iteration as ``pipeline/train/loop.py`` runs the pix2pixhd family: the
-  family's own ``prepare`` (one-hot + edges), then its phases in order (G, then D on the same
-  batch): ``D.requires_grad_(phase is D)``, the real ``g_step``/``d_step`` through a
-  ``StepContext`` around the plain modules (world size 1, no DDP), ``backward`` of
-  ``loss * 1.0 / accum``, then the loop's optimizer step: grad norm (``clip_grad_norm_(inf)``),
-  ``isfinite`` checks of loss and norm, the any-rank flag reduction, Adam (``optim.adam`` as
-  configured), ``zero_grad(set_to_none=True)``. Not included: EMA (the official code has none;
-  the shipped cityscapes config turns it off), monitor bookkeeping, data loading.
+- ``ours fp32``: one iteration of the training loop's own code, ``loop.run_iteration``, over the
+  pix2pixhd family's ``phases(cfg)`` (G, then D on the same batch and G's fake) and its
+  ``optimizers(cfg)`` made into ``dist.DDPEngine`` engines as ``loop.train`` makes them (world
+  size 1, so no DDP wrapper; Adam per ``optim.adam``; the loop's lr line before each iteration).
+  The fetch is the family's ``prepare`` (one-hot + edges), ``agree`` the loop's any-rank
+  reduction, the monitor a real ``stats.Monitor`` that writes nothing. So: freezing, backward,
+  the engines' check (grad norm, ``isfinite``), agreement, Adam, ``zero_grad``, ``monitor.add``.
+  Not included: EMA (the official code has none; the shipped cityscapes config turns it off),
+  ``monitor.step``, checkpoints, data loading. For the breakdown the benchmark wraps the phase
+  functions and the engines to stamp sections; what ``run_iteration`` does between them is the
+  ``loop: requires_grad_, monitor.add`` section.
 - ``ours bf16``: the same under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (the losses
   reduce in fp32, as the code does).
 - ``official-style fp32``: one iteration of NVIDIA/pix2pixHD ``train.py`` + ``Pix2PixHDModel.
@@ -41,11 +44,11 @@ measured iterations, each after 3 warm-ups). Ratios use medians measured in this
 figure for the official code (0.667 s CPU, 1.66-1.71 GB) is printed apart as an external number.
 
 Numerics. A separate child builds the networks once, copies them, and runs one iteration of
-``ours fp32`` and one of ``official-style`` from the identical state and batch. Both compute
-G's and D's losses against the pre-update networks, so losses, gradients and updated weights
-should agree to float rounding (the D step batches real and fake in one call in ours and
-splits them in the official code, and sums its loss terms in another order). It reports loss,
-gradient and weight differences after one iteration, apart for conv biases that feed an
+``ours fp32`` (each engine wrapper hands its gradients over just before the step) and one of
+``official-style`` from the identical state and batch. Both compute G's and D's losses against
+the pre-update networks with the same batch-1 D calls, so losses and gradients should agree
+exactly and updated weights to float rounding (the Adam implementations differ). It reports
+loss, gradient and weight differences after one iteration, apart for conv biases that feed an
 instance norm: the norm cancels them, so their exact gradient is 0 and what autograd returns is
 rounding noise, which Adam's first step (``lr * g / (|g| + eps)``) turns into steps of up to
 ``lr``, whichever code computes them.
@@ -60,6 +63,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -111,8 +115,8 @@ OVERRIDES = [
     "model.family=pix2pixhd", "model.generator=global", "model.ngf=32", "model.ndf=32",
     "model.n_downsample_global=4", "model.n_blocks_global=9", "model.norm=instance", "model.norm_D=instance",
     "model.num_D=2", "model.n_layers_D=3", "model.use_instance=true", "model.use_features=false",
-    "loss.gan=lsgan", "loss.feat_weight=10", "loss.vgg_weight=0",
-    "optim.lr_G=2e-4", "optim.lr_D=2e-4", "optim.beta1=0.5", "optim.beta2=0.999", "optim.grad_clip=0",
+    "model.gan=lsgan", "model.feat_weight=10", "model.vgg_weight=0",
+    "model.lr_G=2e-4", "model.lr_D=2e-4", "model.beta1=0.5", "model.beta2=0.999", "optim.grad_clip=0",
     "train.batch_size=1", "train.precision=fp32", "train.channels_last=false",
 ]
 Stamp = Callable[[str], None]
@@ -145,72 +149,127 @@ def make_batch(seed: int = SEED) -> dict:
 
 
 def build_nets(cfg, info, seed: int = SEED) -> tuple[nn.Module, nn.Module]:
-    from pipeline.train import steps_pix2pixhd
+    from pipeline.families import pix2pixhd
 
     torch.manual_seed(seed)
-    nets = steps_pix2pixhd.build(cfg, info)
+    nets = pix2pixhd.build(cfg, info)
     return nets["G"], nets["D"]
 
 
 # ============================================================================= OURS: the loop's iteration
 
 
-class Ours:
-    """The pix2pixhd family's phases driven as ``loop.train`` drives them (world size 1)."""
+class StampedEngine:
+    """A ``dist.DDPEngine`` as the loop drives it, stamping a section after its backward and after
+    its check + step; in the numerics child it hands the gradients over just before the step."""
 
-    def __init__(self, cfg, info, G: nn.Module, D: nn.Module, precision: str, adam: str = "config"):
-        from pipeline.train.family import StepContext, get_family
+    def __init__(self, engine, runner: Ours):
+        self.engine, self.runner = engine, runner
+        self.name, self.modules = engine.name, engine.modules
 
-        self.cfg, self.info, self.G, self.D = cfg, info, G, D
-        self.family = get_family("pix2pixhd")
-        betas = (cfg.optim.beta1, cfg.optim.beta2)
-        kw = adam_kwargs(cfg.optim.adam) if adam == "config" else {"single": {"foreach": False},
-                                                                    "fused": {"fused": True}}[adam]
-        self.opt = {"G": torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_G, betas=betas, **kw),
-                    "D": torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_D, betas=betas, **kw)}
-        self.base_lr = {"G": cfg.optim.lr_G, "D": cfg.optim.lr_D}
-        autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" \
-            else contextlib.nullcontext
-        self.modules = {"G": G, "D": D}
-        self.ctx = StepContext(G=G, D=D, G_plain=G, D_plain=D, cfg=cfg, info=info, nimg=0, reuse_fake=True,
-                               autocast=autocast)
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.engine.param_groups
 
-    def optimizer_step(self, net: str, losses: list[dict], capture: dict | None) -> torch.Tensor:
-        """``loop.train``'s ``optimizer_step`` without scalers, fixed params (global G) or DDP."""
-        from pipeline import dist
+    def sync_context(self, sync: bool):
+        return self.engine.sync_context(sync)
 
-        params = [p for p in self.modules[net].parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, math.inf)
-        loss_ok = all(torch.isfinite(out["loss"]).item() for out in losses)
-        grads_ok = bool(torch.isfinite(norm).item())
-        bad, stop = dist.any_rank([not (loss_ok and grads_ok), False], "cpu")
-        if bad or stop:
-            raise RuntimeError(f"non-finite {net} step in the benchmark")
-        if capture is not None:
-            capture[net] = {n: p.grad.detach().clone() for n, p in self.modules[net].named_parameters()}
-        self.opt[net].step()
-        self.opt[net].zero_grad(set_to_none=True)
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        self.runner.stamp(f"{self.name}: backward")
+
+    def check(self, nimg: int) -> bool:
+        return self.engine.check(nimg)
+
+    def step(self, skip: bool) -> torch.Tensor:
+        if skip:
+            raise RuntimeError(f"non-finite {self.name} step in the benchmark")
+        if self.runner.capture is not None:
+            self.runner.capture[self.name] = {n: p.grad.detach().clone() for m in self.modules.values()
+                                              for n, p in m.named_parameters()}
+        norm = self.engine.step(skip)
+        self.runner.stamp(f"{self.name}: norm, checks, agree, Adam, zero_grad")
         return norm
 
+
+class LossTap:
+    """The monitor as ``run_iteration`` sees it, also keeping the losses (numerics child only)."""
+
+    def __init__(self, monitor, losses: dict):
+        self.monitor, self.losses = monitor, losses
+
+    def add(self, phase: str, outs: list[dict], grad_norm: torch.Tensor, skipped: bool) -> None:
+        self.monitor.add(phase, outs, grad_norm, skipped)
+        self.losses.update({k: v.detach() for k, v in outs[-1].items() if k != "loss"})
+
+
+GLUE = "loop: requires_grad_, monitor.add"
+
+
+class Ours:
+    """The pix2pixhd family driven by the loop's own ``run_iteration`` (world size 1, no DDP)."""
+
+    def __init__(self, cfg, info, G: nn.Module, D: nn.Module, precision: str, adam: str = "config"):
+        from pipeline import dist
+        from pipeline.families import get_family
+        from pipeline.train.family import StepContext
+        from pipeline.train.stats import Monitor
+
+        self.cfg, self.info = cfg, info
+        self.family = get_family("pix2pixhd")
+        self.stamp: Stamp = lambda name: None
+        self.capture: dict | None = None
+        nets = {"G": G, "D": D}
+        kw = adam_kwargs(cfg.optim.adam) if adam == "config" else {"single": {"foreach": False},
+                                                                    "fused": {"fused": True}}[adam]
+        self.engines = {}
+        for spec in self.family.optimizers(cfg):  # as loop.train (through dist.make_engine) makes them
+            modules = {name: nets[name] for name in spec.nets}
+            optimizer = torch.optim.Adam(spec.param_groups(modules), lr=spec.lr, betas=spec.betas, **kw)
+            engine = dist.DDPEngine(spec.name, modules, optimizer, None, cfg.optim.grad_clip)
+            for group in engine.param_groups:
+                group.setdefault("initial_lr", group["lr"])
+            self.engines[spec.name] = StampedEngine(engine, self)
+        self.phases = tuple(dataclasses.replace(p, fn=self.stamped(p)) for p in self.family.phases(cfg))
+        self.stream = self.family.streams(cfg, info, cfg.data.split)[0].name
+        autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" \
+            else contextlib.nullcontext
+        self.ctx = StepContext(nets=nets, plain=nets, cfg=cfg, info=info, mean_over_ranks=dist.mean_over_ranks,
+                               reuse_fake=True, autocast=autocast)
+        self.monitor = Monitor(cfg, cfg.run.dir, self.family, info, torch.device("cpu"), enabled=False)
+        self.agree = lambda ok: not dist.any_rank([not ok, False, False], "cpu")[0]  # the loop's agree
+
+    def stamped(self, phase):
+        """``phase.fn``, stamping the loop's work before it, then its own forward + losses."""
+
+        def fn(ctx, b, scratch):
+            self.stamp(GLUE)
+            out = phase.fn(ctx, b, scratch)
+            self.stamp(f"{phase.name}: forward + losses")
+            return out
+
+        return fn
+
     def iteration(self, raw: dict, stamp: Stamp, capture: dict | None = None) -> dict:
-        for k in ("G", "D"):
-            for group in self.opt[k].param_groups:
-                group["lr"] = self.base_lr[k] * 1.0  # loop: base lr x lr_factor (constant here)
-        b = self.family.prepare(raw, torch.device("cpu"), self.cfg, self.info)
-        stamp("prepare (one-hot, edges)")
-        scratch: dict = {}
-        out_all: dict = {}
-        for phase in self.family.phases:  # G (fetches the batch), then D (reuses it and G's fake)
-            self.D.requires_grad_(phase.net == "D")
-            out = phase.fn(self.ctx, b, scratch)
-            stamp(f"{phase.name}: forward + losses")
-            (out["loss"] * 1.0 / 1).backward()  # loop: NaN-injection factor and 1/accum
-            self.D.requires_grad_(True)
-            stamp(f"{phase.name}: backward")
-            self.optimizer_step(phase.net, [out], capture)
-            stamp(f"{phase.name}: norm, checks, Adam, zero_grad")
-            out_all.update({k: v.detach() for k, v in out.items() if k != "loss"})
-        return out_all
+        from pipeline.train.loop import lr_factor, run_iteration
+
+        self.stamp, self.capture, cpu = stamp, capture, torch.device("cpu")
+        for engine in self.engines.values():
+            for group in engine.param_groups:
+                group["lr"] = group["initial_lr"] * lr_factor(self.cfg, self.ctx.nimg)
+
+        def fetch() -> dict:
+            b = self.family.prepare({self.stream: raw}, cpu, self.cfg, self.info)
+            stamp("prepare (one-hot, edges)")
+            return b
+
+        losses: dict = {}
+        monitor = self.monitor if capture is None else LossTap(self.monitor, losses)
+        run_iteration(self.phases, self.ctx, self.engines, fetch, 1, self.agree, monitor)
+        stamp(GLUE)
+        self.ctx.step += 1
+        self.ctx.nimg += self.cfg.train.batch_size
+        return losses
 
 
 # ============================================================================= OFFICIAL-STYLE: one train.py iteration
@@ -222,10 +281,10 @@ class OfficialStyle:
     def __init__(self, cfg, G: nn.Module, D: nn.Module):
         self.G, self.D = G, D
         self.label_nc, self.num_D, self.n_layers_D = LABEL_NC, cfg.model.num_D, cfg.model.n_layers_D
-        self.lambda_feat = cfg.loss.feat_weight
+        self.lambda_feat = cfg.model.feat_weight
         # Official: Adam(params, lr=opt.lr, betas=(opt.beta1, 0.999)), torch's default implementation.
-        self.optimizer_G = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_G, betas=(cfg.optim.beta1, 0.999))
-        self.optimizer_D = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_D, betas=(cfg.optim.beta1, 0.999))
+        self.optimizer_G = torch.optim.Adam(G.parameters(), lr=cfg.model.lr_G, betas=(cfg.model.beta1, 0.999))
+        self.optimizer_D = torch.optim.Adam(D.parameters(), lr=cfg.model.lr_D, betas=(cfg.model.beta1, 0.999))
         self.targets: dict = {}
 
     def encode_input(self, label: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
@@ -513,11 +572,10 @@ def report_numerics(n: dict) -> None:
     print(f"  largest weight change of the update itself (ours fp32): G {n['update_max']['G']:.3g}, "
           f"D {n['update_max']['D']:.3g} (Adam's first step ~ lr = 2e-4)")
     print(f"  conv biases cancelled by a following instance norm: G {n['cancelled']['G']}, D {n['cancelled']['D']}")
-    print("  (expected: G identical to the official code's, since both run the same batch-1 D calls on the "
-          "fake; D within rounding, since ours batches real+fake in one D call, so each weight gradient is "
-          "reduced inside one conv backward instead of summed from two, and Adam's first step "
-          "lr * g / (|g| + 1e-8) turns rounding into up to ~lr where |g| is near 1e-8 or is pure noise, "
-          "as for the cancelled biases)")
+    print("  (expected: losses and gradients identical to the official code's, since both run the same "
+          "batch-1 D calls and loss terms; weights within rounding, since ours steps with optim.adam and the "
+          "official code with torch's default Adam, and Adam's first step lr * g / (|g| + 1e-8) turns "
+          "rounding into up to ~lr where |g| is near 1e-8 or is pure noise, as for the cancelled biases)")
     for other in n["others"]:
         print(f"  OURS fp32 vs {VARIANTS[other].label}:")
         for net in ("G", "D"):

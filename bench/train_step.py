@@ -24,9 +24,9 @@ temp dir (or ``--shards`` reuses some). Every case runs in a fresh child process
 The loop's own work. In the in-memory noop child, right after every loop iteration, the same no-op
 phases also run bare (own copies of the networks and optimizers: backward, Adam, zero_grad, no
 loop), outside the loop's timed intervals. The median over iterations of (loop iteration - the bare
-iteration next to it) is the loop's own per-iteration work: lr setting, the StepContext, batch
-bookkeeping and ``family.prepare``, loss scaling, ``requires_grad_`` toggles, the guard (a
-grad-norm pass, ``isfinite`` syncs, the any-rank flags), EMA, monitor bookkeeping. Pairing
+iteration next to it) is the loop's own per-iteration work: lr setting, the StepContext's
+counters, batch bookkeeping and ``family.prepare``, loss scaling, ``requires_grad_`` toggles, the
+engines' guard (a grad-norm pass, ``isfinite`` syncs, the any-rank flags), EMA, monitor bookkeeping. Pairing
 neighbours cancels the machine's drift, which on a shared 2-core box is larger than the effect.
 The same pairing with the real pix2pix step is a noisier cross-check (``--cross-check``). Data
 fetching is timed directly: the CPU spent in the loop's batch iterator's ``next()`` (the
@@ -146,27 +146,30 @@ def noop_loss(module: torch.nn.Module) -> torch.Tensor:
 
 
 def noop_family():
-    """pix2pix's networks, batch preparation and loss names; phases that skip the networks."""
-    from pipeline.train import steps_pix2pix
+    """pix2pix's networks, optimizers, streams, batch preparation and loss names; phases that
+    skip the networks."""
+    from pipeline.families import pix2pix
 
     def d_noop(ctx, b, scratch):
-        zero = noop_loss(ctx.D)
+        zero = noop_loss(ctx.nets["D"])
         return {"loss": zero, "D_real": zero, "D_fake": zero}
 
     def g_noop(ctx, b, scratch):
-        zero = noop_loss(ctx.G)
+        zero = noop_loss(ctx.nets["G"])
         return {"loss": zero, "G_GAN": zero, "G_L1": zero}
 
-    base = steps_pix2pix.FAMILY
-    # The same phases (net, interval, batch reuse), with the networks taken out.
-    phases = tuple(dataclasses.replace(p, fn=d_noop if p.net == "D" else g_noop) for p in base.phases)
-    return dataclasses.replace(base, name="noop", phases=phases)
+    base = pix2pix.FAMILY
+    # The same phases (optimizers stepped, interval, repeats, batch reuse), with the networks taken out.
+    return dataclasses.replace(base, name="noop", phases=lambda cfg: tuple(
+        dataclasses.replace(p, fn=d_noop if p.steps == ("D",) else g_noop) for p in base.phases(cfg)))
 
 
-def fetches(phase) -> bool:
-    """Whether the loop draws new batches for this phase: ``Phase.fetch`` where it exists, else
-    the loop's earlier rule (D phases fetch, G reuses D's batch)."""
-    return getattr(phase, "fetch", phase.net == "D")
+def training_stream(cfg, family, info):
+    """The family's one training stream (the in-memory cases stand in for exactly one)."""
+    streams = family.streams(cfg, info, cfg.data.split)
+    if len(streams) != 1:
+        raise ValueError(f"{family.name}: in-memory batches stand in for one stream, not {len(streams)}")
+    return streams[0]
 
 
 def collect_batches(cfg, family, info, n: int) -> list[dict]:
@@ -174,7 +177,8 @@ def collect_batches(cfg, family, info, n: int) -> list[dict]:
     from pipeline.data.stream import make_stream
     from pipeline.data.transforms import Augment
 
-    stream = make_stream(cfg.data.url, cfg.data.split, train=True, seed=cfg.run.seed, fields=family.fields(info),
+    s = training_stream(cfg, family, info)
+    stream = make_stream(cfg.data.url, s.split, train=True, seed=cfg.run.seed, fields=s.fields,
                          augment=Augment(cfg.data.load_size, cfg.data.crop_size, cfg.data.flip),
                          shuffle_buffer=cfg.data.shuffle_buffer, shuffle_buffer_mb=cfg.data.shuffle_buffer_mb,
                          batch_size=cfg.train.batch_size)
@@ -282,46 +286,43 @@ def timed_prepare(family, meter: Meter):
     return dataclasses.replace(family, prepare=prepare)
 
 
-def adam_kwargs(cfg) -> dict:
-    """The Adam implementation the loop uses: ``optim.adam`` via the loop's own helper where the
-    tree has it, else the older ``optim.foreach`` flag."""
-    import pipeline.train.loop as loop
-
-    if hasattr(loop, "adam_kwargs"):
-        return loop.adam_kwargs(cfg.optim.adam)
-    return {"foreach": cfg.optim.foreach}
-
-
 class BareRunner:
     """The family's phases, ``backward``, the Adam steps and ``zero_grad`` called directly, on
     prepared batches held in memory; no loop. Networks and optimizers (the loop's Adam) of its own."""
 
     def __init__(self, cfg, family, info):
         from pipeline.train.family import StepContext
+        from pipeline.train.loop import adam_kwargs
 
         cpu = torch.device("cpu")
-        self.batches = [family.prepare(b, cpu, cfg, info)
+        name = training_stream(cfg, family, info).name
+        self.batches = [family.prepare({name: b}, cpu, cfg, info)
                         for b in collect_batches(cfg, family, info, IN_MEMORY_BATCHES)]
         torch.manual_seed(cfg.run.seed)
-        nets = family.build(cfg, info)
-        G, self.D = nets["G"], nets["D"]
-        betas = (cfg.optim.beta1, cfg.optim.beta2)
-        self.opt = {k: torch.optim.Adam(nets[k].parameters(), lr=lr, betas=betas, **adam_kwargs(cfg))
-                    for k, lr in (("G", cfg.optim.lr_G), ("D", cfg.optim.lr_D))}
-        self.ctx = StepContext(G=G, D=self.D, G_plain=G, D_plain=self.D, cfg=cfg, info=info, nimg=0, reuse_fake=True)
-        self.cfg, self.family, self.source = cfg, family, itertools.cycle(self.batches)
+        self.nets = family.build(cfg, info)
+        self.opt, self.owned = {}, {}
+        for spec in family.optimizers(cfg):
+            self.opt[spec.name] = torch.optim.Adam(spec.param_groups(self.nets), lr=spec.lr, betas=spec.betas,
+                                                   **adam_kwargs(cfg.optim.adam))
+            self.owned[spec.name] = spec.nets
+        self.ctx = StepContext(nets=self.nets, plain=self.nets, cfg=cfg, info=info, reuse_fake=True)
+        self.phases, self.source = family.phases(cfg), itertools.cycle(self.batches)
 
     def iteration(self) -> None:
         b = None
-        for phase in self.family.phases:
-            for _ in range(self.family.d_repeats(self.cfg) if phase.net == "D" else 1):
-                if fetches(phase) or b is None:
+        for phase in self.phases:
+            trainable = {n for step in phase.steps for n in self.owned[step]} | set(phase.trainable)
+            for _ in range(phase.repeats):
+                if phase.fetch or b is None:
                     b, scratch = next(self.source), {}
-                self.D.requires_grad_(phase.net == "D")  # as in the loop: no D weight gradients in G's backward
+                for name, net in self.nets.items():  # as in the loop: no gradient reaches what the phase does not step
+                    net.requires_grad_(name in trainable)
                 phase.fn(self.ctx, b, scratch)["loss"].backward()
-                self.D.requires_grad_(True)
-                self.opt[phase.net].step()
-                self.opt[phase.net].zero_grad(set_to_none=True)
+                for net in self.nets.values():
+                    net.requires_grad_(True)
+                for step in phase.steps:
+                    self.opt[step].step()
+                    self.opt[step].zero_grad(set_to_none=True)
 
 
 def timed_monitor(base, rec: Record, meter: Meter, warmup: int, measure: int, prof: Profilers | None,
@@ -450,7 +451,8 @@ def child(args) -> int:
     torch.set_num_threads(1)
     from pipeline.config import load_config
     from pipeline.data.manifest import load_manifest
-    from pipeline.train.family import DataInfo, get_family
+    from pipeline.families import get_family
+    from pipeline.train.family import DataInfo
 
     spec = BY_KEY[args.child]
     batch = load_config(spec.config, list(spec.overrides)).train.batch_size
