@@ -131,8 +131,8 @@ def run_iteration(phases: tuple[Phase, ...], ctx: StepContext, engines: dict, fe
                     scale = float("nan") if poison else 1.0
                     stepping[0].backward(out["loss"] * scale / accum)  # check_declarations: one engine may
                 losses.append(out)  # run a backward for several only when that is a plain backward
-            local_ok = all(e.check(ctx.nimg) for e in stepping) and all(
-                torch.isfinite(out["loss"]).item() for out in losses) and not poison
+            checks = [e.check(ctx.nimg) for e in stepping]  # every engine's: each unscales and measures
+            local_ok = all(checks) and all(torch.isfinite(out["loss"]).item() for out in losses) and not poison
             ok = agree(local_ok)
             norms = [e.step(skip=not ok) for e in stepping]
             for module in ctx.plain.values():
