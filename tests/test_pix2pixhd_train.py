@@ -60,19 +60,6 @@ def cityscapes_shards(tmp_path_factory) -> str:
     return str(out)
 
 
-@pytest.fixture(scope="module")
-def vgg_weights(tmp_path_factory) -> str:
-    """A seeded, randomly initialised VGG19 in torchvision's layout (feature layers only: all the
-    perceptual loss reads), standing in for the ImageNet weights nobody may download here."""
-    import torchvision
-
-    torch.manual_seed(0)
-    features = torchvision.models.vgg19(weights=None).features[:30]
-    path = tmp_path_factory.mktemp("vgg") / "vgg19.pth"
-    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, path)
-    return str(path)
-
-
 TINY_HD = ["data.load_size=128,64", "model.ngf=4", "model.ndf=4", "model.n_blocks_global=1",
            "train.batch_size=2", "train.progress=false", "train.log_every_kimg=0.002",
            "train.image_every_kimg=0.004", "train.num_images=2"]

@@ -5,9 +5,10 @@ optimizers, phases, streams, preparation, evaluation and grid), declared against
 from __future__ import annotations
 
 from ..train.family import Family
-from . import cyclegan, dcgan, pix2pix, pix2pixhd
+from . import cyclegan, dcgan, pix2pix, pix2pixhd, spade
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (pix2pix.FAMILY, pix2pixhd.FAMILY, dcgan.FAMILY, cyclegan.FAMILY)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (pix2pix.FAMILY, pix2pixhd.FAMILY, dcgan.FAMILY, cyclegan.FAMILY,
+                                                spade.FAMILY)}
 
 
 def get_family(name: str) -> Family:

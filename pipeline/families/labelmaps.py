@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from ..data.device import class_ids, instance_ids
+
 
 def one_hot(label: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``label`` [N, H, W] int64 -> float [N, num_classes, H, W], built in place on its device."""
@@ -33,3 +35,22 @@ def colourised(label: torch.Tensor, num_classes: int) -> torch.Tensor:
 
     pal = torch.from_numpy(palette(max(256, num_classes))).to(label.device).float() / 127.5 - 1
     return pal[label].permute(0, 3, 1, 2)
+
+
+def semantic_input(batch: dict, device: torch.device, num_classes: int, *, edges: bool,
+                   instances: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The conditioning input of pix2pixHD and SPADE, built once per batch on the device:
+    ``(input, label, instance)`` with ``input`` [N, num_classes (+1 instance edges), H, W] float,
+    ``label`` [N, H, W] int64 and ``instance`` [N, 1, H, W] int32 ids (None unless ``edges`` or
+    ``instances`` asked for them)."""
+    label = class_ids(batch["label"].to(device, non_blocking=True))
+    parts = [one_hot(label, num_classes)]
+    instance = None
+    if edges or instances:
+        if "instance" not in batch:
+            raise ValueError("instance edges or features need instance maps in the shards: set "
+                             "model.use_instance=false, or shard a source that has them")
+        instance = instance_ids(batch["instance"].to(device, non_blocking=True)).unsqueeze(1)  # uint16 PNG
+    if edges:
+        parts.append(instance_edges(instance))
+    return torch.cat(parts, 1), label, instance

@@ -20,13 +20,13 @@ import torch
 from torch import nn
 
 from ..config import Config, ConfigError, ModelConfig, bounded, choice
-from ..data.device import class_ids, float_image, instance_ids
+from ..data.device import float_image
 from ..losses.adversarial import d_loss, g_loss
 from ..losses.feature_matching import feature_matching_loss
 from ..losses.perceptual import vgg_loss
 from ..models.pix2pixhd import Encoder, GlobalGenerator, LocalEnhancer, MultiscaleDiscriminator
 from ..train.family import DataInfo, Evaluation, Family, Network, Optimizer, Phase, StepContext, Stream
-from .labelmaps import colourised, instance_edges, one_hot
+from .labelmaps import colourised, semantic_input
 
 
 @dataclass
@@ -112,16 +112,8 @@ def prepare(batches: dict[str, dict], device: torch.device, cfg: Config, info: D
     ``image`` [N, 3, H, W] in [-1, 1], ``instance`` [N, 1, H, W] int32, ``label`` [N, H, W] int64.
     The loader's uint8 images and integer maps are converted on the device (``data.device``)."""
     batch, m = batches["data"], cfg.model
-    label = class_ids(batch["label"].to(device, non_blocking=True))
-    parts = [one_hot(label, info.num_classes)]
-    instance = None
-    if m.use_instance or m.use_features:
-        if "instance" not in batch:
-            raise ValueError("model.use_instance / use_features need instance maps in the shards")
-        instance = instance_ids(batch["instance"].to(device, non_blocking=True)).unsqueeze(1)  # uint16 from PNG
-    if m.use_instance:
-        parts.append(instance_edges(instance))
-    inp = torch.cat(parts, 1)
+    inp, label, instance = semantic_input(batch, device, info.num_classes, edges=m.use_instance,
+                                          instances=m.use_features)
     image = float_image(batch["image"].to(device, non_blocking=True))
     if cfg.train.channels_last:
         inp, image = (t.contiguous(memory_format=torch.channels_last) for t in (inp, image))
@@ -129,7 +121,7 @@ def prepare(batches: dict[str, dict], device: torch.device, cfg: Config, info: D
 
 
 @contextlib.contextmanager
-def _trainable(module: nn.Module):
+def trainable(module: nn.Module):
     """Parameters of ``module`` require grad inside, as they did before afterwards."""
     flags = [p.requires_grad for p in module.parameters()]
     module.requires_grad_(True)
@@ -148,7 +140,7 @@ def g_step(ctx: StepContext, b: dict, scratch: dict) -> dict:
         # D(real) once per iteration, as the official model: its graph is kept for D's phase
         # (D_real), and its features are the (detached) feature-matching targets here, so G's
         # backward never reaches it and D stays frozen for everything G's loss touches.
-        with _trainable(D):
+        with trainable(D):
             pred_real = D(torch.cat([b["input"], b["image"]], 1))
         scratch["pred_real"] = pred_real
         pred_fake = D(torch.cat([b["input"], fake], 1))

@@ -1,4 +1,5 @@
-"""pix2pixHD's discriminator feature-matching loss (``G_GAN_Feat``), reduced in fp32."""
+"""The discriminator feature-matching loss of pix2pixHD (``G_GAN_Feat``) and SPADE
+(``GAN_Feat``), reduced in fp32."""
 
 from __future__ import annotations
 
@@ -14,11 +15,15 @@ def feature_matching_loss(
     num_D: int,
     n_layers: int,
     weight: float = 10.0,
+    layer_weight: float | None = None,
 ) -> Tensor:
     """Wang et al. 2018, eq. (4), weighted as ``Pix2PixHDModel.forward`` in the official
     NVIDIA/pix2pixHD ``models/pix2pixHD_model.py`` (``G_GAN_Feat``): a scalar fp32 tensor
 
-        weight * sum_i sum_j  1/num_D * 4/(n_layers+1) * mean|fake[i][j] - real[i][j].detach()|
+        weight * sum_i sum_j  1/num_D * layer_weight * mean|fake[i][j] - real[i][j].detach()|
+
+    with ``layer_weight`` 4/(n_layers+1) by default (pix2pixHD's ``D_weights``); SPADE's
+    ``Pix2PixModel.compute_generator_loss`` uses 1 (its features are summed unweighted).
 
     over the ``num_D`` scales ``i`` and every intermediate feature ``j`` of a scale — the last
     element, the logits, is excluded. ``real_feats`` and ``fake_feats`` are
@@ -39,7 +44,9 @@ def feature_matching_loss(
                     f"{name}[{i}] has {len(scale)} tensors, expected n_layers + 2 = {n_layers + 2} "
                     "(a MultiscaleDiscriminator with get_intermediate_features=True)"
                 )
-    scale_weight = weight * (1.0 / num_D) * (4.0 / (n_layers + 1))
+    if layer_weight is None:
+        layer_weight = 4.0 / (n_layers + 1)
+    scale_weight = weight * (1.0 / num_D) * layer_weight
     # Features may be bf16/fp16 from autocast; the L1 and its gradient are taken in fp32.
     terms = [
         F.l1_loss(fake.float(), real.detach().float())

@@ -1,5 +1,5 @@
-"""Discriminator regularizers: WGAN-GP gradient penalty, R1 penalty, WGAN weight clipping, and
-instance noise.
+"""Regularizers: WGAN-GP gradient penalty, R1 penalty, WGAN weight clipping and instance noise
+for D; the VAE's KL divergence for an encoder (SPADE, BicycleGAN).
 
 Penalties differentiate D w.r.t. its input in fp32 with autocast off, and keep the graph
 (``create_graph=True``) so their backward reaches D's parameters.
@@ -95,3 +95,11 @@ def instance_noise(x: Tensor, sigma: float, span_kimg: float, nimg: int) -> Tens
     when the noise is off or over. Real and fake inputs of D both get it."""
     now = sigma if span_kimg <= 0 else sigma * max(0.0, 1.0 - nimg / (span_kimg * 1000))
     return x + now * torch.randn_like(x) if now > 0 else x
+
+
+def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(μ, σ²) ‖ N(0, I)) summed over the batch and the latent dimensions (Kingma & Welling
+    2014, appendix B; SPADE's ``KLDLoss``): ``-0.5 · Σ(1 + log σ² - μ² - σ²)``, fp32 scalar.
+    ``mu``, ``logvar`` [N, z_dim]."""
+    mu, logvar = mu.float(), logvar.float()
+    return -0.5 * torch.sum(1 + logvar - mu.square() - logvar.exp())

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from pipeline.models.layers import check_norm, init_weights, norm_layer
+from pipeline.models.layers import check_norm, init_weights, norm_layer, spectral_norm
 
 # Official `weights_init`: conv weights N(0, 0.02), batch-norm weights N(1, 0.02).
 _INIT_GAIN = 0.02
@@ -260,29 +260,35 @@ class NLayerDiscriminatorHD(nn.Module):
     ``layers[1 .. n_layers-1]``: stride-2 conv + norm + LeakyReLU; ``layers[n_layers]``: stride-1
     conv + norm + LeakyReLU; ``layers[n_layers+1]``: stride-1 conv to one channel. Widths double
     from ``ndf`` and are capped at 512. No sigmoid: the losses take logits.
+
+    SPADE's ``NLayerDiscriminator`` (NVlabs/SPADE ``models/networks/discriminator.py``) is the
+    same stack, counted differently (its ``n_layers_D=4`` is ``n_layers=3`` here), with
+    ``spectral=True`` (spectral norm on the normalised convs), ``norm_bias=False`` (those convs
+    lose their bias, as its ``get_nonspade_norm_layer`` removes it) and Xavier ``init``.
     """
 
-    def __init__(self, input_nc: int, *, ndf: int = 64, n_layers: int = 3, norm: str = "instance") -> None:
+    def __init__(self, input_nc: int, *, ndf: int = 64, n_layers: int = 3, norm: str = "instance",
+                 spectral: bool = False, norm_bias: bool = True, init: str = "normal") -> None:
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
         check_norm(norm)
         kw, padw = 4, 2
         layers = [nn.Sequential(nn.Conv2d(input_nc, ndf, kw, stride=2, padding=padw), nn.LeakyReLU(0.2, True))]
+        normed = []
         nf = ndf
         for n in range(1, n_layers + 1):
             nf_prev, nf = nf, min(nf * 2, 512)
             stride = 2 if n < n_layers else 1
-            layers.append(
-                nn.Sequential(
-                    nn.Conv2d(nf_prev, nf, kw, stride=stride, padding=padw),
-                    norm_layer(norm, nf),
-                    nn.LeakyReLU(0.2, True),
-                )
-            )
+            conv = nn.Conv2d(nf_prev, nf, kw, stride=stride, padding=padw, bias=norm_bias or norm == "none")
+            normed.append(conv)
+            layers.append(nn.Sequential(conv, norm_layer(norm, nf), nn.LeakyReLU(0.2, True)))
         layers.append(nn.Sequential(nn.Conv2d(nf, 1, kw, stride=1, padding=padw)))
         self.layers = nn.ModuleList(layers)
-        init_weights(self, "normal", _INIT_GAIN)
+        init_weights(self, init, _INIT_GAIN)
+        if spectral:
+            for conv in normed:
+                spectral_norm(conv)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """``x`` [N, input_nc, H, W] → the ``n_layers + 2`` layer outputs, logits [N, 1, H', W'] last."""
@@ -306,6 +312,7 @@ class MultiscaleDiscriminator(nn.Module):
     full-resolution D. ``scales[i]`` sees the input downsampled ``i`` times; the official module
     that does so is ``scale{num_D-1-i}_layer*`` (the official code runs its scales in reverse
     order), so official keys map as ``scale{num_D-1-i}_layer{j}.`` → ``scales.{i}.layers.{j}.``.
+    ``scale_options`` go to every scale (SPADE's variant, see :class:`NLayerDiscriminatorHD`).
     """
 
     def __init__(
@@ -317,6 +324,7 @@ class MultiscaleDiscriminator(nn.Module):
         num_D: int = 2,
         norm: str = "instance",
         get_intermediate_features: bool = True,
+        **scale_options,
     ) -> None:
         super().__init__()
         if num_D < 1:
@@ -325,7 +333,8 @@ class MultiscaleDiscriminator(nn.Module):
         self.n_layers = n_layers
         self.get_intermediate_features = get_intermediate_features
         self.scales = nn.ModuleList(
-            NLayerDiscriminatorHD(input_nc, ndf=ndf, n_layers=n_layers, norm=norm) for _ in range(num_D)
+            NLayerDiscriminatorHD(input_nc, ndf=ndf, n_layers=n_layers, norm=norm, **scale_options)
+            for _ in range(num_D)
         )
         self.downsample = nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)
 
