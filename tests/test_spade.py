@@ -356,3 +356,35 @@ def test_the_demo_config_learns(demo_shards, tmp_path):
     after = l1_to_targets(demo_shards, [], final_states(run_dir)["G_ema"])
     baseline = mean_colour_l1(demo_shards)
     assert after < 0.8 * before and after < 0.95 * baseline, (before, after, baseline)
+
+
+def test_with_the_vae_it_trains_the_encoder_and_evaluates_with_random_styles(demo_shards, tmp_path):
+    """``model.use_vae``: KLD is logged, E trains with G's optimizer, the grid shows three styles
+    per map, and the evaluator scores the snapshot from z ~ N(0, I) (no image reaches E)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from test_eval import FAST_EVAL, evaluate, result
+
+    from pipeline.eval.standin import write_standin_inception
+
+    run_dir = tmp_path / "run"
+    r = run(launch_cmd(1, [f"data.url={demo_shards}", f"run.dir={run_dir}", "model.use_vae=true", "model.z_dim=16",
+                           "data.load_size=64,32", "train.total_kimg=0.008", "checkpoint.every_kimg=0.008",
+                           "data.workers=0", "model.ngf=2", "model.ndf=4", "model.spade_hidden=4",
+                           "train.batch_size=2", "train.progress=false", "train.log_every_kimg=0.002",
+                           "train.image_every_kimg=0.004", "train.num_images=2"], config="spade_demo"))
+    assert r.returncode == 0, explain(r)
+    scalars = read_scalars(run_dir)
+    assert "Loss/KLD" in scalars and all(math.isfinite(v) and v >= 0 for _, v in scalars["Loss/KLD"])
+    states = final_states(run_dir)
+    fresh = fresh_G("spade_demo", [f"data.url={demo_shards}", "model.use_vae=true", "model.z_dim=16",
+                                   "data.load_size=64,32", "model.ngf=2", "model.spade_hidden=4"], demo_shards)
+    assert not torch.equal(states["G"]["encoder.fc_mu.weight"], fresh["encoder.fc_mu.weight"])
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    acc.Reload()
+    grid = acc.Images("Images/val_input_output_target")[-1]
+    assert grid.width == 5 * (64 + 2) + 2  # label | three styles | target
+    inception = str(write_standin_inception(tmp_path / "inception.pth"))
+    r = evaluate(run_dir, "--once", "--inception-weights", inception, *FAST_EVAL)
+    assert r.returncode == 0, explain(r)
+    metrics = result(run_dir, 4)["metrics"]
+    assert math.isfinite(metrics["fid"]) and math.isfinite(metrics["psnr"])
