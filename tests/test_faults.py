@@ -186,6 +186,30 @@ def test_a_checkpoint_whose_snapshot_was_never_written_gets_it_on_resume(three_c
     assert ckpt.list_steps(str(run_dir), ckpt.SNAPSHOTS) == [2, 4, 6, 8]  # none pruned by default
 
 
+@pytest.mark.parametrize("moment, left", [("checkpoint.rank_file", 4), ("checkpoint.files", 4),
+                                          ("checkpoint.commit", 6), ("snapshot.files", 6)])
+def test_a_kill_inside_a_checkpoint_write_loses_nothing(three_checkpoints, demo_shards, tmp_path, moment, left):
+    """SIGKILL at a moment of step 6's write (its rank file written; every file written, not
+    committed; committed, snapshot not written; snapshot files written, not committed): the newest
+    usable checkpoint is the one before, or step 6 itself once committed, and the relaunched
+    command ends with step 6 bit-identical to the uninterrupted run's and a verified snapshot."""
+    from pipeline import failpoints
+
+    run_dir = tmp_path / "run"
+    cmd = launch_cmd(1, [f"data.url={demo_shards}", f"run.dir={run_dir}", "train.total_kimg=0.024",
+                         "checkpoint.every_kimg=0.008", "checkpoint.keep_last=3", "data.workers=0", *SMALL])
+    killed = subprocess.run(cmd, capture_output=True, text=True, timeout=240, start_new_session=True,
+                            env={**env(), failpoints.VARIABLE: f"{moment}@6"})
+    assert killed.returncode == -signal.SIGKILL, explain(killed)
+    assert ckpt.latest(str(run_dir)).step == left
+    r = run(cmd)
+    assert r.returncode == 0 and f"resumed from {step_dir(run_dir, left)}" in r.stdout + r.stderr, explain(r)
+    assert ckpt.latest(str(run_dir)).record["files"] == ckpt.latest(str(three_checkpoints)).record["files"]
+    snapshot = ckpt.step_url(str(run_dir), ckpt.SNAPSHOTS, 6)
+    ckpt.verify(snapshot)
+    assert_identical(ckpt.load_tensors(f"{snapshot}/G_ema.pt"), ckpt.load_tensors(f"{step_dir(run_dir, 6)}/G_ema.pt"))
+
+
 # ---------------------------------------------------------------- one job per run directory
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .. import io
+from .. import failpoints, io
 
 log = logging.getLogger(__name__)
 
@@ -375,6 +375,7 @@ def save(run_dir: str, ts: TrainState, meta: dict, keep_last: int, keep_snapshot
     if ts.device.type == "cuda":
         mine["cuda_rng"] = torch.cuda.get_rng_state(ts.device)
     save_tensors(io.join(url, f"rank-{ts.rank:03d}.pt"), mine, so)
+    failpoints.reached("checkpoint.rank_file", step)
     if any(e.local_dir for e in ts.engines.values()):  # collective: every rank writes its own partitions
         with staged_upload(io.join(url, ZERO_DIR), so) as local:
             for engine in ts.engines.values():
@@ -390,7 +391,9 @@ def save(run_dir: str, ts: TrainState, meta: dict, keep_last: int, keep_snapshot
     dist.barrier()  # orders: every rank's file is written before rank 0 hashes and commits
     if ts.rank != 0:
         return
+    failpoints.reached("checkpoint.files", step)
     commit(url, meta, so)
+    failpoints.reached("checkpoint.commit", step)
     prune(run_dir, keep_last, CHECKPOINTS, so)
     write_snapshot(run_dir, ts, shared, meta, so)
     if keep_snapshots is not None:
@@ -409,6 +412,7 @@ def write_snapshot(run_dir: str, ts: TrainState, shared: dict, meta: dict, stora
         if name in ts.ema:
             save_tensors(io.join(snap, f"{name}_ema.pt"), shared[f"{name}_ema"], so)
         files[name] = f"{name}_ema.pt" if name in ts.ema else f"{name}.pt"
+    failpoints.reached("snapshot.files", meta["step"])
     commit(snap, {**meta, "networks": files}, so)
 
 
