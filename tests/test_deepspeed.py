@@ -70,7 +70,8 @@ def plain(obj):
 
 @pytest.mark.timeout(600)  # three 2-process launches; ~150 s on a loaded 2-core machine
 def test_zero2_bf16_trains_commits_engine_state_and_resumes_bit_identical(demo_shards, tmp_path):
-    args = [f"data.url={demo_shards}", "train.total_kimg=0.064", "checkpoint.every_kimg=0.016",
+    # bf16 convolutions are slow on CPUs without native bf16: 8 steps, a checkpoint every 2.
+    args = [f"data.url={demo_shards}", "train.total_kimg=0.032", "checkpoint.every_kimg=0.008",
             "data.workers=1", "train.precision=bf16", *SMALL]
     a_dir, b_dir = tmp_path / "a", tmp_path / "b"
     r = run(zero_cmd([f"run.dir={a_dir}", *args]), timeout=300)
@@ -98,12 +99,12 @@ def test_zero2_bf16_trains_commits_engine_state_and_resumes_bit_identical(demo_s
     cmd = zero_cmd([f"run.dir={b_dir}", *args])
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
                             start_new_session=True)
-    wait_for_commit(b_dir, 4, proc, timeout=240)
+    wait_for_commit(b_dir, 2, proc, timeout=240)
     for worker in workers_of(proc):  # SLURM's preemption notice reaches every task
         worker.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=180)
     assert "preempted: saved at kimg" in out + err, err[-4000:]
-    assert ckpt.latest(str(b_dir)).step < 16
+    assert ckpt.latest(str(b_dir)).step < 8
     r = run(cmd, timeout=300)
     assert r.returncode == 0, explain(r)
     assert "resumed from" in r.stdout + r.stderr
