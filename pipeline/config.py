@@ -40,6 +40,8 @@ class RunConfig:
     resume: str = choice("auto", "auto", "never", "must")
     lease_sec: float = bounded(60.0, 5.0, 3600.0)  # the run.dir lease lapses this long after its last renewal
     lease_wait_sec: float = bounded(120.0, 0.0, 86400.0)  # how long a second job waits for it, then refuses
+    # Keys (comma-separated) a resume may change beyond those that never matter (SAFE_ON_RESUME).
+    accept_changes: str = ""
 
 
 @dataclass
@@ -376,6 +378,31 @@ def to_dict(cfg: Config) -> dict:
     if d["data"]["storage_options"]:
         d["data"]["storage_options"] = {k: "<redacted>" for k in d["data"]["storage_options"]}
     return d
+
+
+# What a resumed run may change unasked: its length, logging, checkpointing, evaluation, data
+# loading and the job's plumbing. Any other difference changes the training that goes on.
+SAFE_ON_RESUME = ("name", "run.resume", "run.lease_sec", "run.lease_wait_sec", "run.accept_changes",
+                  "train.total_kimg", "train.log_every_kimg", "train.image_every_kimg", "train.num_images",
+                  "train.progress", "train.histograms", "train.max_bad_steps", "checkpoint.", "eval.",
+                  "data.workers", "data.storage_options", "data.max_bad_samples", "distributed.timeout_sec")
+
+
+def resume_changes(saved: dict, cfg: Config) -> tuple[list[str], list[str]]:
+    """How ``cfg`` differs from the config a checkpoint was written with: ``(accepted, refused)``,
+    each as ``"key old -> new"``. Accepted: ``SAFE_ON_RESUME`` and ``run.accept_changes``."""
+    old, new = _flatten(saved), _flatten(to_dict(cfg))
+    accept = {k.strip() for k in cfg.run.accept_changes.split(",") if k.strip()}
+    accepted, refused = [], []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "(absent)"), new.get(key, "(absent)")
+        if key == "run.dir" or json.dumps(a) == json.dumps(b):  # tuples were saved as lists
+            continue
+        # A key the saved config lacks is one this version added, at its default unless given.
+        safe = key not in old or key in accept or any(
+            key == k or (k.endswith(".") and key.startswith(k)) for k in SAFE_ON_RESUME)
+        (accepted if safe else refused).append(f"{key} {a!r} -> {b!r}")
+    return accepted, refused
 
 
 def from_dict(data: dict) -> Config:

@@ -363,3 +363,34 @@ def test_dry_run_prints_config_run_dir_and_parameter_counts(demo_shards):
     assert "run directory: runs/pix2pix_demo" in r.stdout
     assert "G: UnetGenerator, 10,465,603 parameters" in r.stdout  # unet_128, ngf 32, 11 demo classes in
     assert '"total_kimg": 1.0' in r.stdout
+
+
+def test_a_resume_with_changed_training_settings_is_refused_until_accepted(demo_shards, tmp_path):
+    """Length, logging and evaluation may change on resume; anything else stops with one line
+    naming each change and how to accept it. --dry-run says the same without writing. Each
+    segment's config is kept by the step it started at."""
+    run_dir = tmp_path / "run"
+    base = [f"data.url={demo_shards}", f"run.dir={run_dir}", "data.workers=0", "checkpoint.every_kimg=0.008", *SMALL]
+    r = run(launch_cmd(1, [*base, "train.total_kimg=0.008"]))
+    assert r.returncode == 0, explain(r)
+    saved = (run_dir / "config.json").read_text()
+    longer = [*base, "train.total_kimg=0.016", "model.lr_G=0.001"]
+    r = run(launch_cmd(1, longer))
+    assert r.returncode == 2, explain(r)
+    line = r.stderr.strip().splitlines()[-1]
+    assert line == (f"gan-train: {run_dir} was trained with other settings: model.lr_G 0.0002 -> 0.001. Resume "
+                    "with the saved values, choose a new run.dir, or accept the change with "
+                    "run.accept_changes=model.lr_G"), explain(r)
+    assert (run_dir / "config.json").read_text() == saved and ckpt.list_steps(str(run_dir)) == [2]
+    r = run([sys.executable, TRAIN, "--config", "pix2pix_demo", "--dry-run", *longer], timeout=60)
+    assert r.returncode == 0, explain(r)
+    assert f"would resume from {run_dir}/checkpoints/step-00000002 at kimg 0.008" in r.stdout
+    assert "changed, accepted: train.total_kimg 0.008 -> 0.016" in r.stdout
+    assert "changed, REFUSED (run.accept_changes or a new run.dir): model.lr_G 0.0002 -> 0.001" in r.stdout
+    r = run(launch_cmd(1, [*longer, "run.accept_changes=model.lr_G"]))
+    assert r.returncode == 0, explain(r)
+    assert "resuming with changed settings: model.lr_G 0.0002 -> 0.001; run.accept_changes '' -> 'model.lr_G'; " \
+           "train.total_kimg 0.008 -> 0.016" in r.stdout + r.stderr
+    first, second = (json.loads((run_dir / "configs" / f"step-{s:08d}.json").read_text()) for s in (0, 2))
+    assert (first["model"]["lr_G"], second["model"]["lr_G"]) == (0.0002, 0.001)
+    assert json.loads((run_dir / "config.json").read_text()) == second and ckpt.list_steps(str(run_dir)) == [2, 4]

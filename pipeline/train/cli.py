@@ -25,12 +25,30 @@ def _is_first_process() -> bool:
 def dry_run(cfg) -> int:
     import torch
 
+    from ..config import resume_changes
     from ..data.manifest import ManifestError, load_manifest
     from ..families import get_family
+    from . import checkpoint as ckpt
     from .family import DataInfo, describe
 
     print(json.dumps(to_dict(cfg), indent=2))
     print(f"run directory: {cfg.run.dir}")
+    so = cfg.data.storage_options or None
+    try:
+        found = ckpt.latest(cfg.run.dir, storage_options=so) if cfg.run.resume != "never" else None
+    except ckpt.NoUsableCheckpoint as exc:
+        print(f"would stop: {exc}")
+        found = None
+    if found is None:
+        print("would start a new run" + (" (run.resume=must: refused, nothing to resume)"
+                                         if cfg.run.resume == "must" else ""))
+    else:
+        accepted, refused = resume_changes(found.record.get("config", {}), cfg)
+        print(f"would resume from {found.url} at kimg {found.record.get('nimg', 0) / 1000:.3f}")
+        for change in accepted:
+            print(f"  changed, accepted: {change}")
+        for change in refused:
+            print(f"  changed, REFUSED (run.accept_changes or a new run.dir): {change}")
     try:
         manifest = load_manifest(cfg.data.url, cfg.data.storage_options or None)
         info = DataInfo(manifest.task, manifest.num_classes, tuple(manifest.fields))

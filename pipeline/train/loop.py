@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 from .. import dist, io
-from ..config import Config, ConfigError, deepspeed_limits, to_dict
+from ..config import Config, ConfigError, deepspeed_limits, resume_changes, to_dict
 from ..data.manifest import load_manifest
 from ..data.stream import make_stream
 from ..data.transforms import Augment
@@ -39,6 +39,7 @@ EXIT_OK, EXIT_DIVERGED, EXIT_PREEMPTED = 0, 3, 75
 EXIT_NO_CHECKPOINT = 4  # committed checkpoints exist and none can be used (or run.resume cannot be met)
 EXIT_RUN_DIR_BUSY = 5  # another job holds the run directory's lease, or took it over
 EXIT_ORPHANED = 6  # the launcher died: the rank stops rather than train on unsupervised
+EXIT_CONFIG = 2  # the config is refused (as the command line's config errors)
 # What loading a checkpoint that verified can still raise: a payload torch refuses to unpickle
 # (weights_only), a state that does not fit the networks, a file gone since.
 LOAD_ERRORS = (ckpt.CheckpointInvalid, pickle.UnpicklingError, RuntimeError, ValueError, KeyError, TypeError,
@@ -208,6 +209,18 @@ def train(cfg: Config, command: str = "") -> int:
         if lease:
             lease.release()
         return EXIT_NO_CHECKPOINT
+    if candidates:  # the same verdict on every rank: all hold the same candidates and config
+        accepted, refused = resume_changes(candidates[0].record.get("config", {}), cfg)
+        if refused:
+            keys = ",".join(c.split(" ")[0] for c in refused)
+            dist.main_print(f"gan-train: {run_dir} was trained with other settings: {'; '.join(refused)}. "
+                            f"Resume with the saved values, choose a new run.dir, or accept the change with "
+                            f"run.accept_changes={keys}", file=sys.stderr)
+            if lease:
+                lease.release()
+            return EXIT_CONFIG
+        if accepted:
+            dist.main_print(f"resuming with changed settings: {'; '.join(accepted)}")
     if not candidates and cfg.model.init_from:
         # Before the engines exist: DeepSpeed copies the weights into its fp32 master partitions.
         source = ckpt.resolve_init(cfg.model.init_from, so)
@@ -278,7 +291,9 @@ def train(cfg: Config, command: str = "") -> int:
         lease.start_heartbeat()
         io.remove(io.join(run_dir, PREEMPTED_MARKER), so)
         io.remove(io.join(run_dir, DONE_MARKER), so)
+        # config.json is this segment's config; each segment's is kept by the step it started at.
         io.atomic_write_json(io.join(run_dir, "config.json"), to_dict(cfg), so)
+        io.atomic_write_json(io.join(run_dir, "configs", f"step-{state['step']:08d}.json"), to_dict(cfg), so)
         io.atomic_write_json(io.join(run_dir, "run.json"),
                              {**describe_run(command, world, precision, accum), "backend": backend}, so)
 
