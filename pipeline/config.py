@@ -350,6 +350,9 @@ def load_config(name: str | None, overrides: list[str] = ()) -> Config:
     return cfg
 
 
+_INCEPTION = "weights-inception-2015-12-05-6726825d.pth"
+
+
 def validate(cfg: Config) -> None:
     """Checks that involve more than one key; nothing is rewritten."""
     t = cfg.train
@@ -357,6 +360,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of "
                           f"train.batch_per_device={t.batch_per_device}")
     cfg.model.check()
+    weights = cfg.eval.inception_weights
+    if cfg.eval.sidecar and not weights:
+        raise ConfigError(f"eval.sidecar=true needs eval.inception_weights=PATH, torch-fidelity's {_INCEPTION} "
+                          "(nothing is downloaded; the README says where to get it)")
+    if cfg.eval.sidecar and "://" not in weights and not Path(weights).is_file():
+        raise ConfigError(f"eval.inception_weights={weights}: no such file (torch-fidelity's {_INCEPTION}; the "
+                          "README says where to get it)")
     if cfg.distributed.backend == "deepspeed":
         deepspeed_limits(cfg)
 

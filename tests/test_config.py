@@ -149,3 +149,13 @@ def test_fp16_keeps_one_loss_scaler_per_optimizer():
     assert engines["D"].scaler.get_scale() < engines["G"].scaler.get_scale() == 2.0**16
     assert torch.equal(nets["D"].weight, before["D"]) and not torch.equal(nets["G"].weight, before["G"])
     assert set(engines["G"].state_dicts()) == {"opt", "scaler"}
+
+
+def test_a_sidecar_without_inception_weights_is_refused_before_launch(tmp_path):
+    with pytest.raises(ConfigError, match=r"^eval.sidecar=true needs eval.inception_weights=PATH, torch-fidelity's "
+                                          r"weights-inception-2015-12-05-6726825d.pth"):
+        load_config("pix2pix_demo", ["eval.sidecar=true"])
+    with pytest.raises(ConfigError, match=f"eval.inception_weights={tmp_path}/no.pth: no such file"):
+        load_config("pix2pix_demo", ["eval.sidecar=true", f"eval.inception_weights={tmp_path}/no.pth"])
+    (tmp_path / "w.pth").write_bytes(b"")
+    assert load_config("pix2pix_demo", ["eval.sidecar=true", f"eval.inception_weights={tmp_path}/w.pth"]).eval.sidecar

@@ -394,3 +394,35 @@ def test_a_resume_with_changed_training_settings_is_refused_until_accepted(demo_
     first, second = (json.loads((run_dir / "configs" / f"step-{s:08d}.json").read_text()) for s in (0, 2))
     assert (first["model"]["lr_G"], second["model"]["lr_G"]) == (0.0002, 0.001)
     assert json.loads((run_dir / "config.json").read_text()) == second and ckpt.list_steps(str(run_dir)) == [2, 4]
+
+
+def test_data_mistakes_end_in_one_line_that_says_what_to_run(tmp_path):
+    """No shards at data.url, or a folder of images given as data.url: exit 2 and one line naming
+    the command that fixes it. Shards without the validation split train, without image grids, and
+    say which key chooses another split."""
+    from PIL import Image
+
+    from pipeline.data.shards import WriteOptions, write_dataset
+    from pipeline.data.sources import make_source
+
+    images = tmp_path / "photos"
+    images.mkdir()
+    Image.new("RGB", (8, 8)).save(images / "a.png")
+    cases = {
+        str(tmp_path / "nowhere"): f"no shard manifest at {tmp_path}/nowhere/manifest.json: write shards there with "
+                                   f"`gan-shard write SOURCE --root DATA --out {tmp_path}/nowhere`",
+        str(images): f"data.url={images} holds images, not shards: shard them first, e.g. `gan-shard write folder "
+                     f"--root {images} --out shards/mydata`",
+    }
+    for url, message in cases.items():
+        r = run(launch_cmd(1, [f"data.url={url}", f"run.dir={tmp_path / 'run'}", "data.workers=0", *SMALL]), timeout=60)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and message in lines[0], explain(r)
+    train_only = tmp_path / "train-only"
+    write_dataset(make_source("demo", None, counts={"train": 4}), str(train_only), ["train"],
+                  WriteOptions(samples_per_shard=4, workers=1), progress=False)
+    r = run(launch_cmd(1, [f"data.url={train_only}", f"run.dir={tmp_path / 'run'}", "data.workers=0",
+                           "train.total_kimg=0.004", *SMALL]), timeout=120)
+    assert r.returncode == 0, explain(r)
+    assert (f"no image grids: split 'val' is not in {train_only}/manifest.json; it has: train (choose with "
+            "data.split / data.val_split, e.g. data.val_split=train)") in r.stdout

@@ -75,7 +75,8 @@ class Manifest:
 
     def split(self, name: str) -> dict[str, Any]:
         if name not in self.data["splits"]:
-            raise ManifestError(f"split {name!r} is not in {self.url}; it has: {', '.join(self.splits)}")
+            raise ManifestError(f"split {name!r} is not in {self.url}; it has: {', '.join(self.splits)} "
+                                f"(choose with data.split / data.val_split, e.g. data.val_split={self.splits[0]})")
         return self.data["splits"][name]
 
     def shards(self, split: str) -> list[ShardInfo]:
@@ -94,6 +95,21 @@ def is_shard_pattern(url: str) -> bool:
     return "{" in str(url) or str(url).endswith(".tar")
 
 
+def _missing_manifest(url: str, murl: str, storage_options: dict | None) -> str:
+    """Why there is no manifest at ``url``, and what to run: a folder of images is data to shard."""
+    from .sources.base import IMAGE_SUFFIXES
+
+    try:
+        names = io.list_files_fresh(url, storage_options)
+    except (FileNotFoundError, NotADirectoryError, *io.storage_errors()):
+        names = []
+    if any(n.lower().endswith(IMAGE_SUFFIXES) for n in names):
+        return (f"data.url={url} holds images, not shards: shard them first, e.g. `gan-shard write folder "
+                f"--root {url} --out shards/mydata`, then train with data.url=shards/mydata")
+    return (f"no shard manifest at {murl}: write shards there with `gan-shard write SOURCE --root DATA --out {url}` "
+            "(`gan-shard write --help` lists the sources), or point data.url at existing shards")
+
+
 def load_manifest(url: str, storage_options: dict | None = None, split: str = "train") -> Manifest:
     """The manifest at ``url`` (its JSON or the directory holding it), or a shard pattern indexed
     in memory as the one split ``split`` (once per process)."""
@@ -103,7 +119,7 @@ def load_manifest(url: str, storage_options: dict | None = None, split: str = "t
     try:
         data = io.read_json(murl, storage_options)
     except FileNotFoundError as exc:
-        raise ManifestError(f"no shard manifest at {murl} (write one with `gan-shard write`)") from exc
+        raise ManifestError(_missing_manifest(str(url), murl, storage_options)) from exc
     except ValueError as exc:
         raise ManifestError(f"shard manifest {murl} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:

@@ -85,11 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         return dry_run(cfg)
     logging.basicConfig(level=logging.INFO if _is_first_process() else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from ..data.manifest import ManifestError
     from .loop import train
 
     try:
         return train(cfg, command=shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]))
-    except ConfigError as exc:  # found at start-up: the run cannot go on as configured
+    except (ConfigError, ManifestError) as exc:  # found at start-up: the run cannot go on as configured
         print(f"gan-train: error: {exc}", file=sys.stderr, flush=True)
         os._exit(2)  # as below: DataLoader workers must not be joined
     except Exception as exc:
