@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -161,3 +162,21 @@ def vgg_weights(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("vgg") / "vgg19.pth"
     torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def cityscapes_shards(tmp_path_factory) -> str:
+    """A tiny Cityscapes tree with the real file naming (128x64), sharded by the CLI; read-only."""
+    import subprocess
+    import sys
+
+    from test_pix2pixhd_train import cityscapes_tree
+
+    root = tmp_path_factory.mktemp("cityscapes")
+    cityscapes_tree(root, {"train": 6, "val": 2})
+    out = tmp_path_factory.mktemp("cityscapes-shards")
+    shard = Path(__file__).resolve().parent.parent / "launch" / "shard.py"
+    r = subprocess.run([sys.executable, str(shard), "write", "cityscapes", "--root", str(root), "--out", str(out),
+                        "--samples-per-shard", "2", "--quiet"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return str(out)

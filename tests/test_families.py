@@ -11,10 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
-from test_train import assert_identical, env, explain, free_port, launch_cmd, run, wait_for_commit
+from test_train import assert_identical, committed_files, env, explain, free_port, kill_job_at_commit, launch_cmd, run
 
 from pipeline.config import load_config
 from pipeline.families import FAMILIES
@@ -226,22 +225,11 @@ def test_cyclegan_on_two_processes_resumes_bit_identical_pools_and_streams_inclu
     assert r.returncode == 0, explain(r)
     assert "DDP: G steps G_A, G_B; D steps D_A, D_B (fp32)" in r.stdout + r.stderr
     cmd = launch_cmd(2, [f"run.dir={b_dir}", *args], config="cyclegan_demo")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
-                            start_new_session=True)
-    wait_for_commit(b_dir, 4, proc)
-    for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
-        p.kill()
-    proc.communicate(timeout=60)
+    kill_job_at_commit(cmd, b_dir, 4)
     assert ckpt.latest(str(b_dir)).step < 12
     r = run(cmd)
     assert r.returncode == 0 and "resumed from" in r.stdout + r.stderr, explain(r)
-
-    def final(run_dir: Path) -> dict:
-        found = ckpt.latest(str(run_dir))
-        return {name: ckpt.load_tensors(f"{found.url}/{name}") for name in found.record["files"]
-                if name != "state.json"}
-
-    a, b = final(a_dir), final(b_dir)
+    a, b = committed_files(a_dir), committed_files(b_dir)
     assert set(a) == {"G_A.pt", "G_B.pt", "D_A.pt", "D_B.pt", "opt_G.pt", "opt_D.pt", "rank-000.pt", "rank-001.pt"}
     assert_identical(a, b)
     for rank in ("rank-000.pt", "rank-001.pt"):  # per rank: its own pools, both streams' positions

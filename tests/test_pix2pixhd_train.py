@@ -3,7 +3,6 @@ coarse-to-fine initialisation with a fixed global generator, and the demo config
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -47,17 +46,6 @@ def cityscapes_tree(root: Path, frames: dict[str, int], size=(128, 64)) -> None:
             Image.fromarray(label).save(gt_dir / f"{stem}_gtFine_labelIds.png")
             Image.fromarray(instance).save(gt_dir / f"{stem}_gtFine_instanceIds.png")
             Image.fromarray(photo).save(gt_dir / f"{stem}_gtFine_color.png")
-
-
-@pytest.fixture(scope="module")
-def cityscapes_shards(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("cityscapes")
-    cityscapes_tree(root, {"train": 6, "val": 2})
-    out = tmp_path_factory.mktemp("cityscapes-shards")
-    r = subprocess.run([*SHARD, "write", "cityscapes", "--root", str(root), "--out", str(out),
-                        "--samples-per-shard", "2", "--quiet"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    return str(out)
 
 
 TINY_HD = ["data.load_size=128,64", "model.ngf=4", "model.ndf=4", "model.n_blocks_global=1",

@@ -10,13 +10,21 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import torch
 import torch.nn.functional as F
-from test_pix2pixhd_train import cityscapes_tree, fresh_G
+from test_pix2pixhd_train import fresh_G
 from test_sources import ade_tree
-from test_train import assert_identical, env, explain, final_states, launch_cmd, read_scalars, run, wait_for_commit
+from test_train import (
+    assert_identical,
+    committed_files,
+    explain,
+    final_states,
+    kill_job_at_commit,
+    launch_cmd,
+    read_scalars,
+    run,
+)
 
 from pipeline.config import ConfigError, load_config
 from pipeline.families import spade as family
@@ -220,17 +228,6 @@ def test_without_reuse_d_scores_a_fake_of_the_updated_g():
 # --------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def cityscapes_shards(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("cityscapes")
-    cityscapes_tree(root, {"train": 8, "val": 2})
-    out = tmp_path_factory.mktemp("cityscapes-shards")
-    r = subprocess.run([*SHARD, "write", "cityscapes", "--root", str(root), "--out", str(out),
-                        "--samples-per-shard", "2", "--quiet"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    return str(out)
-
-
 TINY = ["model.ngf=2", "model.ndf=4", "model.spade_hidden=4", "train.batch_size=2", "train.progress=false",
         "train.log_every_kimg=0.002", "train.image_every_kimg=0.004", "train.num_images=2", "data.workers=1"]
 
@@ -254,22 +251,11 @@ def test_the_cityscapes_command_on_two_processes_resumes_bit_identical(cityscape
     assert set(states) == {"G", "D", "opt_G", "opt_D"}  # no EMA in the paper's run
 
     cmd = launch_cmd(2, [f"run.dir={b_dir}", "model.vgg_weight=0", *args], config="spade_cityscapes")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
-                            start_new_session=True)
-    wait_for_commit(b_dir, 2, proc)
-    for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
-        p.kill()
-    proc.communicate(timeout=60)
+    kill_job_at_commit(cmd, b_dir, 2)
     assert ckpt.latest(str(b_dir)).step < 6
     r = run(cmd)
     assert r.returncode == 0 and "resumed from" in r.stdout + r.stderr, explain(r)
-
-    def final(run_dir: Path) -> dict:
-        found = ckpt.latest(str(run_dir))
-        return {name: ckpt.load_tensors(f"{found.url}/{name}") for name in found.record["files"]
-                if name != "state.json"}
-
-    a, b = final(a_dir), final(b_dir)
+    a, b = committed_files(a_dir), committed_files(b_dir)
     assert_identical(a, b)
     assert a["rank-000.pt"]["fingerprints"] == a["rank-001.pt"]["fingerprints"]
 

@@ -82,6 +82,23 @@ def assert_identical(a, b, path="") -> None:
         assert a == b, f"{path}: {a} != {b}"
 
 
+def kill_job_at_commit(cmd: list[str], run_dir: Path, step: int) -> None:
+    """Start ``cmd``, wait for ``step``'s checkpoint commit, then SIGKILL the launcher and every
+    process under it, as an OOM killer or a node failure would."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+                            start_new_session=True)
+    wait_for_commit(run_dir, step, proc)
+    for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+        p.kill()
+    proc.communicate(timeout=60)
+
+
+def committed_files(run_dir: Path) -> dict:
+    """Every tensor file of the newest checkpoint, by name."""
+    found = ckpt.latest(str(run_dir))
+    return {name: ckpt.load_tensors(f"{found.url}/{name}") for name in found.record["files"] if name != "state.json"}
+
+
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
