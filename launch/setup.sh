@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) and install gan-pipeline with its test extras and DeepSpeed into it.
-# torch/torchvision are pinned in pyproject.toml; pip takes them from the local wheel cache
+# Exact versions from constraints.txt (torch/torchvision included); pip takes those from the local wheel cache
 # when the machine has one (PIP_FIND_LINKS / pip.conf), otherwise from PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."

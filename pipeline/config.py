@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # configs/ in a checkout (a link), in the wheel
 
 
 class ConfigError(ValueError):
@@ -292,13 +292,28 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def resolve_config_path(name: str) -> Path:
     path = Path(name)
-    if path.suffix in (".yaml", ".yml") and path.exists():
+    if path.suffix in (".yaml", ".yml", ".json") and path.exists():
         return path
     candidate = CONFIG_DIR / f"{name}.yaml"
     if candidate.exists():
         return candidate
     known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-    raise ConfigError(f"unknown config {name!r}; shipped configs: {', '.join(known)} (or give a .yaml path)")
+    raise ConfigError(f"unknown config {name!r}; shipped configs: {', '.join(known)} (or give a .yaml path, "
+                      "or a run's config.json)")
+
+
+def _read_saved(path: Path) -> dict:
+    """A config saved by a run (``to_dict``), less the credentials it never held."""
+    try:
+        tree = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not a JSON config: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections")
+    data = tree.get("data")
+    if isinstance(data, dict) and isinstance(data.get("storage_options"), dict):
+        data["storage_options"] = {k: v for k, v in data["storage_options"].items() if v != "<redacted>"}
+    return tree
 
 
 def _read_yaml(path: Path) -> dict:
@@ -337,8 +352,12 @@ def load_config(name: str | None, overrides: list[str] = ()) -> Config:
     config_name = "unnamed"
     if name:
         path = resolve_config_path(name)
-        items += list(_flatten(_read_yaml(path)).items())
-        config_name = path.stem
+        if path.suffix == ".json":  # a run's own config.json: everything resolved, its name inside
+            tree = _read_saved(path)
+            config_name = str(tree.pop("name", path.stem))
+        else:
+            tree, config_name = _read_yaml(path), path.stem
+        items += list(_flatten(tree).items())
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:

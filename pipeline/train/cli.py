@@ -63,7 +63,7 @@ def dry_run(cfg) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gan-train", description=__doc__)
-    p.add_argument("--config", required=True, help="a name in configs/ or a .yaml path")
+    p.add_argument("--config", required=True, help="a shipped config's name, a .yaml path, or a run's config.json")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and network sizes")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. train.total_kimg=5 run.dir=s3://b/run")
     args = p.parse_args(argv)
