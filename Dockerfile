@@ -21,10 +21,11 @@ RUN apt-get update \
 WORKDIR /opt/gan-pipeline
 COPY pyproject.toml README.md constraints.txt ./
 COPY pipeline ./pipeline
+# Before the install: pipeline/configs links to it, and the wheel carries the configs.
+COPY configs ./configs
 RUN pip install --no-cache-dir -c constraints.txt . \
  && pip install --no-cache-dir --no-build-isolation -c constraints.txt deepspeed
 COPY launch ./launch
-COPY configs ./configs
 
 RUN useradd --create-home --uid 1000 gan
 USER 1000:1000
