@@ -210,6 +210,18 @@ def test_a_kill_inside_a_checkpoint_write_loses_nothing(three_checkpoints, demo_
     assert_identical(ckpt.load_tensors(f"{snapshot}/G_ema.pt"), ckpt.load_tensors(f"{step_dir(run_dir, 6)}/G_ema.pt"))
 
 
+def test_credentials_given_on_the_command_line_reach_no_artifact(demo_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    secret = "SUPERSECRET-" + os.urandom(6).hex()
+    r = run(launch_cmd(1, [f"data.url={demo_shards}", f"run.dir={run_dir}", "train.total_kimg=0.004",
+                           "checkpoint.every_kimg=0.004", "data.workers=0", *SMALL,
+                           f'data.storage_options={{"secret": "{secret}"}}']))
+    assert r.returncode == 0, explain(r)
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert len(files) > 10 and not [p for p in files if secret.encode() in p.read_bytes()]
+    assert "data.storage_options=<redacted>" in json.loads((run_dir / "run.json").read_text())["command"]
+
+
 # ---------------------------------------------------------------- one job per run directory
 
 

@@ -22,6 +22,12 @@ def _is_first_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def redacted(arg: str) -> str:
+    """A command-line argument as run.json records it: storage options (credentials) left out."""
+    key, sep, _ = arg.partition("=")
+    return f"{key}=<redacted>" if sep and key.strip().endswith("storage_options") else arg
+
+
 def dry_run(cfg) -> int:
     import torch
 
@@ -89,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     from .loop import train
 
     try:
-        return train(cfg, command=shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]))
+        args_given = argv if argv is not None else sys.argv[1:]
+        return train(cfg, command=shlex.join([sys.argv[0], *map(redacted, args_given)]))
     except (ConfigError, ManifestError) as exc:  # found at start-up: the run cannot go on as configured
         print(f"gan-train: error: {exc}", file=sys.stderr, flush=True)
         os._exit(2)  # as below: DataLoader workers must not be joined
