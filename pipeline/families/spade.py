@@ -97,7 +97,7 @@ def build(cfg: Config, info: DataInfo) -> dict:
         size = cfg.data.crop_size or cfg.data.load_size
         if size is None:
             raise ConfigError("model.use_vae needs data.crop_size (or data.load_size): the VAE's latent grid "
-                              "is fixed by the training size, e.g. data.crop_size=[256,256]")
+                              "is fixed by the training size, e.g. data.crop_size=256,256")
         crop_w, aspect = size[0], size[0] / size[1]
     G = SPADEGenerator(semantic_nc, ngf=m.ngf, num_upsampling_layers=m.num_upsampling_layers, use_vae=m.use_vae,
                        z_dim=m.z_dim, crop_size=crop_w, aspect_ratio=aspect, hidden=m.spade_hidden, **g_norm)
