@@ -27,6 +27,7 @@ def train(shards: str, run_dir: Path, reuse: bool, args) -> None:
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", "spade_demo", f"data.url={shards}",
            f"run.dir={run_dir}", f"model.reuse_fake={str(reuse).lower()}", f"train.total_kimg={args.kimg}",
            f"checkpoint.every_kimg={args.every_kimg}", "checkpoint.keep_last=2", "train.progress=false",
+           f"run.seed={args.seed}",
            "train.image_every_kimg=0", "data.workers=0"]
     subprocess.run(cmd, check=True, timeout=7200)
 
@@ -74,6 +75,7 @@ def main(argv=None) -> int:
     p.add_argument("--inception-weights", default=None, help="default: a seeded untrained stand-in")
     p.add_argument("--kimg", type=float, default=0.5)
     p.add_argument("--every-kimg", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0, help="run.seed of both runs")
     p.add_argument("--out", default=None, help="keep the two runs here (default: a temporary directory)")
     args = p.parse_args(argv)
     work = Path(args.out or tempfile.mkdtemp(prefix="spade-reuse-"))
@@ -91,7 +93,7 @@ def main(argv=None) -> int:
         metrics = {int(f.stem.split("-")[1]): json.loads(f.read_text())["metrics"]
                    for f in sorted((run_dir / "eval").glob("step-*.json"))}
         curves[reuse] = (metrics, l1_curve(run_dir, args.shards))
-    print(f"\nspade_demo, {args.kimg} kimg, snapshots every {args.every_kimg} kimg ({work})")
+    print(f"\nspade_demo, seed {args.seed}, {args.kimg} kimg, snapshots every {args.every_kimg} kimg ({work})")
     heads = [("step", 6), ("FID reuse", 10), ("FID official", 13), ("ratio", 6), ("L1 reuse", 9),
              ("L1 official", 12), ("ratio", 6)]
     print(" ".join(f"{h:>{w}}" for h, w in heads))
