@@ -41,6 +41,10 @@ for _ in $(seq 1 600); do
   [ -f "$RUN/eval/FINISHED.json" ] && break
   sleep 2
 done
-[ -f "$RUN/eval/metrics.jsonl" ] && cat "$RUN/eval/metrics.jsonl"
+NOTE="FID/KID from the InceptionV3 weights at $INCEPTION"
+case "$INCEPTION" in *standin*) NOTE="FID/KID from the UNTRAINED stand-in Inception: comparable between these snapshots only, not with published FIDs";; esac
+echo
+$PY -m pipeline.eval.summary "$RUN" --note "$NOTE"
+echo
 echo "TensorBoard (losses, image grids, Metrics/*): .venv/bin/tensorboard --logdir $RUN --host 127.0.0.1"
 echo "checkpoints: $RUN/checkpoints   snapshots (G_ema, G): $RUN/snapshots   evaluation: $RUN/eval"

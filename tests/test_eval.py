@@ -306,3 +306,20 @@ def test_trains_and_evaluates_a_run_on_s3(s3_server, demo_shards, inception):
     lines = io.read_bytes(f"{url}/eval/metrics.jsonl").decode().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [2, 4]
     assert any(name.endswith(".eval") for name in io.list_fresh(f"{url}/tensorboard"))
+
+
+def test_the_summary_is_a_table_of_every_snapshot_and_the_best(trained_run, inception, tmp_path):
+    from pipeline.eval.summary import summary
+
+    run_dir = copy_run(trained_run, tmp_path / "run")
+    assert summary(str(run_dir)) == f"no evaluation results yet in {run_dir}/eval"
+    r = evaluate(run_dir, "--once", "--inception-weights", inception, *FAST_EVAL)
+    assert r.returncode == 0, explain(r)
+    lines = summary(str(run_dir)).splitlines()
+    assert lines[0].split() == ["step", "kimg", "fid", "kid", "kid_std", "psnr", "ssim"]
+    rows = [line.split() for line in lines[1:3]]
+    assert [(row[0], row[1]) for row in rows] == [("2", "0.008"), ("4", "0.016")]
+    fids = [result(run_dir, s)["metrics"]["fid"] for s in (2, 4)]
+    assert [float(row[2]) for row in rows] == pytest.approx(fids, rel=1e-3)
+    best = min((2, 4), key=lambda s: result(run_dir, s)["metrics"]["fid"])
+    assert lines[3].startswith("best fid: ") and f"at step {best} " in lines[3]
