@@ -35,7 +35,6 @@ from pipeline.models.spade import (
     SPADE,
     ConvEncoder,
     SPADEGenerator,
-    SPADEResBlock,
     parse_plain_norm,
     parse_spade_norm,
     spade_discriminator,
@@ -135,14 +134,19 @@ def test_spade_normalises_without_parameters_then_modulates_per_class(norm):
     torch.testing.assert_close(layer(x, seg), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_a_block_with_its_convs_merged_equals_the_official_formulation():
+def test_the_map_resized_once_per_resolution_gives_the_official_per_layer_result():
+    """The generator resizes the map once per resolution; the official code resizes it in every
+    SPADE layer. Blocks given the full-size map (resized inside, as officially) agree."""
     torch.manual_seed(1)
-    block = SPADEResBlock(6, 4, 5, hidden=8, param_free_norm="instance").eval()  # no power iteration per call
-    x, seg = torch.randn(2, 6, 8, 8), torch.randn(2, 5, 16, 16).softmax(1)
-    lrelu = lambda t: F.leaky_relu(t, 0.2)  # noqa: E731
-    expected = block.conv_s(block.norm_s(x, seg)) + block.conv_1(lrelu(block.norm_1(
-        block.conv_0(lrelu(block.norm_0(x, seg))), seg)))
-    torch.testing.assert_close(block(x, seg), expected, atol=1e-5, rtol=1e-5)
+    G = SPADEGenerator(5, ngf=2, hidden=4, num_upsampling_layers="more").eval()  # no power iteration per call
+    seg = F.one_hot(torch.randint(0, 5, (2, 64, 128)), 5).permute(0, 3, 1, 2).float()
+    up = G.upsample
+    x = G.fc(F.interpolate(seg, size=(1, 2)))
+    x = G.G_middle_0(up(G.head_0(x, seg)), seg)
+    x = G.G_middle_1(up(x), seg)
+    for block in (G.up_0, G.up_1, G.up_2, G.up_3):
+        x = block(up(x), seg)
+    torch.testing.assert_close(G(seg), torch.tanh(G.conv_img(F.leaky_relu(x, 0.2))), atol=0, rtol=0)
 
 
 # --------------------------------------------------------------------------- losses
@@ -211,7 +215,7 @@ def test_without_reuse_d_scores_a_fake_of_the_updated_g():
     cfg = _tiny_cfg(reuse_fake="false")
     info = DataInfo("label2image", 5, ("label", "image"))
     nets = family.build(cfg, info)
-    b = {"input": torch.randn(1, 6, 32, 32).softmax(1), "image": torch.zeros(1, 3, 32, 32)}
+    b = {"input": torch.randn(1, 6, 64, 64).softmax(1), "image": torch.zeros(1, 3, 64, 64)}
     ctx = StepContext(nets=nets, plain=nets, cfg=cfg, info=info)
     scratch: dict = {}
     family.g_step(ctx, b, scratch)
