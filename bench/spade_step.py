@@ -18,7 +18,7 @@ norm, num_D 2, n_layers_D 4, spectralinstance D, hinge, feature matching 10, no 
 - ``ours fp32``: ``loop.run_iteration`` over the spade family's ``phases(cfg)``, with its
   ``optimizers(cfg)`` as ``dist.DDPEngine`` engines made as ``loop.train`` makes them (world size
   1), ``prepare`` as the fetch, the loop's agreement, a ``stats.Monitor`` that writes nothing;
-  ``model.reuse_fake`` on (the default). Not included: EMA (the official code has none),
+  ``model.reuse_fake`` on. Not included: EMA (the official code has none),
   ``monitor.step``, checkpoints, data loading. ``ours fp32 no-reuse``: ``model.reuse_fake=false``
   (D scores a fake made again by the updated G, as the official code). ``ours bf16``: ``ours fp32``
   under CPU bf16 autocast; without native bf16 its convolutions are orders of magnitude slower, so it

@@ -181,7 +181,7 @@ def test_d_gradient_equals_the_official_formulation_and_g_leaves_d_untouched():
     batch, D_Fake + D_real); G's phase gives D no gradient. D in eval mode: spectral norm's power
     iteration (one per call) is left out of the comparison."""
     torch.manual_seed(0)
-    cfg = _tiny_cfg()
+    cfg = _tiny_cfg(reuse_fake="true")
     info = DataInfo("label2image", 5, ("label", "instance", "image"))
     nets = family.build(cfg, info)
     D = nets["D"].eval()
