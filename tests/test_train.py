@@ -194,7 +194,9 @@ def workers_of(proc: subprocess.Popen) -> list[psutil.Process]:
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+# SIGKILL of a whole 2-process job is resumed bit for bit in the CycleGAN and SPADE tests and the
+# launcher-only kill in test_faults; here the preemption path, with 2 loader workers per rank.
+@pytest.mark.parametrize("how", ["SIGTERM"])
 def test_interrupted_run_resumes_bit_identical(demo_shards, tmp_path, how):
     args = [f"data.url={demo_shards}", "train.total_kimg=0.096", "checkpoint.every_kimg=0.024",
             "checkpoint.keep_last=2", "data.workers=2", *SMALL]
