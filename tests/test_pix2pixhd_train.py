@@ -131,26 +131,31 @@ def fresh_G(config: str, overrides: list[str], shards: str) -> dict:
     return get_family(cfg.model.family).build(cfg, DataInfo(m.task, m.num_classes, tuple(m.fields)))["G"].state_dict()
 
 
-def l1_to_targets(run_dir: Path, demo_shards: str, state: dict) -> float:
-    """Mean |G(label) - photo| over the validation split, G from ``state``."""
+def l1_to_targets(config: str, demo_shards: str, state: dict) -> float:
+    """Mean |G(label) - photo| over the validation split of the demo shards, as the evaluator
+    feeds it (the config's resize and centred crop), G of ``config``'s family from ``state``."""
     from pipeline.config import load_config
     from pipeline.data.manifest import load_manifest
     from pipeline.data.stream import make_stream
+    from pipeline.data.transforms import Augment
     from pipeline.families import get_family
     from pipeline.train.family import DataInfo
 
-    cfg = load_config("pix2pixhd_demo", [f"data.url={demo_shards}"])
-    family = get_family("pix2pixhd")
+    cfg = load_config(config, [f"data.url={demo_shards}"])
+    family = get_family(cfg.model.family)
     m = load_manifest(demo_shards)
     info = DataInfo(m.task, m.num_classes, tuple(m.fields))
     G = family.build(cfg, info)["G"]
     G.load_state_dict(state)
     G.eval()
+    generate = family.evaluations(cfg, info, "val")[0].generate
     losses = []
-    for sample in make_stream(demo_shards, "val", train=False, fields=family.streams(cfg, info, "val")[0].fields):
+    stream = make_stream(demo_shards, "val", train=False, fields=family.streams(cfg, info, "val")[0].fields,
+                         augment=Augment(cfg.data.load_size, cfg.data.crop_size, False))
+    for sample in stream:
         b = family.prepare({"data": torch.utils.data.default_collate([sample])}, torch.device("cpu"), cfg, info)
         with torch.no_grad():
-            losses.append((G(b["input"], b["image"], b["instance"]) - b["image"]).abs().mean().item())
+            losses.append((generate({"G": G}, b) - b["image"]).abs().mean().item())
     return float(np.mean(losses))
 
 
@@ -161,7 +166,7 @@ def test_the_demo_config_learns(demo_shards, tmp_path):
                            "train.image_every_kimg=0"], config="pix2pixhd_demo"), timeout=400)
     assert r.returncode == 0, explain(r)
     init = fresh_G("pix2pixhd_demo", [f"data.url={demo_shards}"], demo_shards)
-    before = l1_to_targets(run_dir, demo_shards, init)
-    after = l1_to_targets(run_dir, demo_shards, final_states(run_dir)["G_ema"])
+    before = l1_to_targets("pix2pixhd_demo", demo_shards, init)
+    after = l1_to_targets("pix2pixhd_demo", demo_shards, final_states(run_dir)["G_ema"])
     assert after < 0.7 * before, (before, after)
 

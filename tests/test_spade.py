@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_pix2pixhd_train import fresh_G
+from test_pix2pixhd_train import fresh_G, l1_to_targets
 from test_sources import ade_tree
 from test_train import (
     assert_identical,
@@ -301,28 +301,6 @@ def test_the_ade20k_command_runs_on_two_processes(ade20k_shards, vgg_weights, tm
 # --------------------------------------------------------------------------- the demo learns
 
 
-def l1_to_targets(demo_shards: str, overrides: list[str], state: dict) -> float:
-    """Mean |G(label) - photo| over the validation split, G from ``state``, in eval mode."""
-    from pipeline.data.manifest import load_manifest
-    from pipeline.data.stream import make_stream
-    from pipeline.data.transforms import Augment
-
-    cfg = load_config("spade_demo", [f"data.url={demo_shards}", *overrides])
-    m = load_manifest(demo_shards)
-    info = DataInfo(m.task, m.num_classes, tuple(m.fields))
-    G = family.build(cfg, info)["G"]
-    G.load_state_dict(state)
-    G.eval()
-    losses = []
-    stream = make_stream(demo_shards, "val", train=False, fields=family.streams(cfg, info, "val")[0].fields,
-                         augment=Augment(cfg.data.load_size, cfg.data.crop_size, False))
-    for sample in stream:
-        b = family.prepare({"data": torch.utils.data.default_collate([sample])}, torch.device("cpu"), cfg, info)
-        with torch.no_grad():
-            losses.append((family.generate({"G": G}, b) - b["image"]).abs().mean().item())
-    return float(np.mean(losses))
-
-
 def mean_colour_l1(demo_shards: str) -> float:
     """The best constant image per sample, its own mean colour: what G must beat to use the map."""
     from pipeline.data.stream import make_stream
@@ -342,8 +320,8 @@ def test_the_demo_config_learns(demo_shards, tmp_path):
             "train.image_every_kimg=0"]
     r = run(launch_cmd(1, [f"data.url={demo_shards}", f"run.dir={run_dir}", *over], config="spade_demo"), timeout=400)
     assert r.returncode == 0, explain(r)
-    before = l1_to_targets(demo_shards, [], fresh_G("spade_demo", [f"data.url={demo_shards}"], demo_shards))
-    after = l1_to_targets(demo_shards, [], final_states(run_dir)["G_ema"])
+    before = l1_to_targets("spade_demo", demo_shards, fresh_G("spade_demo", [f"data.url={demo_shards}"], demo_shards))
+    after = l1_to_targets("spade_demo", demo_shards, final_states(run_dir)["G_ema"])
     baseline = mean_colour_l1(demo_shards)
     assert after < 0.8 * before and after < 0.95 * baseline, (before, after, baseline)
 
