@@ -5,10 +5,10 @@ optimizers, phases, streams, preparation, evaluation and grid), declared against
 from __future__ import annotations
 
 from ..train.family import Family
-from . import cyclegan, dcgan, pix2pix, pix2pixhd, spade
+from . import cyclegan, dcgan, pix2pix, pix2pixhd, spade, stylegan2
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (pix2pix.FAMILY, pix2pixhd.FAMILY, dcgan.FAMILY, cyclegan.FAMILY,
-                                                spade.FAMILY)}
+                                                spade.FAMILY, stylegan2.FAMILY)}
 
 
 def get_family(name: str) -> Family:

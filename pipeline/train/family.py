@@ -72,7 +72,8 @@ StepFn = Callable[["StepContext", dict, dict], dict[str, torch.Tensor]]
 class Phase:
     """One optimizer step (or several, ``repeats``) per iteration, every ``every`` iterations.
 
-    ``fn(ctx, batch, scratch)`` returns its losses by name, the total under ``"loss"``. The
+    ``fn(ctx, batch, scratch)`` returns its losses by name, the total under ``"loss"`` (logged
+    as ``Loss/<name>``; a name under ``Progress/`` is logged as it is: ADA's p). The
     networks of the optimizers in ``steps``, and those in ``trainable``, are trainable during the
     phase; every other network is frozen (``requires_grad_(False)``), so no gradient reaches it
     (D in G's phase). ``trainable`` is for a forward whose graph a later phase uses: pix2pix's D
@@ -154,6 +155,9 @@ class Family:
     visualize: Callable[[dict[str, nn.Module], dict, DataInfo], list[torch.Tensor]]
     # Load ``model.init_from``: ``load(name)`` is that network's saved state dict, or None.
     init_from: Callable[[dict[str, nn.Module], Callable[[str], dict | None]], None] | None = None
+    # ``init_source(url, storage_options)``: ``load`` for a ``model.init_from`` URL in another
+    # project's format that this family reads (StyleGAN2's official pickles), else None.
+    init_source: Callable[[str, dict | None], Callable[[str], dict | None] | None] | None = None
 
     def network(self, name: str) -> Network:
         return next(n for n in self.networks if n.name == name)

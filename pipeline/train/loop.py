@@ -223,9 +223,12 @@ def train(cfg: Config, command: str = "") -> int:
             dist.main_print(f"resuming with changed settings: {'; '.join(accepted)}")
     if not candidates and cfg.model.init_from:
         # Before the engines exist: DeepSpeed copies the weights into its fp32 master partitions.
-        source = ckpt.resolve_init(cfg.model.init_from, so)
-        names = ckpt.verify(source, so)["files"]
-        load = lambda name: ckpt.load_tensors(io.join(source, f"{name}.pt"), so) if f"{name}.pt" in names else None
+        load = family.init_source(cfg.model.init_from, so) if family.init_source else None
+        source = f"read by the {family.name} family"
+        if load is None:
+            source = ckpt.resolve_init(cfg.model.init_from, so)
+            names = ckpt.verify(source, so)["files"]
+            load = lambda name: ckpt.load_tensors(io.join(source, f"{name}.pt"), so) if f"{name}.pt" in names else None
         (family.init_from or default_init_from)(nets, load)
         dist.main_print(f"initialised from {cfg.model.init_from} ({source})")
 

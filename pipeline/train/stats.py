@@ -156,8 +156,9 @@ class Monitor:
         step = {f"Grad/{phase}_norm": grad_norm.detach().float()}
         for out in losses:
             for name, value in out.items():
-                if name != "loss":
-                    step[f"Loss/{name}"] = step.get(f"Loss/{name}", 0) + value.detach().float() / len(losses)
+                if name != "loss":  # a name under Progress/ is a tag of its own (ADA's p)
+                    tag = name if name.startswith("Progress/") else f"Loss/{name}"
+                    step[tag] = step.get(tag, 0) + value.detach().float() / len(losses)
         for key, value in step.items():
             self.sums[key] = self.sums.get(key, 0) + value
             self.counts[key] = self.counts.get(key, 0) + 1
@@ -205,7 +206,7 @@ class Monitor:
         self.counts.clear()
         w.flush()
         if self.bar is not None:
-            shown = {k.split("/")[1]: f"{v:.3g}" for k, v in per_phase.items() if k.startswith("Loss/")}
+            shown = {k[len("Loss/"):]: f"{v:.3g}" for k, v in per_phase.items() if k.startswith("Loss/")}
             self.bar.set_postfix(shown, refresh=False)
 
     def _log_images(self, nimg: int, nets: dict) -> None:
