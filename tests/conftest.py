@@ -180,3 +180,14 @@ def cityscapes_shards(tmp_path_factory) -> str:
                         "--samples-per-shard", "2", "--quiet"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     return str(out)
+
+
+# ----------------------------------------------------------------------------- parallel runs (pytest-xdist)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under ``-n 2 --dist loadgroup`` every SLURM test runs on one worker, in order: they share
+    one session-scoped cluster on loopback, which a second worker would start again beside it."""
+    for item in items:
+        if item.get_closest_marker("slurm") is not None:
+            item.add_marker(pytest.mark.xdist_group("slurm"))
