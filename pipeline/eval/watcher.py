@@ -10,6 +10,7 @@ extraction; features are gathered and ordered by sample, so numbers do not depen
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -202,7 +203,8 @@ class Evaluator:
         if ev.inputs is not None:
             for index, batch in self._batches(cfg, ev.inputs.split, ev.inputs.fields):
                 b = family.prepare({ev.inputs.name: batch}, self.device, cfg, info)
-                fake = ev.generate(nets, b).float().clamp(-1, 1)
+                with seeded(self.opts.seed, int(index[0]), self.device):
+                    fake = ev.generate(nets, b).float().clamp(-1, 1)
                 gen.append((index, self.inception(metrics.to_uint8(fake))))
                 if ev.paired:
                     # The loader's uint8 photo: what to_uint8 of the prepared [-1, 1] image gives
@@ -220,7 +222,8 @@ class Evaluator:
             lo, hi = rank * n // world, (rank + 1) * n // world
             for start in range(lo, hi, self.opts.batch_size):
                 zb = z[start:min(hi, start + self.opts.batch_size)].to(self.device)
-                fake = ev.generate(nets, {"z": zb}).float().clamp(-1, 1)
+                with seeded(self.opts.seed, start, self.device):
+                    fake = ev.generate(nets, {"z": zb}).float().clamp(-1, 1)
                 gen.append((torch.arange(start, start + len(zb)), self.inception(metrics.to_uint8(fake))))
                 grid = grid or [fake]
         if not ev.paired:
@@ -309,6 +312,17 @@ class Evaluator:
         if better:
             io.atomic_write_json(url, {"metric": name, "value": value, "step": result["step"], "kimg": result["kimg"],
                                        "snapshot": result["snapshot"]}, so)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, first: int, device: torch.device):
+    """The torch RNG seeded by ``(eval.seed, index of the batch's first sample)`` for one batch's
+    generation and restored after: a generator that draws randomness (StyleGAN2's per-pixel
+    noise, SPADE's VAE style) gives the same images at every evaluation of the same snapshot,
+    and ``gan-generate --dump-eval`` the same images as a single evaluator process."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed * 1_000_003 + first)
+        yield
 
 
 def evaluations_for(family, cfg: Config, info: DataInfo, manifest) -> tuple[Evaluation, ...]:

@@ -1,0 +1,246 @@
+"""Images out of a trained model: load a run's snapshot (latest, best or a given step; any fsspec
+URL) and generate from seeds (unconditional families) or translate a split of shards
+(conditional families), as PNG files or one grid; ``--dump-eval`` writes exactly the images the
+evaluator scores, so anyone can recompute our FID with ``fidelity``. ``gan-generate`` is the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import io
+from .config import Config, from_dict
+from .eval.watcher import seeded
+from .train.family import DataInfo, Evaluation, Family
+
+
+@dataclass
+class Snapshot:
+    """What a snapshot holds, loaded: its networks (EMA copies in place, eval mode), the run's
+    resolved config, family and data description, and where it came from."""
+
+    nets: dict[str, nn.Module]
+    cfg: Config
+    family: Family
+    info: DataInfo
+    url: str
+    step: int
+
+    def evaluations(self, split: str | None = None) -> tuple[Evaluation, ...]:
+        return self.family.evaluations(self.cfg, self.info, split or self.cfg.data.val_split)
+
+
+def resolve_snapshot(url: str, step: int | None = None, best: bool = False,
+                     storage_options: dict | None = None) -> str:
+    """The snapshot directory ``url`` names: itself, or in a run directory the newest committed
+    snapshot, the one of ``step``, or the evaluator's best."""
+    from .train import checkpoint as ckpt
+
+    so = storage_options
+    if io.exists(io.join(url, ckpt.COMMIT), so):
+        return url
+    if best:
+        record = io.join(url, ckpt.EVAL_DIR, "best.json")
+        if not io.exists(record, so):
+            raise FileNotFoundError(f"{url} has no {ckpt.EVAL_DIR}/best.json: no snapshot was evaluated yet; "
+                                    f"run launch/evaluate.py --run {url}, or leave out --best")
+        return io.read_json(record, so)["snapshot"]
+    if step is not None:
+        return ckpt.step_url(url, ckpt.SNAPSHOTS, step)
+    found = ckpt.latest(url, ckpt.SNAPSHOTS, so)
+    if found is None:
+        raise FileNotFoundError(f"{url} holds no committed snapshot (snapshots/step-*/ with a commit record): "
+                                f"is it a run directory (run.dir) of a run that reached checkpoint.every_kimg?")
+    return found.url
+
+
+def load_snapshot(url: str, step: int | None = None, best: bool = False, storage_options: dict | None = None,
+                  device: str | torch.device = "cpu") -> Snapshot:
+    """A run's (or a snapshot directory's) snapshot, verified and loaded; see ``resolve_snapshot``."""
+    from .data.manifest import load_manifest
+    from .families import get_family
+    from .train import checkpoint as ckpt
+
+    so = storage_options
+    url = resolve_snapshot(url, step, best, so)
+    record = ckpt.verify(url, so)
+    cfg = from_dict(record["config"])
+    family = get_family(cfg.model.family)
+    manifest = load_manifest(cfg.data.url, cfg.data.storage_options or so)
+    info = DataInfo(manifest.task, manifest.num_classes, tuple(manifest.fields))
+    built = family.build(cfg, info)
+    nets = {}
+    for name, file in ckpt.snapshot_networks(record).items():
+        built[name].load_state_dict(ckpt.load_tensors(io.join(url, file), so))
+        nets[name] = built[name].eval().requires_grad_(False).to(device)
+    return Snapshot(nets, cfg, family, info, url, record["step"])
+
+
+def load_generator(url: str, step: int | None = None, network: str | None = None,
+                   **kwargs) -> tuple[nn.Module, Snapshot]:
+    """``(G, snapshot)``: the snapshot's generator (``network``, default ``G``; CycleGAN has
+    ``G_A`` and ``G_B``) in eval mode, and everything else the snapshot holds."""
+    snap = load_snapshot(url, step, **kwargs)
+    name = network or ("G" if "G" in snap.nets else next(iter(snap.nets)))
+    if name not in snap.nets:
+        raise KeyError(f"the snapshot has no network {name!r}; it has {', '.join(snap.nets)}")
+    return snap.nets[name], snap
+
+
+@torch.no_grad()
+def from_latents(snap: Snapshot, z: torch.Tensor, truncation_psi: float = 1.0) -> torch.Tensor:
+    """Images ``[N, 3, H, W]`` in [-1, 1] from latents ``[N, z_dim]``, as the evaluator makes them
+    (ψ = 1) or truncated toward the mean w (families with ``model.truncation_psi``)."""
+    ev = _unconditional(snap)
+    z = z.to(_device(snap))
+    if truncation_psi != 1.0:
+        if not hasattr(snap.cfg.model, "truncation_psi"):
+            raise ValueError(f"--truncation: the {snap.family.name} family has no truncation (StyleGAN2 has)")
+        return snap.nets["G"](z, z.new_zeros(len(z), 0), truncation_psi=truncation_psi).float().clamp(-1, 1)
+    return ev.generate(snap.nets, {"z": z}).float().clamp(-1, 1)
+
+
+def from_seeds(snap: Snapshot, seeds: list[int], truncation_psi: float = 1.0) -> torch.Tensor:
+    """One image per seed: its latent and every other draw of the generator (StyleGAN2's noise)
+    from the torch RNG seeded with it, so the same seed gives the same image, alone or in a list."""
+    _unconditional(snap)
+    out = []
+    for seed in seeds:
+        with torch.random.fork_rng(devices=[_device(snap)] if _device(snap).type == "cuda" else []):
+            torch.manual_seed(seed)
+            out.append(from_latents(snap, torch.randn(1, snap.cfg.model.z_dim), truncation_psi))
+    return torch.cat(out)
+
+
+def _device(snap: Snapshot) -> torch.device:
+    return next(next(iter(snap.nets.values())).parameters()).device
+
+
+def _unconditional(snap: Snapshot) -> Evaluation:
+    evs = [ev for ev in snap.evaluations(snap.cfg.data.split) if ev.inputs is None]
+    if not evs:
+        raise ValueError(f"the {snap.family.name} family translates inputs: give --split (a split of its shards), "
+                         f"not --seeds/--count")
+    return evs[0]
+
+
+@torch.no_grad()
+def translate(snap: Snapshot, split: str, max_samples: int | None = None, batch_size: int = 8,
+              samples_per_input: int = 1, seed: int | None = None) -> Iterator[tuple[str, int, int, torch.Tensor]]:
+    """``(evaluation name, sample index, draw, image [3, H, W])`` for each input of ``split`` (the
+    shards the run trained on; resized and centre-cropped as the evaluator does), each evaluation
+    of the family (CycleGAN: AtoB and BtoA), ``samples_per_input`` draws each (multimodal
+    families draw their style anew per call). ``seed``: each batch's draws as the evaluator
+    seeds them (``eval.seed``, one draw per input)."""
+    from .data.stream import make_stream
+    from .data.transforms import Augment
+
+    cfg, device = snap.cfg, _device(snap)
+    evs = [ev for ev in snap.evaluations(split) if ev.inputs is not None]
+    if not evs:
+        raise ValueError(f"the {snap.family.name} family generates from latents: give --seeds or --count, not --split")
+    for ev in evs:
+        stream = make_stream(cfg.data.url, ev.inputs.split, train=False, fields=ev.inputs.fields,
+                             augment=Augment(cfg.data.load_size, cfg.data.crop_size, False),
+                             storage_options=cfg.data.storage_options or None, batch_size=batch_size)
+        index = 0
+        for batch in stream:
+            if max_samples is not None and index >= max_samples:
+                break
+            b = snap.family.prepare({ev.inputs.name: batch}, device, cfg, snap.info)
+            for draw in range(samples_per_input):
+                with seeded(seed, index, device) if seed is not None else contextlib.nullcontext():
+                    fakes = ev.generate(snap.nets, b).float().clamp(-1, 1)
+                for i, fake in enumerate(fakes):
+                    if max_samples is None or index + i < max_samples:
+                        yield ev.name, index + i, draw, fake.cpu()
+            index += len(next(v for v in batch.values() if torch.is_tensor(v)))
+
+
+def save_png(image: torch.Tensor, path: Path) -> None:
+    """One [3, H, W] image in [-1, 1], quantised as the evaluator's features see it."""
+    from PIL import Image
+
+    from .eval.metrics import to_uint8
+
+    Image.fromarray(to_uint8(image[None])[0].permute(1, 2, 0).numpy()).save(path)
+
+
+def _seeds(text: str) -> list[int]:
+    """``0-7,12`` -> [0, 1, ..., 7, 12]."""
+    out = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="gan-generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, help="run directory or snapshot directory (any fsspec URL)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, help="the snapshot of this step (default: the newest)")
+    which.add_argument("--best", action="store_true", help="the evaluator's best snapshot (eval/best.json)")
+    p.add_argument("--out", required=True, help="output directory for the PNGs")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--seeds", type=_seeds, help="unconditional: one image per seed, e.g. 0-15")
+    what.add_argument("--count", type=int, help="unconditional: images from seeds 0..count-1")
+    what.add_argument("--split", help="conditional: translate this split of the run's shards")
+    what.add_argument("--dump-eval", action="store_true",
+                      help="exactly the images the evaluator scores (its latents or its split and sample cap)")
+    p.add_argument("--max-samples", type=int, help="conditional: at most this many inputs")
+    p.add_argument("--samples-per-input", type=int, default=1, help="multimodal families: draws per input")
+    p.add_argument("--truncation", type=float, default=1.0, help="StyleGAN2: truncation psi (metrics use 1)")
+    p.add_argument("--grid", action="store_true", help="one grid.png instead of one PNG per image")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    try:
+        return _generate(a)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        print(f"gan-generate: {exc}", file=sys.stderr)
+        return 2
+
+
+def _generate(a: argparse.Namespace) -> int:
+    import torchvision
+
+    snap = load_snapshot(a.run, a.step, a.best, device=a.device)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    images: list[tuple[str, torch.Tensor]] = []
+    unconditional = any(ev.inputs is None for ev in snap.evaluations(snap.cfg.data.split))
+    if a.dump_eval and unconditional:  # the evaluator's fixed latents, eval.seed, eval.num_samples
+        n, e = snap.cfg.eval.num_samples, snap.cfg.eval
+        z = torch.randn(n, snap.cfg.model.z_dim, generator=torch.Generator().manual_seed(e.seed))
+        for start in range(0, n, e.batch_size):
+            with seeded(e.seed, start, _device(snap)):
+                batch = from_latents(snap, z[start:start + e.batch_size]).cpu()
+            images += [(f"{start + i:06d}", img) for i, img in enumerate(batch)]
+    elif a.dump_eval or a.split:
+        split = a.split or snap.cfg.data.val_split
+        cap = a.max_samples if a.split else snap.cfg.eval.max_samples
+        for name, index, draw, img in translate(snap, split, cap, snap.cfg.eval.batch_size, a.samples_per_input,
+                                                seed=snap.cfg.eval.seed if a.dump_eval else None):
+            images.append((f"{name + '_' if name else ''}{index:06d}{f'_{draw}' if a.samples_per_input > 1 else ''}",
+                           img))
+    else:
+        seeds = a.seeds if a.seeds is not None else list(range(a.count or 8))
+        for seed, img in zip(seeds, from_seeds(snap, seeds, a.truncation).cpu()):
+            images.append((f"seed{seed:04d}", img))
+    if a.grid:
+        grid = torchvision.utils.make_grid(torch.stack([img for _, img in images]), nrow=8, value_range=(-1, 1),
+                                           normalize=True)
+        save_png(grid * 2 - 1, out / "grid.png")
+    else:
+        for name, img in images:
+            save_png(img, out / f"{name}.png")
+    print(f"{len(images)} images from {snap.url} (step {snap.step}) in {out}")
+    return 0

@@ -1,0 +1,120 @@
+"""``gan-generate`` and ``pipeline.load_generator`` on runs trained in the test: images from seeds
+(the same seed, the same image), truncation, grids, translations of a split, ``--dump-eval``
+giving exactly the images the evaluator scores, and one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_stylegan2 import TINY
+from test_train import SMALL, explain, launch_cmd, run
+
+import pipeline
+
+GENERATE = str(Path(__file__).resolve().parent.parent / "launch" / "generate.py")
+
+
+def generate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, GENERATE, *args], capture_output=True, text=True, timeout=120)
+
+
+def pngs(folder: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.array(Image.open(p)) for p in sorted(folder.glob("*.png"))}
+
+
+@pytest.fixture(scope="module")
+def stylegan2_run(demo_shards, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("sg2") / "run"
+    r = run(launch_cmd(1, [f"data.url={demo_shards}", f"run.dir={run_dir}", *TINY, "train.total_kimg=0.008",
+                           "checkpoint.every_kimg=0.008", "eval.num_samples=6", "eval.batch_size=4"],
+                       config="stylegan2_demo"))
+    assert r.returncode == 0, explain(r)
+    return run_dir
+
+
+def test_seeds_give_the_same_images_every_time_and_the_api_gives_the_same_generator(stylegan2_run, tmp_path):
+    r = generate("--run", str(stylegan2_run), "--out", str(tmp_path / "a"), "--seeds", "3-5,9")
+    assert r.returncode == 0, explain(r)
+    a = pngs(tmp_path / "a")
+    assert list(a) == ["seed0003.png", "seed0004.png", "seed0005.png", "seed0009.png"]
+    assert a["seed0003.png"].shape == (32, 32, 3)
+    assert generate("--run", str(stylegan2_run), "--out", str(tmp_path / "b"), "--seeds", "9").returncode == 0
+    assert np.array_equal(pngs(tmp_path / "b")["seed0009.png"], a["seed0009.png"])  # alone or in a list
+    assert not np.array_equal(a["seed0003.png"], a["seed0004.png"])
+
+    G, snap = pipeline.load_generator(str(stylegan2_run))
+    assert snap.family.name == "stylegan2" and snap.step == 2 and not G.training
+    from pipeline.eval.metrics import to_uint8
+    from pipeline.generate import from_seeds
+
+    img = to_uint8(from_seeds(snap, [9]))[0].permute(1, 2, 0).numpy()
+    assert np.array_equal(img, a["seed0009.png"])
+    with torch.no_grad():
+        torch.manual_seed(9)
+        z = torch.randn(1, snap.cfg.model.z_dim)
+        direct = to_uint8(G(z, z.new_zeros(1, 0)).clamp(-1, 1))[0].permute(1, 2, 0).numpy()
+    assert np.array_equal(direct, a["seed0009.png"])  # the API's G is the snapshot's G_ema
+
+    r = generate("--run", str(stylegan2_run), "--out", str(tmp_path / "g"), "--count", "10", "--grid",
+                 "--truncation", "0.5")
+    assert r.returncode == 0, explain(r)
+    grid = pngs(tmp_path / "g")["grid.png"]
+    assert grid.shape == (2 + 2 * (32 + 2), 2 + 8 * (32 + 2), 3)  # 8 per row, 2 rows, 2-pixel padding
+
+
+def test_dump_eval_writes_exactly_the_images_the_evaluator_scores(stylegan2_run, tmp_path):
+    from inception_weights import write_random_inception_weights
+
+    from pipeline.eval.metrics import InceptionFeatures
+    from pipeline.eval.watcher import EvalOptions, Evaluator, evaluations_for
+
+    r = generate("--run", str(stylegan2_run), "--out", str(tmp_path / "dump"), "--dump-eval")
+    assert r.returncode == 0, explain(r)
+    dumped = pngs(tmp_path / "dump")
+    assert len(dumped) == 6  # eval.num_samples
+    weights = write_random_inception_weights(tmp_path / "inception.pth")
+    snap = pipeline.load_snapshot(str(stylegan2_run))
+    ev = Evaluator(EvalOptions.from_config(str(stylegan2_run), snap.cfg, inception_weights=str(weights)))
+    (evaluation,) = evaluations_for(snap.family, snap.cfg, snap.info, _manifest(snap))
+    gen, _, _, _ = ev._run(snap.cfg, snap.family, snap.info, snap.nets, evaluation)
+    theirs = torch.cat([f for _, f in sorted(gen, key=lambda t: int(t[0][0]))])
+    images = torch.stack([torch.from_numpy(a).permute(2, 0, 1) for a in dumped.values()])
+    ours = InceptionFeatures(str(weights), torch.device("cpu"))(images)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def _manifest(snap):
+    from pipeline.data.manifest import load_manifest
+
+    return load_manifest(snap.cfg.data.url)
+
+
+def test_a_conditional_run_translates_a_split_and_refuses_seeds(demo_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    r = run(launch_cmd(1, [f"data.url={demo_shards}", f"run.dir={run_dir}", *SMALL, "train.total_kimg=0.008",
+                           "checkpoint.every_kimg=0.008", "data.workers=0", "eval.max_samples=5"]))
+    assert r.returncode == 0, explain(r)
+    r = generate("--run", str(run_dir), "--out", str(tmp_path / "val"), "--split", "val", "--max-samples", "3")
+    assert r.returncode == 0, explain(r)
+    out = pngs(tmp_path / "val")
+    assert list(out) == ["000000.png", "000001.png", "000002.png"]
+    assert out["000000.png"].shape == (128, 128, 3)
+    r = generate("--run", str(run_dir), "--out", str(tmp_path / "dump"), "--dump-eval")
+    assert r.returncode == 0 and len(pngs(tmp_path / "dump")) == 5, explain(r)  # eval.max_samples of val
+    r = generate("--run", str(run_dir), "--out", str(tmp_path / "x"), "--seeds", "0-3")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, explain(r)
+    assert "translates inputs: give --split" in r.stderr
+
+
+def test_a_directory_without_snapshots_is_one_line_that_says_what_it_expected(tmp_path):
+    r = generate("--run", str(tmp_path), "--out", str(tmp_path / "o"), "--count", "2")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, explain(r)
+    assert "holds no committed snapshot" in r.stderr
+    r = generate("--run", str(tmp_path), "--out", str(tmp_path / "o"), "--best")
+    assert r.returncode == 2 and "no eval/best.json" in r.stderr, explain(r)
