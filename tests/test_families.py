@@ -260,7 +260,8 @@ def test_no_network_or_checkpoint_file_name_is_written_outside_the_families_and_
     nets, opts = _declared_names()
     files = ({f"{n}.pt" for n in nets} | {f"{n}_ema.pt" for n in nets} | {f"{n}_ema" for n in nets}
              | {f"{k}_{o}.pt" for k in ("opt", "scaler") for o in opts})
-    allowed = {"pipeline/train/checkpoint.py"}
+    # The reader of official StyleGAN2 pickles names that project's keys (G, D, G_ema), not ours.
+    allowed = {"pipeline/train/checkpoint.py", "pipeline/models/stylegan2_pickle.py"}
     offenders = {}
     for path in sorted((REPO / "pipeline").rglob("*.py")):
         rel = path.relative_to(REPO).as_posix()
