@@ -86,10 +86,10 @@ def load_snapshot(url: str, step: int | None = None, best: bool = False, storage
 
 def load_generator(url: str, step: int | None = None, network: str | None = None,
                    **kwargs) -> tuple[nn.Module, Snapshot]:
-    """``(G, snapshot)``: the snapshot's generator (``network``, default ``G``; CycleGAN has
-    ``G_A`` and ``G_B``) in eval mode, and everything else the snapshot holds."""
+    """``(G, snapshot)``: the snapshot's generator (``network``, default the family's first:
+    ``G``; CycleGAN has ``G_A`` and ``G_B``) in eval mode, and everything else the snapshot holds."""
     snap = load_snapshot(url, step, **kwargs)
-    name = network or ("G" if "G" in snap.nets else next(iter(snap.nets)))
+    name = network or next(iter(snap.nets))  # the family's first snapshot network
     if name not in snap.nets:
         raise KeyError(f"the snapshot has no network {name!r}; it has {', '.join(snap.nets)}")
     return snap.nets[name], snap
@@ -104,7 +104,7 @@ def from_latents(snap: Snapshot, z: torch.Tensor, truncation_psi: float = 1.0) -
     if truncation_psi != 1.0:
         if not hasattr(snap.cfg.model, "truncation_psi"):
             raise ValueError(f"--truncation: the {snap.family.name} family has no truncation (StyleGAN2 has)")
-        return snap.nets["G"](z, z.new_zeros(len(z), 0), truncation_psi=truncation_psi).float().clamp(-1, 1)
+        return ev.generate(snap.nets, {"z": z, "truncation_psi": truncation_psi}).float().clamp(-1, 1)
     return ev.generate(snap.nets, {"z": z}).float().clamp(-1, 1)
 
 

@@ -277,8 +277,11 @@ def optimizers(cfg: Config) -> tuple[Optimizer, ...]:
 
 def evaluations(cfg: Config, info: DataInfo, split: str) -> tuple[Evaluation, ...]:
     """Unconditional FID/KID from fixed latents against ``split`` (ψ = 1, random noise, as the
-    official metrics)."""
-    return (Evaluation("", reference=split, generate=lambda nets, b: nets["G"](b["z"], _no_c(b["z"]))),)
+    official metrics); ``gan-generate --truncation`` passes its ψ in the batch."""
+    def generate(nets: dict, b: dict) -> Tensor:
+        return nets["G"](b["z"], _no_c(b["z"]), truncation_psi=b.get("truncation_psi", 1.0))
+
+    return (Evaluation("", reference=split, generate=generate),)
 
 
 @torch.no_grad()
