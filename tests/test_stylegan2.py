@@ -176,6 +176,40 @@ def test_style_mixing_takes_a_second_latent_from_a_cutoff_on_and_leaves_w_avg_to
     assert torch.equal(ws0, plain)
 
 
+def test_the_mapping_runs_under_bf16_autocast_and_keeps_w_avg_in_fp32():
+    G = tiny_nets()["G"]
+    z = torch.randn(4, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ws = G.mapping(z, z.new_zeros(4, 0))
+        truncated = G.mapping(z, z.new_zeros(4, 0), truncation_psi=0.5, truncation_cutoff=2)
+    assert G.mapping.w_avg.dtype == torch.float32 and G.mapping.w_avg.abs().sum() > 0
+    assert ws.dtype == truncated.dtype == torch.bfloat16
+
+
+def test_the_path_length_mean_carries_the_batch_gradient_as_officially():
+    cfg = tiny_cfg("model.pl_decay=0.5", "model.z_dim=5")
+    G = LinearG()
+    ctx = ctx_for({"G": G}, cfg)
+    ctx.state["pl_mean"] = torch.tensor(0.5)
+    torch.manual_seed(1)
+    family.g_reg(ctx, {"z": torch.zeros(8, 5)}, {})["loss"].backward()
+    assert not ctx.state["pl_mean"].requires_grad
+    torch.manual_seed(1)
+    torch.randn(4, 5)
+    noise = torch.randn(4, 3, 4, 4) / 4
+
+    def grad(detach: bool) -> torch.Tensor:
+        M = G.M.detach().clone().requires_grad_(True)
+        lengths = (noise.flatten(1) @ M.T).square().sum(1).sqrt()
+        batch = lengths.mean().detach() if detach else lengths.mean()
+        mean = 0.5 + 0.5 * (batch - 0.5)
+        loss = ((lengths - mean).square() * cfg.model.pl_weight).mean() * cfg.model.G_reg_interval
+        return torch.autograd.grad(loss, M)[0]
+
+    torch.testing.assert_close(G.M.grad, grad(detach=False), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(G.M.grad, grad(detach=True), rtol=1e-3, atol=1e-5)
+
+
 def test_ada_moves_p_every_interval_from_the_mean_sign_over_ranks():
     cfg = tiny_cfg("model.ada_interval=4", "model.ada_kimg=1", "train.batch_size=8", "model.augment_p=0.2")
     nets = tiny_nets("model.ada_interval=4", "model.ada_kimg=1", "train.batch_size=8", "model.augment_p=0.2")

@@ -213,8 +213,9 @@ def g_reg(ctx: StepContext, b: dict, scratch: dict) -> dict:
     noise = torch.randn_like(img) / math.sqrt(img.shape[2] * img.shape[3])
     grads, = torch.autograd.grad(outputs=[(img * noise).sum()], inputs=[ws], create_graph=True, only_inputs=True)
     lengths = grads.square().sum(2).mean(1).sqrt()
-    mean = ctx.state.get("pl_mean", torch.zeros([], device=img.device)).lerp(lengths.mean().detach(), m.pl_decay)
-    ctx.state["pl_mean"] = mean
+    # As loss.py: the penalty's mean keeps this batch's graph; the state keeps its value.
+    mean = ctx.state.get("pl_mean", torch.zeros([], device=img.device)).lerp(lengths.mean(), m.pl_decay)
+    ctx.state["pl_mean"] = mean.detach()
     penalty = (lengths - mean).square()
     reg = penalty * m.pl_weight
     loss = (img[:, 0, 0, 0] * 0 + reg).mean() * m.G_reg_interval

@@ -255,16 +255,17 @@ class MappingNetwork(nn.Module):
         for idx in range(self.num_layers):
             x = getattr(self, f"fc{idx}")(x)
         if self.w_avg_beta is not None and self.training and not skip_w_avg_update:
-            self.w_avg.copy_(x.detach().mean(dim=0).lerp(self.w_avg, self.w_avg_beta))
+            # In fp32 whatever the autocast dtype of x: w_avg is an fp32 buffer.
+            self.w_avg.copy_(x.detach().float().mean(dim=0).lerp(self.w_avg, self.w_avg_beta))
         if self.num_ws is not None:
             x = x.unsqueeze(1).repeat([1, self.num_ws, 1])
         if truncation_psi != 1:
             if self.w_avg_beta is None:
                 raise ValueError("truncation needs w_avg (w_avg_beta is None)")
             if self.num_ws is None or truncation_cutoff is None:
-                x = self.w_avg.lerp(x, truncation_psi)
+                x = self.w_avg.to(x.dtype).lerp(x, truncation_psi)
             else:
-                head = self.w_avg.lerp(x[:, :truncation_cutoff], truncation_psi)
+                head = self.w_avg.to(x.dtype).lerp(x[:, :truncation_cutoff], truncation_psi)
                 x = torch.cat([head, x[:, truncation_cutoff:]], dim=1)
         return x
 
