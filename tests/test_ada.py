@@ -106,6 +106,28 @@ def test_identity_at_p0_returns_the_input_and_draws_nothing() -> None:
     assert torch.equal(torch.get_rng_state(), rng)
 
 
+def test_a_forward_never_reads_p_back_from_the_device(monkeypatch) -> None:
+    # On a GPU, reading p on the host each forward would wait for the device every D step. (The
+    # geometric transforms still read the batch's extent for their padding, as the official's do:
+    # the colour transforms show that p itself is not read.)
+    pipe = AugmentPipe(**augment_preset("color"), p=0.0)
+    x = torch.randn(2, 3, 16, 16)
+
+    def no_sync(*_):
+        raise AssertionError("p read on the host")
+
+    for name in ("__float__", "item", "tolist", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, no_sync)
+    assert pipe(x) is x
+    pipe.set_p(0.5)
+    assert pipe.p_host == 0.5 and not torch.equal(pipe(x), x)
+    monkeypatch.undo()
+    assert pipe.p.item() == 0.5
+    other = AugmentPipe(**augment_preset("bgc"), p=0.7)
+    other.load_state_dict(AugmentPipe(**augment_preset("bgc"), p=0.0).state_dict())
+    assert other.p_host == 0.0 and other(x) is x  # a loaded p is the one a forward uses
+
+
 def test_no_enabled_transform_is_identity_at_any_p() -> None:
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(AugmentPipe(p=1.0)(x), x)

@@ -131,7 +131,7 @@ def build(cfg: Config, info: DataInfo) -> dict:
     pipe = None
     if m.aug != "noaug":
         pipe = AugmentPipe(**augment_preset(m.augpipe))
-        pipe.p.fill_(m.augment_p)
+        pipe.set_p(m.augment_p)
     return {"G": StyleMixingGenerator(**G_kwargs), "D": AugmentedDiscriminator(augment_pipe=pipe, **D_kwargs)}
 
 
@@ -182,9 +182,9 @@ def _adjust_p(ctx: StepContext) -> None:
     total = ctx.mean_over_ranks(acc)
     if total[1] > 0:
         rt = float(total[0] / total[1])
-        new = ada_adjust(float(pipe.p), rt, target=m.ada_target, batch_size=ctx.cfg.train.batch_size,
+        new = ada_adjust(pipe.p_host, rt, target=m.ada_target, batch_size=ctx.cfg.train.batch_size,
                          interval=m.ada_interval, ada_kimg=m.ada_kimg)
-        pipe.p.fill_(new)
+        pipe.set_p(new)
     ctx.state["ada_signs"] = torch.zeros(2, device=pipe.p.device)
 
 

@@ -241,6 +241,11 @@ class AugmentPipe(nn.Module):
     ) -> None:
         super().__init__()
         self.register_buffer("p", torch.tensor(float(p), dtype=torch.float32))
+        # p's value on the host, so that a forward never waits for the device to read it (the
+        # identity at p = 0 needs it before any kernel runs). Change p with set_p; a loaded state
+        # dict refreshes it.
+        self.p_host = float(p)
+        self.register_load_state_dict_post_hook(lambda module, _: module.set_p(float(module.p)))
         # Blit: x-flip, 90-degree rotations, integer translation (range relative to the image size).
         self.xflip, self.rotate90, self.xint = float(xflip), float(rotate90), float(xint)
         self.xint_max = float(xint_max)
@@ -267,16 +272,22 @@ class AugmentPipe(nn.Module):
         self.register_buffer("Hz_geom", _sym6())
         self.register_buffer("Hz_fbank", _filter_bank())
 
+    def set_p(self, value: float) -> None:
+        """Set the augmentation probability (the buffer, and its host copy)."""
+        self.p.fill_(float(value))
+        self.p_host = float(value)
+
     def extra_repr(self) -> str:
         on = [k for k in _PRESETS["bgcfnc"] if getattr(self, k) > 0]
-        return f"p={float(self.p):.4f}, enabled={','.join(on) or 'none'}"
+        return f"p={self.p_host:.4f}, enabled={','.join(on) or 'none'}"
 
     def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """``images [N, C, H, W]`` (C = 3 or 1 with colour transforms) -> augmented, same dtype.
-        Computes in fp32 (fp64 stays fp64) with autocast off. Reads ``p`` on the host once."""
+        Computes in fp32 (fp64 stays fp64) with autocast off. ``p`` is read from its host copy;
+        the geometric transforms, like the official ones, read their padding from the device."""
         if images.ndim != 4:
             raise ValueError(f"AugmentPipe expects [N, C, H, W] images, got shape {tuple(images.shape)}")
-        if float(self.p) <= 0:
+        if self.p_host <= 0:
             return images
         with torch.autocast(device_type=images.device.type, enabled=False):
             x = images if images.dtype in (torch.float32, torch.float64) else images.float()
