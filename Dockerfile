@@ -1,22 +1,20 @@
-# gan-pipeline on a CUDA runtime. The pinned torch wheels bring their own CUDA libraries; the
-# base image supplies the driver-facing runtime. Every Python dependency is pinned by
-# constraints.txt, the same file CI installs from.
-FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
+# gan-pipeline on the Python that constraints.txt was frozen on (3.11). The pinned torch wheels
+# bring their own CUDA libraries, so the image holds one copy of them and no CUDA base image; the
+# NVIDIA container toolkit (`docker run --gpus ...`) supplies the driver. Every Python dependency
+# is pinned by constraints.txt, the same file CI installs from.
+FROM python:3.11.7-slim-bookworm
 
 # GLIBC_TUNABLES: data-loading processes keep freed memory mapped instead of faulting it in
 # again for every sample (measured in docs/data.md).
-ENV DEBIAN_FRONTEND=noninteractive \
-    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=134217728 \
+ENV GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=134217728 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     VIRTUAL_ENV=/opt/venv \
-    PATH=/opt/venv/bin:$PATH
+    PATH=/opt/venv/bin:$PATH \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
-# hadolint ignore=DL3008
-RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
- && rm -rf /var/lib/apt/lists/* \
- && python3 -m venv /opt/venv
+RUN python -m venv /opt/venv
 
 WORKDIR /opt/gan-pipeline
 COPY pyproject.toml README.md constraints.txt ./

@@ -75,6 +75,10 @@ class ModelConfig:
     def deepspeed_limits(self) -> None:
         """What this family's options need from DDP that ZeRO engines cannot give (``ConfigError``)."""
 
+    def check_files(self) -> None:
+        """Before training (not for ``--dry-run``): the local files this section names are there
+        (``ConfigError``)."""
+
 
 @dataclass
 class OptimConfig:
@@ -399,6 +403,23 @@ def deepspeed_limits(cfg: Config) -> None:
     if cfg.train.precision == "fp16":
         raise ConfigError("train.precision=fp16 needs distributed.backend=ddp; with deepspeed choose one of: "
                           "auto, fp32, bf16 (DeepSpeed has no fp16 on CPU, so that path is untested here)")
+
+
+def launcher_precision(precision: str, launcher: str | None) -> str | None:
+    """The precision ``accelerate launch --mixed_precision X`` asks for (it reaches each rank as
+    ``ACCELERATE_MIXED_PRECISION``), honoured as ``train.precision`` or refused: never ignored.
+    None when the launcher asks for nothing ("no" is also its default)."""
+    launcher = (launcher or "no").strip().lower()
+    if launcher == "no":
+        return None
+    if launcher not in ("bf16", "fp16"):
+        raise ConfigError(f"accelerate launch --mixed_precision {launcher}: not supported here; launch with "
+                          f"--mixed_precision no and set train.precision to one of: fp32, bf16, fp16")
+    if precision not in ("auto", launcher):
+        raise ConfigError(f"accelerate launch --mixed_precision {launcher} contradicts train.precision={precision}: "
+                          f"drop the launcher flag (or the launch file's mixed_precision), or set "
+                          f"train.precision={launcher}")
+    return launcher
 
 
 def to_dict(cfg: Config) -> dict:

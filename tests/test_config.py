@@ -159,3 +159,15 @@ def test_a_sidecar_without_inception_weights_is_refused_before_launch(tmp_path):
         load_config("pix2pix_demo", ["eval.sidecar=true", f"eval.inception_weights={tmp_path}/no.pth"])
     (tmp_path / "w.pth").write_bytes(b"")
     assert load_config("pix2pix_demo", ["eval.sidecar=true", f"eval.inception_weights={tmp_path}/w.pth"]).eval.sidecar
+
+
+def test_a_launcher_precision_is_honoured_or_refused_never_ignored():
+    from pipeline.config import launcher_precision
+
+    assert launcher_precision("auto", None) is None and launcher_precision("fp32", "no") is None
+    assert launcher_precision("auto", "bf16") == "bf16" and launcher_precision("fp16", "FP16") == "fp16"
+    with pytest.raises(ConfigError, match=r"^accelerate launch --mixed_precision bf16 contradicts "
+                                          r"train.precision=fp32: drop the launcher flag"):
+        launcher_precision("fp32", "bf16")
+    with pytest.raises(ConfigError, match=r"^accelerate launch --mixed_precision fp8: not supported here"):
+        launcher_precision("auto", "fp8")

@@ -1,5 +1,6 @@
-"""The wheel as a user installs it: the shipped configs inside, the commands working from another
-directory; and a run's own config.json accepted by --config."""
+"""What a user installs and launches with: the wheel (the shipped configs inside, the commands
+working from another directory), a run's own config.json accepted by --config, the Docker entry
+point's process count and GPU check, and accelerate's precision flag honoured or refused."""
 
 from __future__ import annotations
 
@@ -53,3 +54,45 @@ def test_a_run_s_config_json_is_a_config(tmp_path):
     assert again == cfg
     r = run([sys.executable, str(REPO / "launch" / "train.py"), "--config", str(saved), "--dry-run"], timeout=60)
     assert r.returncode == 0 and f"run directory: {tmp_path / 'run'}" in r.stdout, explain(r)
+
+
+def entrypoint(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """The Docker image's entry point, run from this checkout (no Docker engine here)."""
+    full = {**os.environ, "APP": str(REPO), "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", **env}
+    return subprocess.run(["bash", str(REPO / "launch" / "docker-entrypoint.sh"), *args], capture_output=True,
+                          text=True, timeout=180, env=full, cwd=REPO)
+
+
+def test_the_image_refuses_to_train_on_the_cpu_unless_asked():
+    r = entrypoint("train", "--config", "pix2pixhd_cityscapes", "--dry-run")
+    assert r.returncode == 2, explain(r)
+    assert r.stderr.strip().splitlines()[-1] == (
+        "gan-pipeline: no GPU is visible in the container: run it with --gpus all (NVIDIA container toolkit), "
+        "or set -e DEVICE=cpu to train on the CPU")
+    r = entrypoint("train", "--dry-run", DEVICE="tpu")
+    assert r.returncode == 2 and "DEVICE=tpu is not one of: gpu (the default), cpu" in r.stderr, explain(r)
+
+
+def test_the_image_trains_on_the_cpu_when_asked_with_its_process_count():
+    r = entrypoint("train", "--config", "pix2pixhd_cityscapes", "--dry-run", DEVICE="cpu", NPROC="2")
+    assert r.returncode == 0, explain(r)
+    assert "gan-pipeline: 2 training processes (cpu; 0 GPUs visible)" in r.stderr
+    # accelerate started two ranks, each of which resolved the config.
+    assert r.stdout.count("run directory: runs/pix2pixhd_cityscapes") == 2, explain(r)
+
+
+def test_accelerate_launch_mixed_precision_reaches_every_rank_or_is_refused():
+    def launch(*args):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "launch" / "accelerate" / "cpu_2proc.yaml"), "--mixed_precision", "bf16",
+               str(REPO / "launch" / "train.py"), "--config", "pix2pixhd_cityscapes", "--dry-run", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=REPO,
+                              env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+
+    r = launch()
+    assert r.returncode == 0, explain(r)
+    assert r.stdout.count('"precision": "bf16"') == 2, explain(r)
+    r = launch("train.precision=fp32")
+    assert r.returncode != 0, explain(r)
+    assert "gan-train: config error: accelerate launch --mixed_precision bf16 contradicts train.precision=fp32" \
+        in r.stderr, explain(r)

@@ -80,8 +80,11 @@ def test_missing_vgg_weights_is_a_clear_error(cityscapes_shards, tmp_path):
     r = run(launch_cmd(1, [f"data.url={cityscapes_shards}", f"run.dir={tmp_path}", "train.total_kimg=0.002",
                            "model.vgg_weights=/nowhere/vgg19.pth", "data.workers=0", *TINY_HD],
                        config="pix2pixhd_cityscapes"))
-    assert r.returncode != 0
-    assert "/nowhere/vgg19.pth" in r.stderr and "model.vgg_weight=0" in r.stderr
+    assert r.returncode == 2, explain(r)
+    # Before anything starts, and as the last line the user sees: no traceback.
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        "gan-train: config error: model.vgg_weights=/nowhere/vgg19.pth: no such file; the VGG loss"), explain(r)
+    assert "model.vgg_weight=0" in r.stderr and "Traceback" not in r.stderr and not (tmp_path / "config.json").exists()
 
 
 def test_local_enhancer_starts_from_the_global_run_and_keeps_it_fixed(cityscapes_shards, tmp_path):

@@ -92,7 +92,7 @@ def job_env(tmp: Path, **extra: str) -> dict[str, str]:
 
 
 def submit_train(cluster: SlurmCluster, tmp: Path, overrides: list[str], **env: str) -> int:
-    env = job_env(tmp, CONFIG="pix2pix_demo", TORCH_ELASTIC_SHUTDOWN_TIMEOUT="120", **env)
+    env = job_env(tmp, CONFIG="pix2pix_demo", TORCH_ELASTIC_SHUTDOWN_TIMEOUT="120", **{"DEVICE": "cpu", **env})
     return cluster.sbatch(["--time=15", f"--output={tmp}/%x-%j.out", str(TRAIN_SBATCH), *overrides],
                           cwd=REPO, env=env)
 
@@ -283,9 +283,11 @@ def test_shard_sbatch_array_parts_then_final_step_equal_a_plain_write(cluster, t
 @needs_slurm
 @pytest.mark.slurm
 @pytest.mark.timeout(900)
-def test_a_failure_is_not_requeued_and_requeues_are_capped(cluster, shards, tmp_path):
-    failing, capped = tmp_path / "failing", tmp_path / "capped"
-    failing.mkdir(), capped.mkdir()
+def test_a_failure_is_not_requeued_requeues_are_capped_and_no_gpu_stops(cluster, shards, tmp_path):
+    failing, capped, nogpu = tmp_path / "failing", tmp_path / "capped", tmp_path / "nogpu"
+    failing.mkdir(), capped.mkdir(), nogpu.mkdir()
+    # Asks for GPUs (the default) on nodes without any: stops before launching, saying how to go on.
+    cpu_only = submit_train(cluster, nogpu, [f"data.url={shards}", f"run.dir={nogpu / 'run'}"], DEVICE="gpu")
     # A genuine failure: the trainers exit non-zero without PREEMPTED.json (no shards there).
     bad = submit_train(cluster, failing, [f"data.url={tmp_path / 'no-shards'}", f"run.dir={failing / 'run'}",
                                           *PREEMPTIBLE])
@@ -293,7 +295,7 @@ def test_a_failure_is_not_requeued_and_requeues_are_capped(cluster, shards, tmp_
     cap = submit_train(cluster, capped, [f"data.url={shards}", f"run.dir={capped / 'run'}", *PREEMPTIBLE],
                        MAX_REQUEUES="0")
     notice_once_training(cluster, cap, capped / "run", capped)
-    for job, tmp, code in ((bad, failing, "1:0"), (cap, capped, "75:0")):
+    for job, tmp, code in ((bad, failing, "1:0"), (cap, capped, "75:0"), (cpu_only, nogpu, "2:0")):
         info = wait_final(cluster, job, tmp, timeout=600)
         report = job_report(cluster, tmp)
         assert info["JobState"] == "FAILED" and info["ExitCode"] == code and info["Restarts"] == "0", report
@@ -303,3 +305,6 @@ def test_a_failure_is_not_requeued_and_requeues_are_capped(cluster, shards, tmp_
     batch = (capped / f"gan-train-{cap}.out").read_text()
     assert "preempted, but already requeued 0 times (MAX_REQUEUES=0)" in batch, job_report(cluster, capped)
     assert (capped / "run" / "PREEMPTED.json").exists() and not (capped / "run" / "DONE.json").exists()
+    batch = (nogpu / f"gan-train-{cpu_only}.out").read_text()
+    assert "train.sbatch: no GPU visible on" in batch and "or set DEVICE=cpu" in batch, job_report(cluster, nogpu)
+    assert not (nogpu / "run").exists() and not (nogpu / "logs").exists()

@@ -23,7 +23,7 @@ from ..config import Config, ConfigError, ModelConfig, bounded, choice
 from ..data.device import float_image
 from ..losses.adversarial import d_loss, g_loss
 from ..losses.feature_matching import feature_matching_loss
-from ..losses.perceptual import vgg_loss
+from ..losses.perceptual import require_vgg_weights, vgg_loss
 from ..models.pix2pixhd import Encoder, GlobalGenerator, LocalEnhancer, MultiscaleDiscriminator
 from ..train.family import DataInfo, Evaluation, Family, Network, Optimizer, Phase, StepContext, Stream
 from .labelmaps import colourised, semantic_input
@@ -61,6 +61,9 @@ class Pix2PixHDConfig(ModelConfig):
         if self.fix_global_kimg > 0:
             raise ConfigError("model.fix_global_kimg needs distributed.backend=ddp: ZeRO partitions the gradients, "
                               "so the fixed global generator's cannot be dropped before the step")
+
+    def check_files(self) -> None:
+        require_vgg_weights(self.vgg_weight, self.vgg_weights)
 
 
 class HDGenerator(nn.Module):

@@ -22,7 +22,7 @@ from ..config import Config, ConfigError, ModelConfig, bounded, choice
 from ..data.device import float_image
 from ..losses.adversarial import d_loss, g_loss
 from ..losses.feature_matching import feature_matching_loss
-from ..losses.perceptual import vgg_loss
+from ..losses.perceptual import require_vgg_weights, vgg_loss
 from ..losses.regularizers import kl_divergence
 from ..models.spade import ConvEncoder, SPADEGenerator, parse_plain_norm, parse_spade_norm, spade_discriminator
 from ..train.family import DataInfo, Evaluation, Family, Network, Optimizer, Phase, StepContext, Stream
@@ -58,6 +58,9 @@ class SPADEConfig(ModelConfig):
     # made again by the updated G (the official order): one G forward less per iteration (~22%
     # of it), but a worse FID on the demo in the runs of docs/spade.md, so not the default.
     reuse_fake: bool = False
+
+    def check_files(self) -> None:
+        require_vgg_weights(self.vgg_weight, self.vgg_weights)
 
     def check(self) -> None:
         for key, parse in (("norm_G", parse_spade_norm), ("norm_D", parse_plain_norm), ("norm_E", parse_plain_norm)):

@@ -158,6 +158,17 @@ class VGGLoss(nn.Module):
 _CACHE: dict[tuple[str, str], VGGLoss] = {}
 
 
+def require_vgg_weights(weight: float, weights_path: str | None) -> None:
+    """Before training starts: the VGG loss is on (``weight`` > 0) and its weights file is not
+    there -> a one-line ``ConfigError`` saying how to get it or turn the loss off."""
+    from ..config import ConfigError
+
+    if weight > 0 and not (weights_path and Path(weights_path).is_file()):
+        where = f"model.vgg_weights={weights_path}: no such file" if weights_path else "model.vgg_weights is not set"
+        raise ConfigError(f"{where}; the VGG loss (model.vgg_weight={weight:g}) needs a local torchvision VGG19 state "
+                          f"dict, and nothing is downloaded. " + " ".join(VGG_WEIGHTS_HOWTO.split()))
+
+
 def vgg_loss(weights_path: str | None, device: torch.device) -> VGGLoss:
     """The VGG19 loss of ``weights_path`` on ``device``, loaded once per process: a frozen helper
     outside the trained networks (so outside DDP, EMA and checkpoints)."""

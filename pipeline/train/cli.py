@@ -12,7 +12,7 @@ import sys
 import time
 import traceback
 
-from ..config import ConfigError, deepspeed_limits, load_config, to_dict
+from ..config import ConfigError, deepspeed_limits, launcher_precision, load_config, to_dict
 
 CONFIG_ERROR_PAUSE_S = 5.0  # how long a rank other than 0 waits for rank 0 to report a config error
 EXIT_PEER_FAILED = 7  # a collective failed or timed out because of another rank
@@ -75,10 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        asked = launcher_precision(cfg.train.precision, os.environ.get("ACCELERATE_MIXED_PRECISION"))
+        if asked and asked != cfg.train.precision:
+            cfg = load_config(args.config, [*args.overrides, f"train.precision={asked}"])
         from ..dist import resolve_backend
 
         if cfg.distributed.backend == "auto" and resolve_backend("auto") == "deepspeed":
             deepspeed_limits(cfg)  # launched with a DeepSpeed accelerate config: the same checks, as early
+        if not args.dry_run:
+            cfg.model.check_files()
     except ConfigError as exc:
         if not _is_first_process():
             # Rank 0 says it once, and when it exits the launcher stops this rank. Leaving first
