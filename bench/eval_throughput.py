@@ -536,7 +536,9 @@ def step_points(run_dir: Path) -> list[tuple[float, int, float]]:
     """``Timing/sec_per_kimg`` as (wall time, images seen, seconds per iteration)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    from pipeline.train.stats import tensorboard_url
+
+    acc = EventAccumulator(tensorboard_url(str(run_dir)), size_guidance={"scalars": 0})
     acc.Reload()
     return [(e.wall_time, e.step, e.value / 1000 * BATCH) for e in acc.Scalars("Timing/sec_per_kimg")]
 

@@ -18,9 +18,10 @@ echo "== 2/4 InceptionV3 weights for FID/KID"
 INCEPTION=${INCEPTION_WEIGHTS:-weights/weights-inception-2015-12-05-6726825d.pth}
 if [ ! -f "$INCEPTION" ]; then
   # Nothing is downloaded at run time. Without the real file (see README), the demo uses an
-  # untrained, seeded stand-in: its FIDs are comparable only with each other.
+  # untrained, seeded stand-in, made afresh (a few seconds) so that it carries the stand-in mark:
+  # its FIDs are logged as Metrics_standin/* and starred in the summary.
   INCEPTION=weights/inception-standin-seed0.pth
-  [ -f "$INCEPTION" ] || $PY launch/evaluate.py --make-standin-inception "$INCEPTION"
+  $PY launch/evaluate.py --make-standin-inception "$INCEPTION"
   echo "using the UNTRAINED stand-in $INCEPTION (set INCEPTION_WEIGHTS=PATH for real FIDs)"
 fi
 
@@ -41,10 +42,8 @@ for _ in $(seq 1 600); do
   [ -f "$RUN/eval/FINISHED.json" ] && break
   sleep 2
 done
-NOTE="FID/KID from the InceptionV3 weights at $INCEPTION"
-case "$INCEPTION" in *standin*) NOTE="FID/KID from the UNTRAINED stand-in Inception: comparable between these snapshots only, not with published FIDs";; esac
 echo
-$PY -m pipeline.eval.summary "$RUN" --note "$NOTE"
+$PY -m pipeline.eval.summary "$RUN" --note "FID/KID extractor weights: $INCEPTION"
 echo
-echo "TensorBoard (losses, image grids, Metrics/*): .venv/bin/tensorboard --logdir $RUN --host 127.0.0.1"
+echo "TensorBoard (losses, image grids, metrics): .venv/bin/tensorboard --logdir $RUN --host 127.0.0.1"
 echo "checkpoints: $RUN/checkpoints   snapshots (G_ema, G): $RUN/snapshots   evaluation: $RUN/eval"

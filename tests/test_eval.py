@@ -18,6 +18,7 @@ from test_train import SMALL, env, explain, free_port, launch_cmd, run
 
 from pipeline.eval.standin import write_standin_inception
 from pipeline.train import checkpoint as ckpt
+from pipeline.train.stats import tensorboard_url
 
 REPO = Path(__file__).resolve().parent.parent
 EVALUATE = str(REPO / "launch" / "evaluate.py")
@@ -158,9 +159,12 @@ def test_follows_a_concurrent_two_process_training_and_evaluates_each_snapshot_o
     # TensorBoard: the evaluator's scalars at each snapshot's images-seen step.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc = EventAccumulator(tensorboard_url(str(run_dir)))
     acc.Reload()
-    assert [e.step for e in acc.Scalars("Metrics/fid")] == [8, 16, 24]
+    # The stand-in's FID/KID have tags of their own; the paired metrics do not depend on it.
+    assert [e.step for e in acc.Scalars("Metrics_standin/fid")] == [8, 16, 24]
+    assert [e.step for e in acc.Scalars("Metrics/psnr")] == [8, 16, 24]
+    assert not {"Metrics/fid", "Metrics/kid"} & set(acc.Tags()["scalars"])
     assert "Eval/samples" in acc.Tags()["images"]
     # A restarted evaluator redoes nothing.
     stamps = {p.name: p.stat().st_mtime_ns for p in (run_dir / "eval").glob("step-*.json")}
@@ -189,11 +193,11 @@ def test_killed_evaluator_resumes_without_redoing_and_skips_rotated_snapshots(tr
     assert "is gone or incomplete" in caplog.text
 
 
-@pytest.mark.parametrize("killed_at", ["_write_events", "_update_best"])  # after the metrics line
 def test_an_evaluator_stopped_between_its_writes_evaluates_that_snapshot_again_exactly_once(
-        trained_run, inception, tmp_path, monkeypatch, killed_at):
-    # The step's result file is written last: stopped at any write before it, the evaluator finds
-    # the snapshot still pending and redoes it, and no metrics line is repeated.
+        trained_run, inception, tmp_path, monkeypatch):
+    # The step's result file is written last: stopped at any write before it (after the metrics
+    # line: before TensorBoard for step 2, before best.json for step 4), the evaluator finds the
+    # snapshot still pending and redoes it, and no metrics line is repeated.
     from dataclasses import replace
 
     from pipeline.eval.watcher import EvalOptions, Evaluator, pending_steps, run_evaluator
@@ -208,17 +212,20 @@ def test_an_evaluator_stopped_between_its_writes_evaluates_that_snapshot_again_e
     def killed(self, *args):
         raise Killed
 
-    monkeypatch.setattr(Evaluator, killed_at, killed)
-    with pytest.raises(Killed):
-        Evaluator(opts).evaluate(2)
-    assert not (run_dir / "eval" / "step-00000002.json").exists()
-    assert (run_dir / "eval" / "metrics.jsonl").exists()
+    for step, killed_at in ((2, "_write_events"), (4, "_update_best")):
+        monkeypatch.setattr(Evaluator, killed_at, killed)
+        with pytest.raises(Killed):
+            Evaluator(opts).evaluate(step)
+        monkeypatch.undo()
+        assert not (run_dir / "eval" / f"step-{step:08d}.json").exists()
+    assert [json.loads(line)["step"] for line in (run_dir / "eval" / "metrics.jsonl").read_text().splitlines()] \
+        == [2, 4]
+    assert not (run_dir / "eval" / "best.json").exists()
     assert pending_steps(opts) == [2, 4]
-    monkeypatch.undo()
     assert run_evaluator(replace(opts, once=True)) == 0
     lines = [json.loads(line) for line in (run_dir / "eval" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [2, 4]
-    assert result(run_dir, 2)["metrics"] == lines[0]["metrics"]
+    assert [result(run_dir, s)["metrics"] for s in (2, 4)] == [line["metrics"] for line in lines]
     assert json.loads((run_dir / "eval" / "best.json").read_text())["step"] in (2, 4)
     assert pending_steps(opts) == []
 
@@ -282,9 +289,9 @@ def test_training_sidecar_evaluates_and_writes_to_tensorboard(demo_shards, incep
     assert result(run_dir, 2)["metrics"]["fid"] > 0
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc = EventAccumulator(tensorboard_url(str(run_dir)))
     acc.Reload()
-    assert [e.step for e in acc.Scalars("Metrics/fid")] == [8]
+    assert [e.step for e in acc.Scalars("Metrics_standin/fid")] == [8]
 
 
 # ---------------------------------------------------------------- object storage
@@ -305,7 +312,7 @@ def test_trains_and_evaluates_a_run_on_s3(s3_server, demo_shards, inception):
 
     lines = io.read_bytes(f"{url}/eval/metrics.jsonl").decode().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [2, 4]
-    assert any(name.endswith(".eval") for name in io.list_fresh(f"{url}/tensorboard"))
+    assert any(name.endswith(".eval") for name in io.list_fresh(tensorboard_url(url)))
 
 
 def test_the_summary_is_a_table_of_every_snapshot_and_the_best(trained_run, inception, tmp_path):
@@ -316,10 +323,32 @@ def test_the_summary_is_a_table_of_every_snapshot_and_the_best(trained_run, ince
     r = evaluate(run_dir, "--once", "--inception-weights", inception, *FAST_EVAL)
     assert r.returncode == 0, explain(r)
     lines = summary(str(run_dir)).splitlines()
-    assert lines[0].split() == ["step", "kimg", "fid", "kid", "kid_std", "psnr", "ssim"]
+    # The stand-in's numbers are starred, and the star explained.
+    assert lines[0].split() == ["step", "kimg", "fid*", "kid*", "kid_std*", "psnr", "ssim"]
     rows = [line.split() for line in lines[1:3]]
     assert [(row[0], row[1]) for row in rows] == [("2", "0.008"), ("4", "0.016")]
     fids = [result(run_dir, s)["metrics"]["fid"] for s in (2, 4)]
     assert [float(row[2]) for row in rows] == pytest.approx(fids, rel=1e-3)
     best = min((2, 4), key=lambda s: result(run_dir, s)["metrics"]["fid"])
-    assert lines[3].startswith("best fid: ") and f"at step {best} " in lines[3]
+    assert lines[3].startswith("best fid*: ") and f"at step {best} " in lines[3]
+    assert lines[4].startswith("* from an UNTRAINED stand-in Inception") and len(lines) == 5
+    # Numbers from real weights (as the records say) are plain.
+    jsonl = run_dir / "eval" / "metrics.jsonl"
+    jsonl.write_text("".join(json.dumps({**json.loads(line), "standin": False}) + "\n"
+                             for line in jsonl.read_text().splitlines()))
+    lines = summary(str(run_dir)).splitlines()
+    assert lines[0].split()[2:4] == ["fid", "kid"] and lines[3].startswith("best fid: ") and len(lines) == 4
+
+
+def test_only_a_stand_in_inception_is_labelled_as_one(inception, tmp_path):
+    from pipeline.eval.metrics import STANDIN_MARK, InceptionFeatures
+    from pipeline.eval.watcher import metric_group
+
+    assert InceptionFeatures(inception).standin
+    state = torch.load(inception, weights_only=True)
+    state[STANDIN_MARK[0]] = torch.tensor(0)  # any file standin.py did not make
+    torch.save(state, tmp_path / "real-layout.pth")
+    assert not InceptionFeatures(str(tmp_path / "real-layout.pth")).standin
+    assert [metric_group(n, True) for n in ("fid", "kid_std", "fid_AtoB", "psnr", "lpips")] == \
+        ["Metrics_standin"] * 3 + ["Metrics"] * 2
+    assert {metric_group(n, False) for n in ("fid", "kid", "psnr")} == {"Metrics"}

@@ -41,6 +41,7 @@ from pipeline.models.spade import (
 )
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.family import DataInfo, StepContext
+from pipeline.train.stats import tensorboard_url
 
 REPO = Path(__file__).resolve().parent.parent
 SHARD = [sys.executable, str(REPO / "launch" / "shard.py")]
@@ -347,7 +348,7 @@ def test_with_the_vae_it_trains_the_encoder_and_evaluates_with_random_styles(dem
     fresh = fresh_G("spade_demo", [f"data.url={demo_shards}", "model.use_vae=true", "model.z_dim=16",
                                    "data.load_size=64,32", "model.ngf=2", "model.spade_hidden=4"], demo_shards)
     assert not torch.equal(states["G"]["encoder.fc_mu.weight"], fresh["encoder.fc_mu.weight"])
-    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    acc = EventAccumulator(tensorboard_url(str(run_dir)), size_guidance={"images": 0})
     acc.Reload()
     grid = acc.Images("Images/val_input_output_target")[-1]
     assert grid.width == 5 * (64 + 2) + 2  # label | three styles | target

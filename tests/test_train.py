@@ -17,6 +17,7 @@ import torch
 
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.cli import CONFIG_ERROR_PAUSE_S
+from pipeline.train.stats import tensorboard_url
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = str(REPO / "launch" / "train.py")
@@ -102,7 +103,7 @@ def committed_files(run_dir: Path) -> dict:
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    acc = EventAccumulator(tensorboard_url(str(run_dir)), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]} | {
         "__images__": acc.Tags()["images"]}
@@ -134,6 +135,25 @@ def test_two_processes_train_commit_checkpoints_and_agree_on_weights(demo_shards
         assert tag in scalars, sorted(scalars)
     assert [s for s, _ in scalars["Progress/kimg"]] == [8, 16, 24, 32]  # global step = images seen
     assert scalars["__images__"] == ["Images/val_input_output_target"]
+    # The resolved config as text and as hyperparameters (TensorBoard's own reader).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(tensorboard_url(str(run_dir)))
+    acc.Reload()
+    text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert json.loads(text.strip("`\n"))["train"]["total_kimg"] == 0.032
+    assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
+    # It ends on one line saying where it got and where everything is.
+    done = [line for line in r.stdout.splitlines() if line.startswith("gan-train: done at kimg 0.032 (step 8)")]
+    assert len(done) == 1 and "0 steps and 0 bad samples skipped" in done[0] and str(run_dir) in done[0], explain(r)
+
+
+def test_the_progress_bar_ends_where_the_run_ends():
+    from pipeline.train.stats import end_nimg
+
+    assert end_nimg(0, 100, 12) == 108  # the last step passes the total by part of a batch
+    assert end_nimg(96, 100, 12) == 108 and end_nimg(0, 96, 12) == 96
+    assert end_nimg(120, 100, 12) == 120  # resumed past a total since lowered: already there
 
 
 @pytest.mark.multiprocess
@@ -337,7 +357,7 @@ def test_channels_last_and_weight_histograms_run(demo_shards, tmp_path):
     assert r.returncode == 0, explain(r)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"histograms": 0})
+    acc = EventAccumulator(tensorboard_url(str(tmp_path)), size_guidance={"histograms": 0})
     acc.Reload()
     assert any(t.startswith("Weights/G/") for t in acc.Tags()["histograms"])
 

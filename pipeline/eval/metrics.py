@@ -43,6 +43,11 @@ INCEPTION_WEIGHTS_URL = (
 )
 INCEPTION_WEIGHTS_FILE = INCEPTION_WEIGHTS_URL.rsplit("/", 1)[-1]
 
+# The stand-in Inception's marker (``standin.py``): a BatchNorm step counter, which inference never
+# reads, set to "STANDIN" in ASCII. The file keeps torch-fidelity's exact layout, so its `fidelity`
+# command loads it too.
+STANDIN_MARK = ("Conv2d_1a_3x3.bn.num_batches_tracked", int.from_bytes(b"STANDIN", "big"))
+
 REFSTATS_FORMAT = "gan-pipeline-refstats"
 REFSTATS_VERSION = 1
 REFSTATS_DIR = "refstats"
@@ -82,7 +87,8 @@ class InceptionFeatures:
     The extractor resizes to 299x299 itself (``INCEPTION_RESIZE``).
 
     ``weights_sha256`` is the SHA-256 of the weights file's bytes, computed once from the same bytes
-    that are loaded, for the protocol record.
+    that are loaded, for the protocol record; ``standin`` is true for the untrained stand-in
+    (``standin.py``), whose numbers must never pass for real FIDs.
     """
 
     name = EXTRACTOR
@@ -109,6 +115,8 @@ class InceptionFeatures:
         # nothing but tensors is ever unpickled from the file (and its tensors land on the CPU first).
         state = load_tensor_state_dict(data, weights_path)
         del data
+        mark = state.get(STANDIN_MARK[0])
+        self.standin = mark is not None and mark.numel() == 1 and int(mark) == STANDIN_MARK[1]
         clean = BytesIO()
         torch.save(state, clean)
         del state
@@ -129,7 +137,7 @@ class InceptionFeatures:
         """What identifies these features: extractor, layer, weights, internal resize."""
         return {"extractor": self.name, "feature_layer": self.feature_layer, "feature_dims": self.dims,
                 "weights_file": self.weights_path.rstrip("/").rsplit("/", 1)[-1],
-                "weights_sha256": self.weights_sha256,
+                "weights_sha256": self.weights_sha256, "standin": self.standin,
                 "extractor_resolution": self.resolution, "extractor_resize": self.resize}
 
 

@@ -1,6 +1,8 @@
 """An UNTRAINED, seeded InceptionV3 in torch-fidelity's layout, for machines that cannot have the
 real weights (no internet; the demo). Its FIDs compare only with FIDs from the same file — the
-weights' SHA-256 in every result's protocol says which extractor produced a number."""
+weights' SHA-256 in every result's protocol says which extractor produced a number. The file
+carries a marker (``metrics.STANDIN_MARK``), so the evaluator logs its numbers under tags of
+their own (``Metrics_standin/*``) and labels them in every table."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from .metrics import STANDIN_MARK
 
 
 def standin_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -34,7 +38,9 @@ def standin_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
             nn.init.kaiming_normal_(module.weight, nonlinearity="relu", generator=gen)
         elif isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=module.in_features ** -0.5, generator=gen)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state[STANDIN_MARK[0]] = torch.tensor(STANDIN_MARK[1])
+    return state
 
 
 def write_standin_inception(path: str | Path, seed: int = 0) -> Path:

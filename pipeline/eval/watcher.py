@@ -145,6 +145,7 @@ class Evaluator:
             return None
         values = _named(per_eval)
         result = {"step": step, "nimg": record["nimg"], "kimg": record["kimg"], "snapshot": url, "metrics": values,
+                  "standin": self.inception.standin,
                   "seconds": round(time.perf_counter() - t0, 2), "evaluators": dist.world_size(),
                   "protocol": protocols[""] if list(protocols) == [""] else protocols}
         # Everything else first, the step's result file last: it is what marks the snapshot as
@@ -280,14 +281,14 @@ class Evaluator:
         so = self.opts.storage_options
         old = io.read_bytes(url, so).decode() if io.exists(url, so) else ""
         lines = [line for line in old.splitlines() if line.strip() and json.loads(line)["step"] != result["step"]]
-        lines.append(json.dumps({k: result[k] for k in ("step", "nimg", "kimg", "metrics")}))
+        lines.append(json.dumps({k: result[k] for k in ("step", "nimg", "kimg", "metrics", "standin")}))
         io.atomic_write_bytes(url, ("\n".join(lines) + "\n").encode(), so)
 
     def _write_events(self, result: dict, grid) -> None:
         nimg = result["nimg"]
         for name, value in result["metrics"].items():
             if value is not None:
-                self.events.add_scalar(f"Metrics/{name}", value, nimg)
+                self.events.add_scalar(f"{metric_group(name, result['standin'])}/{name}", value, nimg)
         if grid is not None:
             import torchvision
 
@@ -311,7 +312,13 @@ class Evaluator:
         better = best is None or (value < best["value"] if LOWER_IS_BETTER[name] else value > best["value"])
         if better:
             io.atomic_write_json(url, {"metric": name, "value": value, "step": result["step"], "kimg": result["kimg"],
-                                       "snapshot": result["snapshot"]}, so)
+                                       "snapshot": result["snapshot"], "standin": result["standin"]}, so)
+
+
+def metric_group(name: str, standin: bool) -> str:
+    """The TensorBoard group of a metric: a stand-in Inception's FID and KID get one of their own,
+    so they never share a curve (or a dashboard query) with real ones."""
+    return "Metrics_standin" if standin and name.split("_")[0] in ("fid", "kid") else "Metrics"
 
 
 @contextlib.contextmanager

@@ -74,6 +74,20 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 
+def end_of_run(run_dir: str, state: dict, segment: tuple[float, int], bad_samples: int, sidecar: bool) -> str:
+    """The line a finished run ends on: where it got, how fast this segment went, what was
+    skipped, and where everything is."""
+    seconds = time.perf_counter() - segment[0]
+    images = state["nimg"] - segment[1]
+    h, rem = divmod(round(seconds), 3600)
+    rate = f", {images / seconds:.1f} images/s" if images and seconds > 0 else ""
+    evaluation = f"; evaluation in {run_dir}/eval" + (" (the sidecar finishes the last snapshots)" if sidecar else "")
+    return (f"gan-train: done at kimg {state['nimg'] / 1000:.3f} (step {state['step']}); this segment "
+            f"{h}:{rem // 60:02d}:{rem % 60:02d}{rate}; {state['skipped_steps']} steps and {bad_samples} bad "
+            f"samples skipped; checkpoints and snapshots in {run_dir}, TensorBoard: --logdir {run_dir}"
+            f"{evaluation}")
+
+
 def adam_kwargs(impl: str) -> dict:
     """``torch.optim.Adam`` keyword arguments for ``optim.adam``."""
     return {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}[impl]
@@ -363,6 +377,7 @@ def train(cfg: Config, command: str = "") -> int:
     exit_code = EXIT_OK
     first_nan = cfg.train.debug_nan_step if cfg.train.debug_nan_step is not None else -1
     monitor.start(state["nimg"], total_nimg)
+    segment = (time.perf_counter(), state["nimg"])
     while state["nimg"] < total_nimg:
         for engine in engines.values():
             for group in engine.param_groups:
@@ -429,9 +444,12 @@ def train(cfg: Config, command: str = "") -> int:
                         f"(exit code {EXIT_RUN_DIR_BUSY})", file=sys.stderr)
         exit_code = EXIT_RUN_DIR_BUSY
     monitor.close(state)
-    if exit_code == EXIT_OK and dist.is_main():
-        io.atomic_write_json(io.join(run_dir, DONE_MARKER), {"step": state["step"], "nimg": state["nimg"],
-                                                             "time": time.time()}, so)
+    if exit_code == EXIT_OK:
+        bad = int(dist.all_sum([sum(consumed["bad"].values())], device)[0])  # every rank gets here
+        if dist.is_main():
+            io.atomic_write_json(io.join(run_dir, DONE_MARKER), {"step": state["step"], "nimg": state["nimg"],
+                                                                 "time": time.time()}, so)
+        dist.main_print(end_of_run(run_dir, state, segment, bad, cfg.eval.sidecar))
     if lease is not None:
         lease.release()
     accelerator.end_training()

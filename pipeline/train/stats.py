@@ -5,6 +5,7 @@ and a description of the run (command, git SHA, library versions)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import platform
 import resource
 import subprocess
@@ -46,8 +47,20 @@ def peak_mem_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
 
+def end_nimg(nimg: int, total_nimg: int, batch_size: int) -> int:
+    """The images seen when a run at ``nimg`` stops: the first whole batch at or past the total."""
+    return nimg + max(0, -(-(total_nimg - nimg) // batch_size)) * batch_size
+
+
+def tensorboard_url(run_dir: str) -> str:
+    """Where a run's TensorBoard events go: ``run_dir/tensorboard/<run name>``, so that TensorBoard
+    shows the run under its name (the run directory's, by default the config's) rather than as
+    "tensorboard", and several runs under one ``--logdir`` stay apart."""
+    return io.join(run_dir, "tensorboard", run_dir.rstrip("/").rsplit("/", 1)[-1])
+
+
 class RunEvents:
-    """A TensorBoard writer for ``run_dir/tensorboard``. Object stores cannot append, so for a
+    """A TensorBoard writer for ``tensorboard_url(run_dir)``. Object stores cannot append, so for a
     remote run the events go to a local folder that is uploaded on every flush."""
 
     def __init__(self, run_dir: str, storage_options: dict | None = None, suffix: str = ""):
@@ -55,8 +68,9 @@ class RunEvents:
 
         self.run_dir, self.so = run_dir, storage_options
         self.remote = not io.is_local(run_dir)
-        _, path = io.fs_for(run_dir, storage_options)
-        self.local = tempfile.mkdtemp(prefix="gan-tb-") if self.remote else str(Path(path) / "tensorboard")
+        self.url = tensorboard_url(run_dir)
+        _, path = io.fs_for(self.url, storage_options)
+        self.local = tempfile.mkdtemp(prefix="gan-tb-") if self.remote else path
         self.writer = SummaryWriter(self.local, filename_suffix=suffix)
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
@@ -72,7 +86,7 @@ class RunEvents:
         self.writer.flush()
         if self.remote:
             for p in Path(self.local).iterdir():
-                io.atomic_upload(p, io.join(self.run_dir, "tensorboard", p.name), self.so)
+                io.atomic_upload(p, io.join(self.url, p.name), self.so)
 
     def close(self) -> None:
         self.flush()
@@ -115,12 +129,29 @@ class Monitor:
             return
         self.writer = RunEvents(self.run_dir, self.cfg.data.storage_options or None)
         self.val_batch = self._fixed_batch()
+        self.write_config()
         if self.cfg.train.progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=round(total_nimg / 1000, 3), initial=round(nimg / 1000, 3), unit="kimg",
+            # Where the run will really end: the last step may pass total_kimg by part of a batch,
+            # and a resumed run may already be there.
+            end = max(nimg, end_nimg(nimg, total_nimg, self.cfg.train.batch_size))
+            self.bar = tqdm(total=round(end / 1000, 3), initial=round(nimg / 1000, 3), unit="kimg",
                             desc="train", mininterval=2.0, bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} kimg "
                             "[{elapsed}<{remaining}]{postfix}")
+
+    def write_config(self) -> None:
+        """The resolved config in TensorBoard: as text, and as hyperparameters (flattened keys) so
+        that runs can be compared in its HParams tab."""
+        from torch.utils.tensorboard.summary import hparams
+
+        from ..config import _flatten, to_dict
+
+        tree = to_dict(self.cfg)  # storage credentials redacted
+        self.writer.writer.add_text("config", "```\n" + json.dumps(tree, indent=2) + "\n```", 0)
+        flat = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in _flatten(tree).items()}
+        for summary in hparams(flat, {"Progress/kimg": 0.0}):
+            self.writer.writer.file_writer.add_summary(summary)
 
     @staticmethod
     def _next(nimg: int, every_kimg: float) -> int | None:
