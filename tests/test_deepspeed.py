@@ -70,8 +70,8 @@ def plain(obj):
 
 @pytest.mark.timeout(600)  # three 2-process launches; ~150 s on a loaded 2-core machine
 def test_zero2_bf16_trains_commits_engine_state_and_resumes_bit_identical(demo_shards, tmp_path):
-    # bf16 convolutions are slow on CPUs without native bf16: 8 steps, a checkpoint every 2.
-    args = [f"data.url={demo_shards}", "train.total_kimg=0.032", "checkpoint.every_kimg=0.008",
+    # bf16 convolutions are slow on CPUs without native bf16: 6 steps, a checkpoint every 2.
+    args = [f"data.url={demo_shards}", "train.total_kimg=0.024", "checkpoint.every_kimg=0.008",
             "data.workers=1", "train.precision=bf16", *SMALL]
     a_dir, b_dir = tmp_path / "a", tmp_path / "b"
     r = run(zero_cmd([f"run.dir={a_dir}", *args]), timeout=300)
@@ -104,41 +104,26 @@ def test_zero2_bf16_trains_commits_engine_state_and_resumes_bit_identical(demo_s
         worker.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=180)
     assert "preempted: saved at kimg" in out + err, err[-4000:]
-    assert ckpt.latest(str(b_dir)).step < 8
+    assert ckpt.latest(str(b_dir)).step < 6
     r = run(cmd, timeout=300)
     assert r.returncode == 0, explain(r)
     assert "resumed from" in r.stdout + r.stderr
     assert_identical(zero_states(a_dir), zero_states(b_dir))
 
 
-def test_zero1_skips_a_nan_step_on_every_rank(demo_shards, tmp_path):
-    run_dir = tmp_path / "run"
-    r = run(zero_cmd([f"data.url={demo_shards}", f"run.dir={run_dir}", "distributed.zero_stage=1",
-                      "train.total_kimg=0.024", "checkpoint.every_kimg=0.024",
-                      "data.workers=1", "train.debug_nan_step=2", "train.debug_nan_rank=1", *SMALL]), timeout=300)
-    assert r.returncode == 0, explain(r)
-    assert "DeepSpeed ZeRO stage 1: G steps G; D steps D (fp32)" in r.stdout + r.stderr
-    assert "step 3 skipped on every rank" in r.stderr
-    found = ckpt.latest(str(run_dir))
-    ranks = [ckpt.load_tensors(f"{found.url}/rank-{r:03d}.pt") for r in (0, 1)]
-    assert ranks[0]["fingerprints"] == ranks[1]["fingerprints"]
-    states = zero_states(run_dir)
-    assert all(torch.isfinite(t).all() for t in states["G"].values() if t.is_floating_point())
-    assert states["zero/G/zero_pp_rank_1_mp_rank_00_optim_states.pt"]["optimizer_state_dict"]["zero_stage"] == 1
-    assert read_scalars(run_dir)["Train/skipped_steps"][-1][1] == 1
-
-
-@pytest.mark.parametrize("config, override, message", [
-    ("pix2pixhd_demo", "model.fix_global_kimg=1", "model.fix_global_kimg needs distributed.backend=ddp"),
-    ("dcgan_folder64", "model.weight_clip=0.01", "model.weight_clip needs distributed.backend=ddp"),
+@pytest.mark.parametrize("config, override, message, launched", [
+    ("pix2pixhd_demo", "model.fix_global_kimg=1", "model.fix_global_kimg needs distributed.backend=ddp", True),
+    ("dcgan_folder64", "model.weight_clip=0.01", "model.weight_clip needs distributed.backend=ddp", False),
     ("pix2pix_demo", "train.precision=fp16", "train.precision=fp16 needs distributed.backend=ddp; with deepspeed "
-                                             "choose one of: auto, fp32, bf16"),
+                                             "choose one of: auto, fp32, bf16", False),
 ])
-def test_what_zero_cannot_do_is_a_one_line_config_error(config, override, message):
+def test_what_zero_cannot_do_is_a_one_line_config_error(config, override, message, launched):
     # With the backend named: one line, exit 2, before any process group exists.
     r = run([sys.executable, TRAIN, "--config", config, override, "distributed.backend=deepspeed"], timeout=120)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and message in lines[0], explain(r)
+    if not launched:  # the launched path is the same check; once is enough
+        return
     # Under the DeepSpeed launch config (backend auto): the same line from the rank, no traceback
     # of ours (the launcher adds its own report of a failed child).
     r = run(zero_cmd([override], config), timeout=120)
@@ -165,16 +150,24 @@ def test_accumulation_and_a_ddp_checkpoint_are_refused_clearly(demo_shards, tmp_
 
 
 @pytest.mark.s3
-def test_zero2_run_directory_on_s3_commits_engine_state_and_resumes(s3_server, demo_shards):
+def test_zero1_run_directory_on_s3_skips_a_nan_step_commits_engine_state_and_resumes(s3_server, demo_shards):
     # DeepSpeed writes local files only: each rank stages its own into a local folder and uploads
-    # them before the commit; a resume downloads them. Against a real S3 server on loopback.
+    # them before the commit; a resume downloads them. Against a real S3 server on loopback. ZeRO
+    # stage 1 here (stage 2 in the other tests), with a non-finite loss on one rank at step 2.
     url = s3_server.url("runs/zero")
-    common = [f"data.url={demo_shards}", f"run.dir={url}", "checkpoint.every_kimg=0.008", "data.workers=1", *SMALL]
+    common = [f"data.url={demo_shards}", f"run.dir={url}", "checkpoint.every_kimg=0.008", "data.workers=1",
+              "distributed.zero_stage=1", "train.debug_nan_step=1", "train.debug_nan_rank=1", *SMALL]
     r = run(zero_cmd([*common, "train.total_kimg=0.008"]), timeout=240)
     assert r.returncode == 0, explain(r)
+    assert "DeepSpeed ZeRO stage 1: G steps G; D steps D (fp32)" in r.stdout + r.stderr
+    assert "step 2 skipped on every rank" in r.stderr, explain(r)
     found = ckpt.latest(url)  # verifies every file's SHA-256 in the bucket, engine files included
     partitions = [f for f in found.record["files"] if f.startswith("zero/") and "zero_pp_rank_" in f]
     assert len(partitions) == 4, found.record["files"]  # 2 engines x 2 ranks
+    ranks = [ckpt.load_tensors(f"{found.url}/rank-{r:03d}.pt") for r in (0, 1)]
+    assert ranks[0]["fingerprints"] == ranks[1]["fingerprints"]  # the skip kept the ranks in step
+    G = ckpt.load_tensors(f"{found.url}/G.pt")
+    assert all(torch.isfinite(t).all() for t in G.values() if t.is_floating_point())
     r = run(zero_cmd([*common, "train.total_kimg=0.016"]), timeout=240)
     assert r.returncode == 0 and "resumed from s3://" in r.stdout + r.stderr, explain(r)
     assert ckpt.list_steps(url) == [2, 4]
