@@ -1,6 +1,6 @@
 """Images out of a trained model: load a run's snapshot (latest, best or a given step; any fsspec
-URL) and generate from seeds (unconditional families) or translate a split of shards
-(conditional families), as PNG files or one grid; ``--dump-eval`` writes exactly the images the
+URL) and generate from seeds (unconditional families) or translate a split of shards or a
+folder of inputs (conditional families), as PNG files or one grid; ``--dump-eval`` writes exactly the images the
 evaluator scores, so anyone can recompute our FID with ``fidelity``. ``gan-generate`` is the CLI.
 """
 
@@ -127,8 +127,8 @@ def _device(snap: Snapshot) -> torch.device:
 def _unconditional(snap: Snapshot) -> Evaluation:
     evs = [ev for ev in snap.evaluations(snap.cfg.data.split) if ev.inputs is None]
     if not evs:
-        raise ValueError(f"the {snap.family.name} family translates inputs: give --split (a split of its shards), "
-                         f"not --seeds/--count")
+        raise ValueError(f"the {snap.family.name} family translates inputs: give --split (a split of its shards) "
+                         f"or --inputs (a folder), not --seeds/--count")
     return evs[0]
 
 
@@ -165,6 +165,79 @@ def translate(snap: Snapshot, split: str, max_samples: int | None = None, batch_
             index += len(next(v for v in batch.values() if torch.is_tensor(v)))
 
 
+def folder_inputs(snap: Snapshot, folder: str | Path, ev: Evaluation) -> list[tuple[str, dict[str, bytes]]]:
+    """The inputs in ``folder`` for ``ev``, as ``(stem, {field: encoded bytes})`` in name order.
+
+    The fields needed are the evaluation's input fields but a paired evaluation's ground truth
+    (``image``). With one such field every image file is an input; with several each input is a
+    set ``STEM.FIELD.EXT`` (WebDataset's naming: ``x.label.png`` and ``x.instance.png``)."""
+    from .data.index import IMAGE_EXTS
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--inputs {folder}: no such folder")
+    needed = [f for f in ev.inputs.fields if not (ev.paired and f == "image")]
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS)
+    groups: dict[str, dict[str, bytes]] = {}
+    for path in files:
+        stem, _, field = path.stem.rpartition(".")
+        if len(needed) == 1 and (not stem or field not in needed):
+            stem, field = path.stem, needed[0]
+        if stem and field in needed:
+            groups.setdefault(stem, {})[field] = path.read_bytes()
+    if not groups:
+        wanted = f"image files ({', '.join(IMAGE_EXTS)})" if len(needed) == 1 else \
+            " and ".join(f"NAME.{f}.png" for f in needed)
+        raise FileNotFoundError(f"--inputs {folder}: no inputs there; the {snap.family.name} family takes {wanted}")
+    for stem, fields in groups.items():
+        missing = [f for f in needed if f not in fields]
+        if missing:
+            raise FileNotFoundError(f"--inputs {folder}: {stem} has no {', '.join(missing)} "
+                                    f"(expected {' and '.join(f'{stem}.{f}.png' for f in needed)})")
+    return sorted(groups.items())
+
+
+@torch.no_grad()
+def translate_folder(snap: Snapshot, folder: str | Path, batch_size: int = 8, samples_per_input: int = 1
+                     ) -> Iterator[tuple[str, str, int, torch.Tensor]]:
+    """``(evaluation name, input stem, draw, image [3, H, W])`` for each input in ``folder``
+    (``folder_inputs``), decoded, resized and centre-cropped exactly as the shards are for the
+    evaluator. A paired evaluation's ground truth, which a folder does not have, is zeros."""
+    from .data.manifest import load_manifest
+    from .data.transforms import Augment, augment, decode_field, field_dtypes
+
+    cfg, device = snap.cfg, _device(snap)
+    evs = [ev for ev in snap.evaluations() if ev.inputs is not None]
+    if not evs:
+        raise ValueError(f"the {snap.family.name} family generates from latents: give --seeds or --count, "
+                         f"not --inputs")
+    specs = load_manifest(cfg.data.url, cfg.data.storage_options or None).fields
+    aug = Augment(cfg.data.load_size, cfg.data.crop_size, False)
+    for ev in evs:
+        kinds = {f: specs[f]["kind"] for f in ev.inputs.fields}
+        dtypes = field_dtypes({f: specs[f] for f in ev.inputs.fields}, snap.info.num_classes)
+        inputs = folder_inputs(snap, folder, ev)
+        for start in range(0, len(inputs), batch_size):
+            samples = []
+            for stem, raw in inputs[start:start + batch_size]:
+                try:
+                    decoded = augment({f: decode_field(kinds[f], data) for f, data in raw.items()},
+                                      kinds, dtypes, aug, None, False)
+                except Exception as exc:  # DecodeError, a crop larger than the input
+                    raise ValueError(f"--inputs {folder}: {stem}: {exc}") from None
+                for f in ev.inputs.fields:
+                    if f not in decoded:  # the ground truth of a paired evaluation
+                        shape = next(iter(decoded.values())).shape[-2:]
+                        decoded[f] = torch.zeros((3, *shape) if kinds[f] == "image" else shape, dtype=torch.uint8)
+                samples.append(decoded)
+            batch = torch.utils.data.default_collate(samples)
+            b = snap.family.prepare({ev.inputs.name: batch}, device, cfg, snap.info)
+            stems = [stem for stem, _ in inputs[start:start + batch_size]]
+            for draw in range(samples_per_input):
+                for stem, fake in zip(stems, ev.generate(snap.nets, b).float().clamp(-1, 1)):
+                    yield ev.name, stem, draw, fake.cpu()
+
+
 def save_png(image: torch.Tensor, path: Path) -> None:
     """One [3, H, W] image in [-1, 1], quantised as the evaluator's features see it."""
     from PIL import Image
@@ -194,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--seeds", type=_seeds, help="unconditional: one image per seed, e.g. 0-15")
     what.add_argument("--count", type=int, help="unconditional: images from seeds 0..count-1")
     what.add_argument("--split", help="conditional: translate this split of the run's shards")
+    what.add_argument("--inputs", help="conditional: translate the images in this folder (NAME.png, or "
+                                       "NAME.FIELD.png for several fields)")
     what.add_argument("--dump-eval", action="store_true",
                       help="exactly the images the evaluator scores (its latents or its split and sample cap)")
     p.add_argument("--max-samples", type=int, help="conditional: at most this many inputs")
@@ -231,6 +306,9 @@ def _generate(a: argparse.Namespace) -> int:
                                                 seed=snap.cfg.eval.seed if a.dump_eval else None):
             images.append((f"{name + '_' if name else ''}{index:06d}{f'_{draw}' if a.samples_per_input > 1 else ''}",
                            img))
+    elif a.inputs:
+        for name, stem, draw, img in translate_folder(snap, a.inputs, snap.cfg.eval.batch_size, a.samples_per_input):
+            images.append((f"{name + '_' if name else ''}{stem}{f'_{draw}' if a.samples_per_input > 1 else ''}", img))
     else:
         seeds = a.seeds if a.seeds is not None else list(range(a.count or 8))
         for seed, img in zip(seeds, from_seeds(snap, seeds, a.truncation).cpu()):

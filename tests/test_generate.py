@@ -95,7 +95,7 @@ def _manifest(snap):
     return load_manifest(snap.cfg.data.url)
 
 
-def test_a_conditional_run_translates_a_split_and_refuses_seeds(demo_shards, tmp_path):
+def test_a_conditional_run_translates_a_split_or_a_folder_and_refuses_seeds(demo_shards, tmp_path):
     run_dir = tmp_path / "run"
     r = run(launch_cmd(1, [f"data.url={demo_shards}", f"run.dir={run_dir}", *SMALL, "train.total_kimg=0.008",
                            "checkpoint.every_kimg=0.008", "data.workers=0", "eval.max_samples=5"]))
@@ -105,6 +105,30 @@ def test_a_conditional_run_translates_a_split_and_refuses_seeds(demo_shards, tmp
     out = pngs(tmp_path / "val")
     assert list(out) == ["000000.png", "000001.png", "000002.png"]
     assert out["000000.png"].shape == (128, 128, 3)
+    # A folder of the same inputs, as a user has them (the label maps as files): the same images.
+    import tarfile
+
+    from pipeline.data.manifest import load_manifest
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    with tarfile.open(load_manifest(demo_shards).shards("val")[0].url) as tar:
+        labels = [(m.name.split(".")[0], tar.extractfile(m).read()) for m in tar if m.name.endswith(".label.png")]
+    for i, (key, data) in enumerate(labels[:3]):
+        (inputs / f"{i:02d}-{key}.png").write_bytes(data)
+    (inputs / "notes.txt").write_text("not an image: passed over")
+    r = generate("--run", str(run_dir), "--out", str(tmp_path / "folder"), "--inputs", str(inputs))
+    assert r.returncode == 0, explain(r)
+    folder = pngs(tmp_path / "folder")
+    assert list(folder) == [f"{i:02d}-{key}.png" for i, (key, _) in enumerate(labels[:3])]
+    for i, name in enumerate(folder):
+        assert np.array_equal(folder[name], out[f"{i:06d}.png"]), name
+    # Photos where the model takes label maps: one line naming the file and why.
+    r = generate("--run", str(run_dir), "--out", str(tmp_path / "none"), "--inputs", str(tmp_path / "val"))
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, explain(r)
+    assert "000000: a label map must be single-channel, got mode RGB" in r.stderr, explain(r)
+    r = generate("--run", str(run_dir), "--out", str(tmp_path / "none"), "--inputs", str(tmp_path / "missing"))
+    assert r.returncode == 2 and "no such folder" in r.stderr and r.stderr.strip().count("\n") == 0, explain(r)
     r = generate("--run", str(run_dir), "--out", str(tmp_path / "dump"), "--dump-eval")
     assert r.returncode == 0 and len(pngs(tmp_path / "dump")) == 5, explain(r)  # eval.max_samples of val
     r = generate("--run", str(run_dir), "--out", str(tmp_path / "x"), "--seeds", "0-3")
