@@ -68,15 +68,16 @@ def plain(obj):
     return obj
 
 
-@pytest.mark.timeout(600)  # three 2-process launches; ~150 s on a loaded 2-core machine
-def test_zero2_bf16_trains_commits_engine_state_and_resumes_bit_identical(demo_shards, tmp_path):
-    # bf16 convolutions are slow on CPUs without native bf16: 6 steps, a checkpoint every 2.
+@pytest.mark.timeout(600)  # three 2-process launches
+def test_zero2_trains_commits_engine_state_and_resumes_bit_identical(demo_shards, tmp_path):
+    # fp32: bf16 convolutions are emulated, and slow, on CPUs without native bf16; ZeRO with bf16
+    # autocast is trained in test_pix2pixhd_trains_on_zero2_engines.
     args = [f"data.url={demo_shards}", "train.total_kimg=0.024", "checkpoint.every_kimg=0.008",
-            "data.workers=1", "train.precision=bf16", *SMALL]
+            "data.workers=1", *SMALL]
     a_dir, b_dir = tmp_path / "a", tmp_path / "b"
     r = run(zero_cmd([f"run.dir={a_dir}", *args]), timeout=300)
     assert r.returncode == 0, explain(r)
-    assert "DeepSpeed ZeRO stage 2: G steps G; D steps D (bf16)" in r.stdout + r.stderr
+    assert "DeepSpeed ZeRO stage 2: G steps G; D steps D (fp32)" in r.stdout + r.stderr
     found = ckpt.latest(str(a_dir))
     files = set(found.record["files"])
     # Every rank's optimizer partition of each engine is inside the commit record, hashed.
