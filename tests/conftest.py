@@ -16,6 +16,11 @@ from pathlib import Path
 
 import pytest
 
+# One compute thread per test process, set before anything imports torch or numpy: the pytest-xdist
+# workers already keep both cores busy, the training processes the tests start run with
+# OMP_NUM_THREADS=1 as well, and more threads per process only contend (OpenMP waits spin).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # ----------------------------------------------------------------------------- S3 (moto server)
 
 # Fake credentials for the loopback server. The secret is distinctive so tests can assert it
