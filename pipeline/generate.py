@@ -204,7 +204,7 @@ def translate_folder(snap: Snapshot, folder: str | Path, batch_size: int = 8, sa
     (``folder_inputs``), decoded, resized and centre-cropped exactly as the shards are for the
     evaluator. A paired evaluation's ground truth, which a folder does not have, is zeros."""
     from .data.manifest import load_manifest
-    from .data.transforms import Augment, augment, decode_field, field_dtypes
+    from .data.transforms import Augment, DecodeError, augment, decode_field, field_dtypes
 
     cfg, device = snap.cfg, _device(snap)
     evs = [ev for ev in snap.evaluations() if ev.inputs is not None]
@@ -223,7 +223,7 @@ def translate_folder(snap: Snapshot, folder: str | Path, batch_size: int = 8, sa
                 try:
                     decoded = augment({f: decode_field(kinds[f], data) for f, data in raw.items()},
                                       kinds, dtypes, aug, None, False)
-                except Exception as exc:  # DecodeError, a crop larger than the input
+                except (DecodeError, ValueError) as exc:  # not an image of its kind; a crop larger than it
                     raise ValueError(f"--inputs {folder}: {stem}: {exc}") from None
                 for f in ev.inputs.fields:
                     if f not in decoded:  # the ground truth of a paired evaluation
