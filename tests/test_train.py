@@ -196,17 +196,21 @@ def test_a_rank_that_fails_ends_the_whole_job_promptly(demo_shards, tmp_path):
 # ---------------------------------------------------------------- exact resume
 
 
-def wait_for_commit(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+def wait_for_commit(run_dir: Path | str, step: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+    """Until ``step``'s checkpoint is committed in ``run_dir`` (a path or an fsspec URL)."""
+    from pipeline import io
+
     deadline = time.time() + timeout
-    marker = run_dir / "checkpoints" / f"step-{step:08d}" / ckpt.COMMIT
-    while not marker.exists():
+    url = ckpt.step_url(str(run_dir), ckpt.CHECKPOINTS, step)
+    local = io.is_local(url)
+    while not (Path(url, ckpt.COMMIT).exists() if local else ckpt.COMMIT in io.list_fresh(url)):
         if proc.poll() is not None:
             out, err = proc.communicate()
             pytest.fail(f"training ended before step {step} was committed:\n{out[-3000:]}\n{err[-5000:]}")
         if time.time() > deadline:
             proc.kill()
             pytest.fail(f"step {step} was never committed")
-        time.sleep(0.05)
+        time.sleep(0.05 if local else 0.2)
 
 
 def workers_of(proc: subprocess.Popen) -> list[psutil.Process]:
