@@ -164,12 +164,12 @@ def l1_to_targets(config: str, demo_shards: str, state: dict) -> float:
 
 def test_the_demo_config_learns(demo_shards, tmp_path):
     run_dir = tmp_path / "run"
-    r = run(launch_cmd(1, [f"data.url={demo_shards}", f"run.dir={run_dir}", "train.total_kimg=0.12",
-                           "checkpoint.every_kimg=0.12", "data.workers=0", "train.progress=false",
+    r = run(launch_cmd(1, [f"data.url={demo_shards}", f"run.dir={run_dir}", "train.total_kimg=0.08",
+                           "checkpoint.every_kimg=0.08", "data.workers=0", "train.progress=false",
                            "train.image_every_kimg=0"], config="pix2pixhd_demo"), timeout=400)
     assert r.returncode == 0, explain(r)
     init = fresh_G("pix2pixhd_demo", [f"data.url={demo_shards}"], demo_shards)
     before = l1_to_targets("pix2pixhd_demo", demo_shards, init)
     after = l1_to_targets("pix2pixhd_demo", demo_shards, final_states(run_dir)["G_ema"])
-    assert after < 0.7 * before, (before, after)
+    assert after < 0.75 * before, (before, after)  # 20 steps: about 0.62 on this machine's CPU
 

@@ -359,10 +359,10 @@ def swd_to_reals(demo_shards: str, state: dict) -> float:
 
 def test_the_demo_config_learns(demo_shards, tmp_path):
     run_dir = tmp_path / "run"
-    r = run(launch_cmd(1, [f"data.url={demo_shards}", f"run.dir={run_dir}", "train.total_kimg=0.4",
-                           "checkpoint.every_kimg=0.4", "data.workers=0", "train.progress=false",
+    r = run(launch_cmd(1, [f"data.url={demo_shards}", f"run.dir={run_dir}", "train.total_kimg=0.24",
+                           "checkpoint.every_kimg=0.24", "data.workers=0", "train.progress=false",
                            "train.image_every_kimg=0"], config="stylegan2_demo"), timeout=400)
     assert r.returncode == 0, explain(r)
     before = swd_to_reals(demo_shards, fresh_G("stylegan2_demo", [f"data.url={demo_shards}"], demo_shards))
     after = swd_to_reals(demo_shards, final_states(run_dir)["G_ema"])
-    assert after < 0.5 * before, (before, after)
+    assert after < 0.5 * before, (before, after)  # 30 steps: about 0.3 on this machine's CPU
