@@ -4,6 +4,8 @@ giving exactly the images the evaluator scores, and one-line errors."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +22,17 @@ import pipeline
 GENERATE = str(Path(__file__).resolve().parent.parent / "launch" / "generate.py")
 
 
-def generate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, GENERATE, *args], capture_output=True, text=True, timeout=120)
+def generate(*args: str, process: bool = False) -> subprocess.CompletedProcess:
+    """``gan-generate ARGS``: through the script in a process of its own, or (saving an
+    interpreter start and torch import per call) its ``main`` called here, output captured."""
+    if process:
+        return subprocess.run([sys.executable, GENERATE, *args], capture_output=True, text=True, timeout=120)
+    from pipeline.generate import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return subprocess.CompletedProcess([GENERATE, *args], code, out.getvalue(), err.getvalue())
 
 
 def pngs(folder: Path) -> dict[str, np.ndarray]:
@@ -39,7 +50,7 @@ def stylegan2_run(demo_shards, tmp_path_factory) -> Path:
 
 
 def test_seeds_give_the_same_images_every_time_and_the_api_gives_the_same_generator(stylegan2_run, tmp_path):
-    r = generate("--run", str(stylegan2_run), "--out", str(tmp_path / "a"), "--seeds", "3-5,9")
+    r = generate("--run", str(stylegan2_run), "--out", str(tmp_path / "a"), "--seeds", "3-5,9", process=True)
     assert r.returncode == 0, explain(r)
     a = pngs(tmp_path / "a")
     assert list(a) == ["seed0003.png", "seed0004.png", "seed0005.png", "seed0009.png"]
@@ -100,7 +111,8 @@ def test_a_conditional_run_translates_a_split_or_a_folder_and_refuses_seeds(demo
     r = run(launch_cmd(1, [f"data.url={demo_shards}", f"run.dir={run_dir}", *SMALL, "train.total_kimg=0.008",
                            "checkpoint.every_kimg=0.008", "data.workers=0", "eval.max_samples=5"]))
     assert r.returncode == 0, explain(r)
-    r = generate("--run", str(run_dir), "--out", str(tmp_path / "val"), "--split", "val", "--max-samples", "3")
+    r = generate("--run", str(run_dir), "--out", str(tmp_path / "val"), "--split", "val", "--max-samples", "3",
+                 process=True)
     assert r.returncode == 0, explain(r)
     out = pngs(tmp_path / "val")
     assert list(out) == ["000000.png", "000001.png", "000002.png"]
@@ -137,7 +149,7 @@ def test_a_conditional_run_translates_a_split_or_a_folder_and_refuses_seeds(demo
 
 
 def test_a_directory_without_snapshots_is_one_line_that_says_what_it_expected(tmp_path):
-    r = generate("--run", str(tmp_path), "--out", str(tmp_path / "o"), "--count", "2")
+    r = generate("--run", str(tmp_path), "--out", str(tmp_path / "o"), "--count", "2", process=True)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, explain(r)
     assert "holds no committed snapshot" in r.stderr
     r = generate("--run", str(tmp_path), "--out", str(tmp_path / "o"), "--best")
