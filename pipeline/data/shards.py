@@ -32,7 +32,6 @@ from PIL import Image
 
 from .. import __version__, io
 from .manifest import FORMAT, MANIFEST_NAME, VERSION
-from .shard_reader import sample_offsets
 from .sources.base import Item, Problem, Source, SourceInfo, encode_png
 from .transforms import MAP_KINDS, DecodeError, decode_field, map_array
 
@@ -252,6 +251,8 @@ class _SplitWriter:
             return
         self._tar.close()
         self._file.close()
+        from .shard_reader import sample_offsets  # webdataset imports torch: not in encoding workers
+
         with open(self._path, "rb") as f:
             sha, nbytes = io.sha256_stream(f)
             f.seek(0)
