@@ -87,7 +87,12 @@ def load_snapshot(url: str, step: int | None = None, best: bool = False, storage
 def load_generator(url: str, step: int | None = None, network: str | None = None,
                    **kwargs) -> tuple[nn.Module, Snapshot]:
     """``(G, snapshot)``: the snapshot's generator (``network``, default the family's first:
-    ``G``; CycleGAN has ``G_A`` and ``G_B``) in eval mode, and everything else the snapshot holds."""
+    ``G``; CycleGAN has ``G_A`` and ``G_B``) in eval mode, and everything else the snapshot holds.
+    ``url`` may also be a ``.safetensors`` file written by ``gan-generate --export``."""
+    if str(url).endswith(".safetensors"):
+        from .export import load_exported
+
+        return load_exported(url, **kwargs)
     snap = load_snapshot(url, step, **kwargs)
     name = network or next(iter(snap.nets))  # the family's first snapshot network
     if name not in snap.nets:
@@ -140,22 +145,15 @@ def translate(snap: Snapshot, split: str, max_samples: int | None = None, batch_
     of the family (CycleGAN: AtoB and BtoA), ``samples_per_input`` draws each (multimodal
     families draw their style anew per call). ``seed``: each batch's draws as the evaluator
     seeds them (``eval.seed``, one draw per input)."""
-    from .data.stream import make_stream
-    from .data.transforms import Augment
-
-    cfg, device = snap.cfg, _device(snap)
+    device = _device(snap)
     evs = [ev for ev in snap.evaluations(split) if ev.inputs is not None]
     if not evs:
         raise ValueError(f"the {snap.family.name} family generates from latents: give --seeds or --count, not --split")
     for ev in evs:
-        stream = make_stream(cfg.data.url, ev.inputs.split, train=False, fields=ev.inputs.fields,
-                             augment=Augment(cfg.data.load_size, cfg.data.crop_size, False),
-                             storage_options=cfg.data.storage_options or None, batch_size=batch_size)
         index = 0
-        for batch in stream:
+        for batch, b in prepared_batches(snap, ev, batch_size):
             if max_samples is not None and index >= max_samples:
                 break
-            b = snap.family.prepare({ev.inputs.name: batch}, device, cfg, snap.info)
             for draw in range(samples_per_input):
                 with seeded(seed, index, device) if seed is not None else contextlib.nullcontext():
                     fakes = ev.generate(snap.nets, b).float().clamp(-1, 1)
@@ -163,6 +161,45 @@ def translate(snap: Snapshot, split: str, max_samples: int | None = None, batch_
                     if max_samples is None or index + i < max_samples:
                         yield ev.name, index + i, draw, fake.cpu()
             index += len(next(v for v in batch.values() if torch.is_tensor(v)))
+
+
+def prepared_batches(snap: Snapshot, ev: Evaluation, batch_size: int) -> Iterator[tuple[dict, dict]]:
+    """``(collated batch, the family's prepared batch)`` of ``ev``'s input split, resized and
+    centre-cropped as the evaluator does."""
+    from .data.stream import make_stream
+    from .data.transforms import Augment
+
+    cfg = snap.cfg
+    stream = make_stream(cfg.data.url, ev.inputs.split, train=False, fields=ev.inputs.fields,
+                         augment=Augment(cfg.data.load_size, cfg.data.crop_size, False),
+                         storage_options=cfg.data.storage_options or None, batch_size=batch_size)
+    for batch in stream:
+        yield batch, snap.family.prepare({ev.inputs.name: batch}, _device(snap), cfg, snap.info)
+
+
+def export(snap: Snapshot, out: str, network: str | None = None) -> list[str]:
+    """``network`` (default the family's first) as ``NAME.safetensors`` in ``out`` and, for a
+    conditional family, as the ``torch.export`` program ``NAME.pt2`` traced on one batch of the
+    validation split (see ``pipeline.export``). The URLs written."""
+    from .export import captured_inputs, export_program, export_safetensors
+
+    name = network or next(iter(snap.nets))
+    if name not in snap.nets:
+        raise ValueError(f"--network {name}: the snapshot has no such network; it has {', '.join(snap.nets)}")
+    written = [io.join(out, f"{name}.safetensors")]
+    export_safetensors(snap, name, written[0])
+    for ev in snap.evaluations():
+        if ev.inputs is None:
+            continue
+        _, b = next(prepared_batches(snap, ev, snap.cfg.eval.batch_size))
+        try:
+            args, kwargs = captured_inputs(snap.nets[name], ev.generate, snap.nets, b)
+        except ValueError:  # this evaluation runs another network (CycleGAN's other direction)
+            continue
+        written.append(io.join(out, f"{name}.pt2"))
+        export_program(snap.nets[name], args, kwargs, written[-1])
+        break
+    return written
 
 
 def folder_inputs(snap: Snapshot, folder: str | Path, ev: Evaluation) -> list[tuple[str, dict[str, bytes]]]:
@@ -258,7 +295,8 @@ def _seeds(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gan-generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="run directory or snapshot directory (any fsspec URL)")
+    p.add_argument("--run", required=True, help="run directory, snapshot directory (any fsspec URL) or a "
+                                                "NAME.safetensors file written by --export")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--step", type=int, help="the snapshot of this step (default: the newest)")
     which.add_argument("--best", action="store_true", help="the evaluator's best snapshot (eval/best.json)")
@@ -271,6 +309,11 @@ def main(argv: list[str] | None = None) -> int:
                                        "NAME.FIELD.png for several fields)")
     what.add_argument("--dump-eval", action="store_true",
                       help="exactly the images the evaluator scores (its latents or its split and sample cap)")
+    what.add_argument("--export", action="store_true",
+                      help="write the generator as NAME.safetensors (with its config) and, for conditional "
+                           "families, as the torch.export program NAME.pt2")
+    p.add_argument("--network", help="with --export: which network (default the family's first, e.g. G; "
+                                     "CycleGAN: G_A or G_B)")
     p.add_argument("--max-samples", type=int, help="conditional: at most this many inputs")
     p.add_argument("--samples-per-input", type=int, default=1, help="multimodal families: draws per input")
     p.add_argument("--truncation", type=float, default=1.0, help="StyleGAN2: truncation psi (metrics use 1)")
@@ -287,7 +330,16 @@ def main(argv: list[str] | None = None) -> int:
 def _generate(a: argparse.Namespace) -> int:
     import torchvision
 
-    snap = load_snapshot(a.run, a.step, a.best, device=a.device)
+    if a.run.endswith(".safetensors"):  # an exported generator: no run directory needed
+        from .export import load_exported
+
+        snap = load_exported(a.run, device=a.device)[1]
+    else:
+        snap = load_snapshot(a.run, a.step, a.best, device=a.device)
+    if a.export:
+        for url in export(snap, a.out, a.network):
+            print(f"wrote {url}")
+        return 0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     images: list[tuple[str, torch.Tensor]] = []

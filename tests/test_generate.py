@@ -79,6 +79,35 @@ def test_seeds_give_the_same_images_every_time_and_the_api_gives_the_same_genera
     assert grid.shape == (2 + 2 * (32 + 2), 2 + 8 * (32 + 2), 3)  # 8 per row, 2 rows, 2-pixel padding
 
 
+def test_an_exported_generator_gives_the_same_images_without_its_run(stylegan2_run, tmp_path):
+    r = generate("--run", str(stylegan2_run), "--out", str(tmp_path / "export"), "--export")
+    assert r.returncode == 0, explain(r)
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["G.safetensors"]  # no program: unconditional
+    exported = tmp_path / "export" / "G.safetensors"
+    G, snap = pipeline.load_generator(str(stylegan2_run))
+    G2, snap2 = pipeline.load_generator(str(exported))
+    assert (snap2.family.name, snap2.step, snap2.cfg) == (snap.family.name, snap.step, snap.cfg)
+    a, b = G.state_dict(), G2.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The file alone, its run moved away: the same images from the same seeds.
+    generate("--run", str(stylegan2_run), "--out", str(tmp_path / "run"), "--seeds", "2,7")
+    stylegan2_run.rename(stylegan2_run.with_name("moved"))
+    try:
+        r = generate("--run", str(exported), "--out", str(tmp_path / "file"), "--seeds", "2,7")
+    finally:
+        stylegan2_run.with_name("moved").rename(stylegan2_run)
+    assert r.returncode == 0, explain(r)
+    ours, theirs = pngs(tmp_path / "run"), pngs(tmp_path / "file")
+    assert list(ours) == list(theirs) == ["seed0002.png", "seed0007.png"]
+    assert all(np.array_equal(ours[k], theirs[k]) for k in ours)
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    r = generate("--run", str(tmp_path / "plain.safetensors"), "--out", str(tmp_path / "x"), "--count", "1")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, explain(r)
+    assert "without gan-pipeline metadata: export one with gan-generate --run RUN --out DIR --export" in r.stderr
+
+
 def test_dump_eval_writes_exactly_the_images_the_evaluator_scores(stylegan2_run, tmp_path):
     from inception_weights import write_random_inception_weights
 
@@ -146,6 +175,25 @@ def test_a_conditional_run_translates_a_split_or_a_folder_and_refuses_seeds(demo
     r = generate("--run", str(run_dir), "--out", str(tmp_path / "x"), "--seeds", "0-3")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, explain(r)
     assert "translates inputs: give --split" in r.stderr
+    # Export: G's weights with its config, and its forward as a torch.export program that runs with
+    # torch alone, for any batch size, as G does on the family's encoded inputs.
+    r = generate("--run", str(run_dir), "--out", str(tmp_path / "export"), "--export")
+    assert r.returncode == 0, explain(r)
+    from pipeline.export import captured_inputs
+    from pipeline.generate import prepared_batches
+
+    G, snap = pipeline.load_generator(str(run_dir))
+    G2, _ = pipeline.load_generator(str(tmp_path / "export" / "G.safetensors"))
+    a, b = G.state_dict(), G2.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    program = torch.export.load(str(tmp_path / "export" / "G.pt2")).module()
+    (ev,) = snap.evaluations()
+    for n in (1, 5):
+        _, batch = next(prepared_batches(snap, ev, n))
+        args, kwargs = captured_inputs(G, ev.generate, snap.nets, batch)
+        assert len(args[0]) == n
+        with torch.no_grad():
+            torch.testing.assert_close(program(*args, **kwargs), G(*args, **kwargs), rtol=1e-5, atol=1e-5)
 
 
 def test_a_directory_without_snapshots_is_one_line_that_says_what_it_expected(tmp_path):
@@ -154,3 +202,41 @@ def test_a_directory_without_snapshots_is_one_line_that_says_what_it_expected(tm
     assert "holds no committed snapshot" in r.stderr
     r = generate("--run", str(tmp_path), "--out", str(tmp_path / "o"), "--best")
     assert r.returncode == 2 and "no eval/best.json" in r.stderr, explain(r)
+
+
+@pytest.mark.parametrize("config, overrides", [
+    ("pix2pixhd_demo", ["data.load_size=128,64", "model.ngf=4", "model.n_blocks_global=1"]),
+    ("spade_demo", ["data.load_size=64,32", "model.ngf=2", "model.spade_hidden=4"]),
+    ("spade_demo", ["data.load_size=64,32", "model.ngf=2", "model.spade_hidden=4", "model.use_vae=true",
+                    "model.z_dim=16"]),
+])
+def test_the_exported_program_of_pix2pixhd_and_spade_computes_what_g_computes(config, overrides, demo_shards,
+                                                                               tmp_path):
+    # Freshly built (seeded) networks: the program's numbers, not training, are the point here.
+    from pipeline.config import load_config
+    from pipeline.data.manifest import load_manifest
+    from pipeline.export import captured_inputs
+    from pipeline.families import get_family
+    from pipeline.generate import Snapshot, export, prepared_batches
+    from pipeline.train.family import DataInfo
+
+    cfg = load_config(config, [f"data.url={demo_shards}", *overrides])
+    m = load_manifest(demo_shards)
+    info = DataInfo(m.task, m.num_classes, tuple(m.fields))
+    family = get_family(cfg.model.family)
+    torch.manual_seed(0)
+    nets = {name: net.eval().requires_grad_(False) for name, net in family.build(cfg, info).items()}
+    snap = Snapshot(nets, cfg, family, info, str(tmp_path / "none"), 0)
+    written = export(snap, str(tmp_path / "export"))
+    assert [Path(u).name for u in written] == ["G.safetensors", "G.pt2"]
+    program = torch.export.load(written[1]).module()
+    (ev,) = snap.evaluations()
+    for n in (1, 3):
+        _, batch = next(prepared_batches(snap, ev, n))
+        args, kwargs = captured_inputs(nets["G"], ev.generate, snap.nets, batch)
+        outs = []
+        for f in (program, nets["G"]):  # with the VAE and no style given, G draws z: the same draw
+            torch.manual_seed(1)
+            with torch.no_grad():
+                outs.append(f(*args, **kwargs))
+        torch.testing.assert_close(*outs, rtol=1e-5, atol=1e-5)
