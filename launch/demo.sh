@@ -43,7 +43,7 @@ for _ in $(seq 1 600); do
   sleep 2
 done
 echo
-$PY -m pipeline.eval.summary "$RUN" --note "FID/KID extractor weights: $INCEPTION"
+$PY -m pipeline.eval.summary "$RUN" --note "FID/KID extractor weights: $INCEPTION" --plot "$RUN/eval/metrics.png"
 echo
 echo "TensorBoard (losses, image grids, metrics): .venv/bin/tensorboard --logdir $RUN --host 127.0.0.1"
 echo "checkpoints: $RUN/checkpoints   snapshots (G_ema, G): $RUN/snapshots   evaluation: $RUN/eval"

@@ -325,9 +325,17 @@ def test_trains_and_evaluates_a_run_on_s3(s3_server, demo_shards, inception):
 
 
 def test_the_summary_is_a_table_of_every_snapshot_and_the_best(trained_run, evaluated_run, tmp_path):
-    from pipeline.eval.summary import summary
+    from PIL import Image
+
+    from pipeline.eval.summary import plot, summary
 
     assert summary(str(trained_run)) == f"no evaluation results yet in {trained_run}/eval"
+    assert plot(str(trained_run), str(tmp_path / "none.png")) == [] and not (tmp_path / "none.png").exists()
+    # The plot: one 320-pixel panel per metric (KID's spread drawn as a band, not a panel of its own).
+    assert plot(str(evaluated_run), str(tmp_path / "metrics.png")) == ["fid", "kid", "psnr", "ssim"]
+    with Image.open(tmp_path / "metrics.png") as png:
+        assert png.format == "PNG" and png.size == (4 * 320, 280)
+        assert len(png.convert("RGB").getcolors(1 << 16) or []) > 50  # lines, text and a band, not a blank
     run_dir = tmp_path / "run"
     shutil.copytree(evaluated_run, run_dir)
     lines = summary(str(run_dir)).splitlines()
