@@ -64,7 +64,14 @@ def resolve_snapshot(url: str, step: int | None = None, best: bool = False,
 
 def load_snapshot(url: str, step: int | None = None, best: bool = False, storage_options: dict | None = None,
                   device: str | torch.device = "cpu") -> Snapshot:
-    """A run's (or a snapshot directory's) snapshot, verified and loaded; see ``resolve_snapshot``."""
+    """A run's (or a snapshot directory's) snapshot, verified and loaded; see ``resolve_snapshot``.
+    A ``.safetensors`` file written by ``gan-generate --export`` is a snapshot of its one network."""
+    if str(url).endswith(".safetensors"):
+        if step is not None or best:
+            raise ValueError(f"{url} holds one exported network: --step and --best choose among a run's snapshots")
+        from .export import load_exported
+
+        return load_exported(url, device, storage_options)[1]
     from .data.manifest import load_manifest
     from .families import get_family
     from .train import checkpoint as ckpt
@@ -89,10 +96,6 @@ def load_generator(url: str, step: int | None = None, network: str | None = None
     """``(G, snapshot)``: the snapshot's generator (``network``, default the family's first:
     ``G``; CycleGAN has ``G_A`` and ``G_B``) in eval mode, and everything else the snapshot holds.
     ``url`` may also be a ``.safetensors`` file written by ``gan-generate --export``."""
-    if str(url).endswith(".safetensors"):
-        from .export import load_exported
-
-        return load_exported(url, **kwargs)
     snap = load_snapshot(url, step, **kwargs)
     name = network or next(iter(snap.nets))  # the family's first snapshot network
     if name not in snap.nets:
@@ -330,12 +333,7 @@ def main(argv: list[str] | None = None) -> int:
 def _generate(a: argparse.Namespace) -> int:
     import torchvision
 
-    if a.run.endswith(".safetensors"):  # an exported generator: no run directory needed
-        from .export import load_exported
-
-        snap = load_exported(a.run, device=a.device)[1]
-    else:
-        snap = load_snapshot(a.run, a.step, a.best, device=a.device)
+    snap = load_snapshot(a.run, a.step, a.best, device=a.device)
     if a.export:
         for url in export(snap, a.out, a.network):
             print(f"wrote {url}")

@@ -100,6 +100,9 @@ def test_an_exported_generator_gives_the_same_images_without_its_run(stylegan2_r
     ours, theirs = pngs(tmp_path / "run"), pngs(tmp_path / "file")
     assert list(ours) == list(theirs) == ["seed0002.png", "seed0007.png"]
     assert all(np.array_equal(ours[k], theirs[k]) for k in ours)
+    r = generate("--run", str(exported), "--out", str(tmp_path / "x"), "--step", "2", "--count", "1")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, explain(r)
+    assert "holds one exported network: --step and --best choose among a run's snapshots" in r.stderr
     from safetensors.torch import save_file
 
     save_file({"weight": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))

@@ -56,10 +56,7 @@ def summary(run: str, storage_options: dict | None = None) -> str:
 def plot(run: str, png: str, storage_options: dict | None = None) -> list[str]:
     """Each metric (KID's spread as a band around KID) over kimg, one panel per metric, as the PNG
     ``png`` (any fsspec URL). The metrics drawn; none (and no file) before the first evaluation."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display, whatever MPLBACKEND says
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # a bare Figure draws to files, whatever backend pyplot would pick
 
     rows = sorted(_rows(run, storage_options) or [], key=lambda r: r["kimg"])
     cols, mark = _columns(rows)
