@@ -97,7 +97,7 @@ class TrainConfig:
     batch_size: int = bounded(1, 1)  # global, over all ranks and accumulation steps
     batch_per_device: int | None = None  # None: batch_size / world size (no accumulation)
     precision: str = choice("auto", "auto", "fp32", "bf16", "fp16",
-                            doc="auto: bf16 on GPUs that support it, else fp32")
+                            doc="auto: bf16 where the GPU or CPU computes it natively, else fp32")
     channels_last: bool = False
     compile: bool = False
     log_every_kimg: float = bounded(1.0, 0.0)

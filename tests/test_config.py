@@ -161,6 +161,26 @@ def test_a_sidecar_without_inception_weights_is_refused_before_launch(tmp_path):
     assert load_config("pix2pix_demo", ["eval.sidecar=true", f"eval.inception_weights={tmp_path}/w.pth"]).eval.sidecar
 
 
+def test_auto_precision_is_bf16_only_where_the_hardware_computes_it(monkeypatch):
+    from pipeline.train.loop import resolve_precision
+
+    for caps, want in (({"avx2": True, "avx512_bf16": False}, "fp32"), ({"avx512_bf16": True}, "bf16"),
+                       ({"amx_bf16": True}, "bf16"), ({"architecture": "arm64", "bf16": True}, "bf16")):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: caps)
+        precision, why = resolve_precision("auto", "cpu")
+        assert precision == want and why.startswith("auto: this CPU "), (caps, precision, why)
+        assert resolve_precision("fp32", "cpu") == ("fp32", "configured")
+        assert resolve_precision("fp16", "cpu") == ("fp16", "configured")
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True})
+    assert resolve_precision("bf16", "cpu") == (
+        "bf16", "configured; this CPU has no native bf16, so it is emulated and slower than fp32")
+    # On CUDA only hardware bf16 counts (Ampere+), not torch's emulation on older GPUs.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert resolve_precision("auto", "cuda") == ("fp32", "auto: this GPU has no native bf16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert resolve_precision("auto", "cuda") == ("bf16", "auto: this GPU computes bf16 natively")
+
+
 def test_a_launcher_precision_is_honoured_or_refused_never_ignored():
     from pipeline.config import launcher_precision
 

@@ -223,7 +223,7 @@ def test_cyclegan_on_two_processes_resumes_bit_identical_pools_and_streams_inclu
     a_dir, b_dir = tmp_path / "a", tmp_path / "b"
     r = run(launch_cmd(2, [f"run.dir={a_dir}", *args], config="cyclegan_demo"))
     assert r.returncode == 0, explain(r)
-    assert "DDP: G steps G_A, G_B; D steps D_A, D_B (fp32)" in r.stdout + r.stderr
+    assert "DDP: G steps G_A, G_B; D steps D_A, D_B (fp32: configured)" in r.stdout + r.stderr
     cmd = launch_cmd(2, [f"run.dir={b_dir}", *args], config="cyclegan_demo")
     kill_job_at_commit(cmd, b_dir, 4)
     assert ckpt.latest(str(b_dir)).step < 12

@@ -68,10 +68,29 @@ def ignore_preemption_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def resolve_precision(precision: str) -> str:
-    if precision != "auto":
-        return precision
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+def native_bf16(device_type: str) -> bool:
+    """Whether the device computes bf16 in hardware. Where it does (Ampere and later GPUs; CPUs
+    with AVX512-BF16 or AMX, or Arm's BF16 extension) bf16 autocast is the fast path; elsewhere
+    torch emulates it and it is much slower than fp32 (docs/performance.md)."""
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device_type == "cpu":
+        caps = torch.cpu.get_capabilities()
+        return any(caps.get(k) for k in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16"))
+    return False
+
+
+def resolve_precision(precision: str, device_type: str) -> tuple[str, str]:
+    """``train.precision`` made concrete for this device, and a note saying why (for the start line):
+    ``auto`` is bf16 where the hardware computes it natively, else fp32."""
+    where = "this GPU" if device_type == "cuda" else f"this {device_type.upper()}"
+    native = native_bf16(device_type)
+    if precision == "auto":
+        return ("bf16", f"auto: {where} computes bf16 natively") if native else \
+            ("fp32", f"auto: {where} has no native bf16")
+    if precision == "bf16" and not native:
+        return "bf16", f"configured; {where} has no native bf16, so it is emulated and slower than fp32"
+    return precision, "configured"
 
 
 def end_of_run(run_dir: str, state: dict, segment: tuple[float, int], bad_samples: int, sidecar: bool) -> str:
@@ -166,7 +185,7 @@ def train(cfg: Config, command: str = "") -> int:
     preemption = Preemption()
     dist.exit_with_launcher(EXIT_ORPHANED)
     # ------------------------------------------------------------ processes, devices, precision
-    precision = resolve_precision(cfg.train.precision)
+    precision, why = resolve_precision(cfg.train.precision, "cuda" if torch.cuda.is_available() else "cpu")
     backend = dist.resolve_backend(cfg.distributed.backend)  # before make_accelerator: it reads the launcher's
     accelerator = dist.make_accelerator(precision, timeout_sec=cfg.distributed.timeout_sec)
     device, rank, world = accelerator.device, dist.rank(), dist.world_size()
@@ -260,7 +279,7 @@ def train(cfg: Config, command: str = "") -> int:
         plain.update(modules)
         wrapped.update(engine.modules)
     dist.main_print(f"{next(iter(engines.values())).kind}: " + "; ".join(
-        f"{name} steps {', '.join(e.modules)}" for name, e in engines.items()) + f" ({precision})")
+        f"{name} steps {', '.join(e.modules)}" for name, e in engines.items()) + f" ({precision}: {why})")
     if cfg.train.compile:
         wrapped = {k: torch.compile(m) for k, m in wrapped.items()}
     ema = {n.name: make_ema(plain[n.name]) for n in family.networks if n.ema and cfg.model.ema_kimg > 0}
