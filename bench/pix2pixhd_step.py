@@ -29,9 +29,17 @@ hands them over (both sides convert the image to [-1, 1] with the loader's ``flo
   against the detached real features; ``optimizer_G.zero_grad(); loss_G.backward();
   optimizer_G.step(); optimizer_D.zero_grad(); ((D_fake + D_real) * 0.5).backward();
   optimizer_D.step()``. So D's weight gradients are computed in G's backward and thrown away,
-  D runs three separate batch-1 forwards, ``zero_grad`` keeps the gradient tensors
-  (``set_to_none=False``, the old torch default) and Adam is torch's default for CPU tensors.
-  ``pool_size`` is 0 (the official default), so the fake pool returns its input.
+  D runs three separate batch-1 forwards, and the optimizers are what the official code gets from
+  today's torch: ``zero_grad()`` sets gradients to None and Adam on CPU tensors is the
+  per-parameter loop. ``pool_size`` is 0 (the official default), so the fake pool returns its input.
+- ``official-code`` (with ``--official-code PATH``): the NVIDIA/pix2pixHD code itself, imported
+  from a checkout outside this repository: its option parser, ``create_model`` and
+  ``Pix2PixHDModel.forward``, and the lines of its ``train.py`` iteration, on CPU, with our
+  initial weights. It checks the restatement: relative to ``ours``, the two should land within
+  +-5% of each other, and the report says whether they do; ratios are then taken against it.
+- What-ifs (``--variants``): Adam as a per-parameter loop or fused; ``train.compile``;
+  ``train.channels_last``. ``ours-bf16`` runs by default only where the CPU computes bf16
+  natively (the same test as ``precision=auto``); elsewhere torch emulates bf16 and it is slow.
 
 How it is measured. Each variant runs in its own fresh child process (this file with
 ``--child``), so peak RSS (``ru_maxrss``, startup included) belongs to that variant alone;
@@ -40,8 +48,8 @@ How it is measured. Each variant runs in its own fresh child process (this file 
 ``process_time`` call each) for the breakdown table. ``--rounds`` rounds (order rotated so drifting
 load hits every variant alike), each child doing ``--warmup`` warm-up then ``--measure / rounds``
 measured iterations; medians pool all rounds (default: 2 x (3 + 5), i.e. the median of 10
-measured iterations, each after 3 warm-ups). Ratios use medians measured in this run; the issue's
-figure for the official code (0.667 s CPU, 1.66-1.71 GB) is printed apart as an external number.
+measured iterations, each after 3 warm-ups). Ratios use medians measured in this run; issue #23's
+side-by-side figures from another machine are printed apart as external numbers.
 
 Numerics. A separate child builds the networks once, copies them, and runs one iteration of
 ``ours fp32`` (each engine wrapper hands its gradients over just before the step) and one of
@@ -54,6 +62,7 @@ rounding noise, which Adam's first step (``lr * g / (|g| + eps)``) turns into st
 ``lr``, whichever code computes them.
 
     .venv/bin/python bench/pix2pixhd_step.py                  # 2 rounds, median of 10, ~2-3 min
+    .venv/bin/python bench/pix2pixhd_step.py --size 512x256 --official-code ../pix2pixHD
     .venv/bin/python bench/pix2pixhd_step.py --quick          # 1 round, 2 warm-up + 3 measured
     .venv/bin/python bench/pix2pixhd_step.py --profile ours   # torch.profiler op table of one variant
 """
@@ -64,10 +73,12 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import io
 import json
 import math
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -85,12 +96,13 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from pipeline.data.device import float_image  # noqa: E402
-from pipeline.train.loop import adam_kwargs  # noqa: E402
+from pipeline.train.loop import adam_kwargs, native_bf16  # noqa: E402
 
 RESULT_TAG = "RESULT "
 TARGET_TIME_RATIO = 0.85  # ours fp32 / official-style fp32
-EXTERNAL_SEC, EXTERNAL_RSS_GB = 0.667, (1.66, 1.71)  # the issue: official code, this machine type, same wheel
-H, W, LABEL_NC, SEED = 128, 256, 35, 0
+# Issue #23: (official code, ours fp32) CPU s/iter side by side, per (W, H), on its machine.
+EXTERNAL = {(256, 128): (1.105, 1.053), (512, 256): (3.494, 3.533)}
+H, W, LABEL_NC, SEED = 128, 256, 35, 0  # --size sets W and H
 
 
 @dataclass(frozen=True)
@@ -99,6 +111,8 @@ class Variant:
     kind: str  # "ours" or "official"
     precision: str = "fp32"
     adam: str = "config"  # ours: "config" (optim.adam as configured), "single" (foreach=False), "fused"
+    compile: bool = False  # ours: train.compile (torch.compile of G and D, inductor)
+    channels_last: bool = False  # ours: train.channels_last (networks and inputs)
     default: bool = True  # part of the default comparison; extras are what-ifs, opt-in via --variants
 
 
@@ -106,10 +120,14 @@ VARIANTS = {
     "ours": Variant("OURS fp32", "ours"),
     "ours-bf16": Variant("OURS bf16", "ours", "bf16"),
     "official": Variant("OFFICIAL-STYLE fp32", "official"),
+    # The NVIDIA/pix2pixHD code itself, from a checkout given by --official-code (never vendored).
+    "official-code": Variant("OFFICIAL CODE fp32", "official-code", default=False),
     # What-ifs: Adam without foreach (optim.adam=for-loop) and fused (optim.adam=fused, the
     # default since this benchmark showed foreach's full-size temporaries on CPU).
     "ours-adam-single": Variant("OURS fp32 Adam single", "ours", adam="single", default=False),
     "ours-adam-fused": Variant("OURS fp32 Adam fused", "ours", adam="fused", default=False),
+    "ours-compile": Variant("OURS fp32 compiled", "ours", compile=True, default=False),
+    "ours-cl": Variant("OURS fp32 channels_last", "ours", channels_last=True, default=False),
 }
 OVERRIDES = [
     "model.family=pix2pixhd", "model.generator=global", "model.ngf=32", "model.ndf=32",
@@ -140,8 +158,10 @@ def make_batch(seed: int = SEED) -> dict:
     coarse = torch.randint(0, LABEL_NC, (1, 1, H // 32, W // 32), generator=g).float()
     label = F.interpolate(coarse, size=(H, W), mode="nearest").to(torch.uint8)[:, 0]
     instance = label.clone().int()  # stuff classes: instance id = class id
+    f = W // 256  # the instances are placed for 256x128 and scaled with the size
     for k, (cls, y, x, h, w) in enumerate([(26, 70, 20, 30, 60), (26, 75, 60, 28, 50), (24, 40, 150, 60, 18),
                                            (24, 45, 165, 55, 16), (33, 90, 200, 25, 30)]):
+        y, x, h, w = y * f, x * f, h * f, w * f
         label[:, y:y + h, x:x + w] = cls
         instance[:, y:y + h, x:x + w] = cls * 1000 + k
     image = torch.randint(0, 256, (1, 3, H, W), generator=g, dtype=torch.uint8)
@@ -209,7 +229,8 @@ GLUE = "loop: requires_grad_, monitor.add"
 class Ours:
     """The pix2pixhd family driven by the loop's own ``run_iteration`` (world size 1, no DDP)."""
 
-    def __init__(self, cfg, info, G: nn.Module, D: nn.Module, precision: str, adam: str = "config"):
+    def __init__(self, cfg, info, G: nn.Module, D: nn.Module, precision: str, adam: str = "config",
+                 compile: bool = False, channels_last: bool = False):
         from pipeline import dist
         from pipeline.families import get_family
         from pipeline.train.family import StepContext
@@ -220,6 +241,11 @@ class Ours:
         self.stamp: Stamp = lambda name: None
         self.capture: dict | None = None
         nets = {"G": G, "D": D}
+        if channels_last:  # as loop.train: the modules here, the inputs in the family's prepare
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, channels_last=True))
+            self.cfg = cfg
+            for m in nets.values():
+                m.to(memory_format=torch.channels_last)
         kw = adam_kwargs(cfg.optim.adam) if adam == "config" else {"single": {"foreach": False},
                                                                     "fused": {"fused": True}}[adam]
         self.engines = {}
@@ -234,7 +260,8 @@ class Ours:
         self.stream = self.family.streams(cfg, info, cfg.data.split)[0].name
         autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" \
             else contextlib.nullcontext
-        self.ctx = StepContext(nets=nets, plain=nets, cfg=cfg, info=info, mean_over_ranks=dist.mean_over_ranks,
+        wrapped = {k: torch.compile(m) for k, m in nets.items()} if compile else nets  # as loop.train
+        self.ctx = StepContext(nets=wrapped, plain=nets, cfg=cfg, info=info, mean_over_ranks=dist.mean_over_ranks,
                                reuse_fake=True, autocast=autocast)
         self.monitor = Monitor(cfg, cfg.run.dir, self.family, info, torch.device("cpu"), enabled=False)
         self.agree = lambda ok: not dist.any_rank([not ok, False, False], "cpu")[0]  # the loop's agree
@@ -336,14 +363,14 @@ class OfficialStyle:
         loss_D = (loss_dict["D_fake"] + loss_dict["D_real"]) * 0.5
         loss_G = loss_dict["G_GAN"] + loss_dict.get("G_GAN_Feat", 0) + loss_dict.get("G_VGG", 0)
         stamp("forward: G, 3 x D, losses")
-        self.optimizer_G.zero_grad(set_to_none=False)
+        self.optimizer_G.zero_grad()
         loss_G.backward()
         stamp("G: zero_grad + backward (incl. D weight grads)")
         if capture is not None:
             capture["G"] = {n: p.grad.detach().clone() for n, p in self.G.named_parameters()}
         self.optimizer_G.step()
         stamp("G: Adam")
-        self.optimizer_D.zero_grad(set_to_none=False)
+        self.optimizer_D.zero_grad()
         loss_D.backward()
         stamp("D: zero_grad + backward")
         if capture is not None:
@@ -353,9 +380,95 @@ class OfficialStyle:
         return {k: v.detach() for k, v in loss_dict.items()}
 
 
+class OfficialCode:
+    """One iteration of NVIDIA/pix2pixHD itself: its ``Pix2PixHDModel`` built by its own
+    ``create_model`` from its own option parser, and the loss/backward/step lines of its
+    ``train.py``, on CPU. The checkout is imported from ``--official-code`` (outside this
+    repository). Its CUDA-only calls (``.cuda()``, ``torch.cuda.FloatTensor``/``ByteTensor``) are
+    redirected to CPU tensors; nothing else is changed. Its networks get our G and D weights
+    (the parameter names are the official ones), so it trains the same state on the same batch."""
+
+    def __init__(self, cfg, G: nn.Module, D: nn.Module, path: str):
+        if not (Path(path) / "models" / "pix2pixHD_model.py").is_file():
+            raise SystemExit(f"--official-code {path}: no models/pix2pixHD_model.py there; give a checkout "
+                             f"of https://github.com/NVIDIA/pix2pixHD")
+        sys.path.insert(0, str(Path(path).resolve()))
+        torch.Tensor.cuda = lambda self, *a, **k: self
+        torch.cuda.FloatTensor = lambda size: torch.empty(size)
+        torch.cuda.ByteTensor = lambda size: torch.empty(size, dtype=torch.uint8)
+        from models.models import create_model
+        from options.train_options import TrainOptions
+
+        options = TrainOptions()
+        options.initialize()
+        m = cfg.model
+        opt = options.parser.parse_args([
+            "--gpu_ids", "-1", "--label_nc", str(LABEL_NC), "--ngf", str(m.ngf), "--ndf", str(m.ndf),
+            "--n_downsample_global", str(m.n_downsample_global), "--n_blocks_global", str(m.n_blocks_global),
+            "--num_D", str(m.num_D), "--n_layers_D", str(m.n_layers_D), "--lambda_feat", str(m.feat_weight),
+            "--no_vgg_loss", "--batchSize", "1", "--lr", str(m.lr_G), "--beta1", str(m.beta1)])
+        opt.isTrain, opt.gpu_ids, opt.verbose = True, [], False
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints both networks
+            self.model = create_model(opt)  # gpu_ids empty: no DataParallel, as the CPU path of train.py
+        # Key maps: our G may wrap the official one as ``.net``; our D's ``scales.{i}.layers.{j}`` is
+        # the official ``scale{num_D-1-i}_layer{j}`` (see MultiscaleDiscriminator).
+        num_D = cfg.model.num_D
+        self.names = {  # official name -> ours, per network
+            "G": {k.removeprefix("net."): k for k in G.state_dict()},
+            "D": {re.sub(r"^scales\.(\d+)\.layers\.(\d+)\.",
+                         lambda m: f"scale{num_D - 1 - int(m[1])}_layer{m[2]}.", k): k for k in D.state_dict()}}
+        self.ours = {"G": G, "D": D}
+        for net, official in (("G", self.model.netG), ("D", self.model.netD)):
+            state = self.ours[net].state_dict()
+            official.load_state_dict({k: state[ours] for k, ours in self.names[net].items()})
+        self.G, self.D = self.model.netG, self.model.netD
+        self.optimizer_G, self.optimizer_D = self.model.optimizer_G, self.model.optimizer_D
+
+    def iteration(self, raw: dict, stamp: Stamp, capture: dict | None = None) -> dict:
+        # What its AlignedDataset hands over: the label map as floats, the instance map as its
+        # integer ids, the image in [-1, 1], feat 0.
+        data = {"label": raw["label"].unsqueeze(1).float(), "inst": raw["instance"].unsqueeze(1).int(),
+                "image": float_image(raw["image"]), "feat": 0}
+        stamp("prepare (one-hot, edges)")
+        losses, _ = self.model(data["label"], data["inst"], data["image"], data["feat"], infer=False)
+        losses = [torch.mean(x) if not isinstance(x, int) else x for x in losses]
+        loss_dict = dict(zip(self.model.loss_names, losses))
+        loss_D = (loss_dict["D_fake"] + loss_dict["D_real"]) * 0.5
+        loss_G = loss_dict["G_GAN"] + loss_dict.get("G_GAN_Feat", 0) + loss_dict.get("G_VGG", 0)
+        stamp("forward: G, 3 x D, losses")
+        self.optimizer_G.zero_grad()
+        loss_G.backward()
+        stamp("G: zero_grad + backward (incl. D weight grads)")
+        if capture is not None:
+            capture["G"] = self.in_our_names("G", {n: p.grad for n, p in self.G.named_parameters()})
+        self.optimizer_G.step()
+        stamp("G: Adam")
+        self.optimizer_D.zero_grad()
+        loss_D.backward()
+        stamp("D: zero_grad + backward")
+        if capture is not None:
+            capture["D"] = self.in_our_names("D", {n: p.grad for n, p in self.D.named_parameters()})
+        self.optimizer_D.step()
+        stamp("D: Adam")
+        if capture is not None:  # the numerics child reads the updated weights from our modules
+            for net, official in (("G", self.G), ("D", self.D)):
+                self.ours[net].load_state_dict(self.in_our_names(net, official.state_dict()))
+        return {k: v.detach() for k, v in loss_dict.items()}
+
+    def in_our_names(self, net: str, tensors: dict) -> dict:
+        return {self.names[net][k]: v.detach().clone() for k, v in tensors.items()}
+
+
+OFFICIAL_CODE: str | None = None  # --official-code
+
+
 def make_runner(key: str, cfg, info, G: nn.Module, D: nn.Module):
     v = VARIANTS[key]
-    return Ours(cfg, info, G, D, v.precision, v.adam) if v.kind == "ours" else OfficialStyle(cfg, G, D)
+    if v.kind == "official-code":
+        return OfficialCode(cfg, G, D, OFFICIAL_CODE)
+    if v.kind == "ours":
+        return Ours(cfg, info, G, D, v.precision, v.adam, v.compile, v.channels_last)
+    return OfficialStyle(cfg, G, D)
 
 
 # ============================================================================= children
@@ -479,7 +592,8 @@ def child_numerics(others: list[str]) -> dict:
 
 
 def run_child(args_list: list[str]) -> dict:
-    cmd = [sys.executable, __file__, *args_list]
+    cmd = [sys.executable, __file__, *args_list, "--size", f"{W}x{H}",
+           *(["--official-code", OFFICIAL_CODE] if OFFICIAL_CODE else [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith(RESULT_TAG)]
@@ -497,7 +611,8 @@ def header(args, start_load) -> None:
     print("pix2pixHD training-iteration benchmark (bench/pix2pixhd_step.py)")
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in start_load)}   cpus: {os.cpu_count()}")
     print(f"torch {torch.__version__}   python {platform.python_version()}   {platform.machine()}   "
-          f"cpu capability {torch.backends.cpu.get_cpu_capability()}")
+          f"cpu capability {torch.backends.cpu.get_cpu_capability()}   native bf16: "
+          f"{'yes' if native_bf16('cpu') else 'no (bf16 is emulated; precision=auto picks fp32)'}")
     print(f"config: label_nc {LABEL_NC} + edges (G in 36, D in 39), {W}x{H}, ngf 32, ndf 32, global G "
           f"(n_downsample 4, 9 blocks, instance norm), num_D 2, n_layers_D 3, LSGAN, FM 10, no VGG, batch 1, "
           f"Adam(2e-4, 0.5, 0.999)")
@@ -538,27 +653,33 @@ def report(results: dict[str, list[dict]], numerics: dict | None) -> None:
         print(f"  {VARIANTS[key].label:<20} {parts}")
 
     print("\nratios (same run):")
-    if "ours" in med and "official" in med:
-        ratio = med["ours"] / med["official"]
+    # The reference: the official code itself when it ran (--official-code), else its restatement.
+    ref = "official-code" if "official-code" in med else "official" if "official" in med else None
+    if "ours" in med and ref:
+        name = VARIANTS[ref].label
+        ratio = med["ours"] / med[ref]
         verdict = "MET" if ratio <= TARGET_TIME_RATIO else "NOT MET"
-        print(f"  OURS fp32 / OFFICIAL-STYLE fp32, CPU time   {ratio:6.3f}x   target <= {TARGET_TIME_RATIO}: {verdict}")
-        mem = rss["ours"] / rss["official"]
-        print(f"  OURS fp32 / OFFICIAL-STYLE fp32, peak RSS   {mem:6.3f}x   target <= 1: "
-              f"{'MET' if mem <= 1 else 'NOT MET'}  ({rss['ours']:.3f} vs {rss['official']:.3f} GB)")
+        print(f"  OURS fp32 / {name}, CPU time   {ratio:6.3f}x   target <= {TARGET_TIME_RATIO}: {verdict}")
+        mem = rss["ours"] / rss[ref]
+        print(f"  OURS fp32 / {name}, peak RSS   {mem:6.3f}x   target <= 1: "
+              f"{'MET' if mem <= 1 else 'NOT MET'}  ({rss['ours']:.3f} vs {rss[ref]:.3f} GB)")
+    if "ours" in med and "official" in med and "official-code" in med:
+        style, real = med["official"] / med["ours"], med["official-code"] / med["ours"]
+        print(f"  baseline check: OFFICIAL-STYLE at {style:.3f}x OURS, OFFICIAL CODE at {real:.3f}x OURS: "
+              f"{style / real - 1:+.1%} ({'within' if abs(style / real - 1) <= 0.05 else 'OUTSIDE'} +-5%)")
     for key in med:
-        if not VARIANTS[key].default and "official" in med:
-            print(f"  what-if {VARIANTS[key].label} / OFFICIAL-STYLE fp32: CPU {med[key] / med['official']:6.3f}x, "
-                  f"peak RSS {rss[key] / rss['official']:6.3f}x")
+        if not VARIANTS[key].default and key != ref and ref:
+            print(f"  what-if {VARIANTS[key].label} / {VARIANTS[ref].label}: CPU {med[key] / med[ref]:6.3f}x, "
+                  f"peak RSS {rss[key] / rss[ref]:6.3f}x")
     if "ours-bf16" in med and "ours" in med:
         print(f"  OURS bf16 / OURS fp32, CPU time             {med['ours-bf16'] / med['ours']:6.3f}x")
         print(f"  OURS bf16 / OURS fp32, peak RSS             {rss['ours-bf16'] / rss['ours']:6.3f}x")
-    if "ours" in med:
-        print(f"\nagainst an EXTERNAL figure (the issue: official pix2pixHD on this machine type, same torch wheel, "
-              f"{EXTERNAL_SEC} s CPU/iter, {EXTERNAL_RSS_GB[0]}-{EXTERNAL_RSS_GB[1]} GB peak RSS; not measured here):")
-        print(f"  OURS fp32 / {EXTERNAL_SEC} s = {med['ours'] / EXTERNAL_SEC:.3f}x   "
-              f"peak RSS {rss['ours']:.3f} GB vs {EXTERNAL_RSS_GB[0]}-{EXTERNAL_RSS_GB[1]} GB")
-        if "official" in med:
-            print(f"  (OFFICIAL-STYLE fp32 here / {EXTERNAL_SEC} s = {med['official'] / EXTERNAL_SEC:.3f}x)")
+    external = EXTERNAL.get((W, H))
+    if external and "ours" in med and ref:
+        official, ours = external
+        print(f"\nagainst the issue's EXTERNAL figures at {W}x{H} (official pix2pixHD {official} s, ours {ours} s "
+              f"CPU/iter on a CPU with native bf16; not measured here): official / ours there {official / ours:.3f}x, "
+              f"{VARIANTS[ref].label} / OURS here {med[ref] / med['ours']:.3f}x")
     if numerics:
         report_numerics(numerics)
 
@@ -594,16 +715,29 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="warm-up iterations per child")
     p.add_argument("--measure", type=int, default=10, help="measured iterations over all rounds")
     p.add_argument("--quick", action="store_true", help="1 round, 2 warm-up + 3 measured")
-    p.add_argument("--variants", default=",".join(k for k, v in VARIANTS.items() if v.default),
-                   help="comma-separated, from: " + ", ".join(VARIANTS) + " (default: the first three)")
+    p.add_argument("--variants", help="comma-separated, from: " + ", ".join(VARIANTS) + " (default: the first "
+                   "three; ours-bf16 only where the CPU computes bf16 natively, as precision=auto decides)")
     p.add_argument("--no-numerics", action="store_true", help="skip the one-iteration numerics check")
     p.add_argument("--profile", choices=list(VARIANTS), help="print a torch.profiler op table for one variant "
                    "(--measure iterations after --warmup) instead of the comparison")
+    p.add_argument("--size", default="256x128", help="WxH of the batch (the issue's: 256x128, 512x256)")
+    p.add_argument("--official-code", metavar="PATH", help="a checkout of NVIDIA/pix2pixHD: adds the variant "
+                   "'official-code', its own model and train.py iteration, to the comparison")
     p.add_argument("--child", choices=[*VARIANTS, "numerics"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.warmup, args.measure = 1, 2, 3
+    if args.variants is None:
+        args.variants = ",".join(k for k, v in VARIANTS.items()
+                                 if v.default and (v.precision != "bf16" or native_bf16("cpu")))
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    try:
+        args.size = tuple(int(v) for v in args.size.lower().split("x"))
+        assert len(args.size) == 2 and all(v % 256 == 0 for v in args.size[:1]) and args.size[0] == 2 * args.size[1]
+    except (ValueError, AssertionError):
+        p.error(f"--size {args.size}: give WxH with W a multiple of 256 and W = 2H, e.g. 512x256")
+    if args.official_code and "official-code" not in args.variants:
+        args.variants.append("official-code")
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
@@ -611,7 +745,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    global OFFICIAL_CODE, W, H
     args = parse_args(argv)
+    OFFICIAL_CODE = args.official_code
+    W, H = args.size
     if args.child:
         torch.set_num_threads(1)
         if args.child == "numerics":
