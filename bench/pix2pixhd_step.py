@@ -367,28 +367,38 @@ class OfficialStyle:
         loss_G.backward()
         stamp("G: zero_grad + backward (incl. D weight grads)")
         if capture is not None:
-            capture["G"] = {n: p.grad.detach().clone() for n, p in self.G.named_parameters()}
+            capture["G"] = self.grads("G")
         self.optimizer_G.step()
         stamp("G: Adam")
         self.optimizer_D.zero_grad()
         loss_D.backward()
         stamp("D: zero_grad + backward")
         if capture is not None:
-            capture["D"] = {n: p.grad.detach().clone() for n, p in self.D.named_parameters()}
+            capture["D"] = self.grads("D")
         self.optimizer_D.step()
         stamp("D: Adam")
+        if capture is not None:
+            self.numerics_done()
         return {k: v.detach() for k, v in loss_dict.items()}
 
+    def grads(self, net: str) -> dict[str, torch.Tensor]:
+        return {n: p.grad.detach().clone() for n, p in getattr(self, net).named_parameters()}
 
-class OfficialCode:
+    def numerics_done(self) -> None:
+        """The numerics child reads the updated weights from the modules it passed in."""
+
+
+class OfficialCode(OfficialStyle):
     """One iteration of NVIDIA/pix2pixHD itself: its ``Pix2PixHDModel`` built by its own
     ``create_model`` from its own option parser, and the loss/backward/step lines of its
     ``train.py``, on CPU. The checkout is imported from ``--official-code`` (outside this
     repository). Its CUDA-only calls (``.cuda()``, ``torch.cuda.FloatTensor``/``ByteTensor``) are
     redirected to CPU tensors; nothing else is changed. Its networks get our G and D weights
-    (the parameter names are the official ones), so it trains the same state on the same batch."""
+    (the parameter names are the official ones), so it trains the same state on the same batch.
+    Its ``forward`` is the official model's; the backward and step lines it inherits are
+    ``train.py``'s, which the restatement already follows."""
 
-    def __init__(self, cfg, G: nn.Module, D: nn.Module, path: str):
+    def __init__(self, cfg, G: nn.Module, D: nn.Module, path: str):  # not the restatement's: its own model
         if not (Path(path) / "models" / "pix2pixHD_model.py").is_file():
             raise SystemExit(f"--official-code {path}: no models/pix2pixHD_model.py there; give a checkout "
                              f"of https://github.com/NVIDIA/pix2pixHD")
@@ -424,36 +434,21 @@ class OfficialCode:
         self.G, self.D = self.model.netG, self.model.netD
         self.optimizer_G, self.optimizer_D = self.model.optimizer_G, self.model.optimizer_D
 
-    def iteration(self, raw: dict, stamp: Stamp, capture: dict | None = None) -> dict:
+    def forward(self, raw: dict) -> dict:
         # What its AlignedDataset hands over: the label map as floats, the instance map as its
-        # integer ids, the image in [-1, 1], feat 0.
+        # integer ids, the image in [-1, 1], feat 0; then train.py's per-device mean of each loss.
         data = {"label": raw["label"].unsqueeze(1).float(), "inst": raw["instance"].unsqueeze(1).int(),
                 "image": float_image(raw["image"]), "feat": 0}
-        stamp("prepare (one-hot, edges)")
         losses, _ = self.model(data["label"], data["inst"], data["image"], data["feat"], infer=False)
         losses = [torch.mean(x) if not isinstance(x, int) else x for x in losses]
-        loss_dict = dict(zip(self.model.loss_names, losses))
-        loss_D = (loss_dict["D_fake"] + loss_dict["D_real"]) * 0.5
-        loss_G = loss_dict["G_GAN"] + loss_dict.get("G_GAN_Feat", 0) + loss_dict.get("G_VGG", 0)
-        stamp("forward: G, 3 x D, losses")
-        self.optimizer_G.zero_grad()
-        loss_G.backward()
-        stamp("G: zero_grad + backward (incl. D weight grads)")
-        if capture is not None:
-            capture["G"] = self.in_our_names("G", {n: p.grad for n, p in self.G.named_parameters()})
-        self.optimizer_G.step()
-        stamp("G: Adam")
-        self.optimizer_D.zero_grad()
-        loss_D.backward()
-        stamp("D: zero_grad + backward")
-        if capture is not None:
-            capture["D"] = self.in_our_names("D", {n: p.grad for n, p in self.D.named_parameters()})
-        self.optimizer_D.step()
-        stamp("D: Adam")
-        if capture is not None:  # the numerics child reads the updated weights from our modules
-            for net, official in (("G", self.G), ("D", self.D)):
-                self.ours[net].load_state_dict(self.in_our_names(net, official.state_dict()))
-        return {k: v.detach() for k, v in loss_dict.items()}
+        return dict(zip(self.model.loss_names, losses))
+
+    def grads(self, net: str) -> dict[str, torch.Tensor]:
+        return self.in_our_names(net, {n: p.grad for n, p in getattr(self, net).named_parameters()})
+
+    def numerics_done(self) -> None:
+        for net, official in (("G", self.G), ("D", self.D)):
+            self.ours[net].load_state_dict(self.in_our_names(net, official.state_dict()))
 
     def in_our_names(self, net: str, tensors: dict) -> dict:
         return {self.names[net][k]: v.detach().clone() for k, v in tensors.items()}
