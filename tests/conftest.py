@@ -187,6 +187,22 @@ def cityscapes_shards(tmp_path_factory) -> str:
     return str(out)
 
 
+@pytest.fixture(scope="session")
+def unpaired_shards(tmp_path_factory) -> str:
+    """Two small unpaired demo sets (64x32; A 24 + 6, B 20 + 5), sharded by the CLI; read-only."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("unpaired") / "shards"
+    shard = Path(__file__).resolve().parent.parent / "launch" / "shard.py"
+    r = subprocess.run([sys.executable, str(shard), "write", "demo_unpaired", "--out", str(out),
+                        "--demo-size", "64x32", "--demo-count", "trainA=24", "--demo-count", "trainB=20",
+                        "--demo-count", "testA=6", "--demo-count", "testB=5", "--samples-per-shard", "8",
+                        "--workers", "1", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return str(out)
+
+
 # ----------------------------------------------------------------------------- parallel runs (pytest-xdist)
 
 

@@ -200,17 +200,6 @@ def test_the_mean_over_ranks_on_two_processes():
     assert outs[1][0].strip().endswith("[1.0, 10.0]"), report  # the rank's own tensor is left as it was
 
 
-@pytest.fixture(scope="module")
-def unpaired_shards(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("unpaired") / "shards"
-    r = subprocess.run([sys.executable, str(REPO / "launch" / "shard.py"), "write", "demo_unpaired", "--out", str(out),
-                        "--demo-size", "64x32", "--demo-count", "trainA=24", "--demo-count", "trainB=20",
-                        "--demo-count", "testA=6", "--demo-count", "testB=5", "--samples-per-shard", "8",
-                        "--workers", "1", "--quiet"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return str(out)
-
-
 TINY_CYCLE = ["model.ngf=4", "model.ndf=4", "model.generator=resnet_6blocks", "model.pool_size=3",
               "data.load_size=none", "train.batch_size=4", "train.progress=false", "train.log_every_kimg=0.008",
               "train.image_every_kimg=0.016", "train.num_images=2", "model.lambda_identity=0.5"]

@@ -243,3 +243,38 @@ def test_the_exported_program_of_pix2pixhd_and_spade_computes_what_g_computes(co
             with torch.no_grad():
                 outs.append(f(*args, **kwargs))
         torch.testing.assert_close(*outs, rtol=1e-5, atol=1e-5)
+
+
+def test_cyclegan_exports_either_direction_and_each_program_computes_what_its_g_computes(unpaired_shards, tmp_path):
+    """``--network G_B`` exports the B->A generator, traced on the B->A evaluation's inputs."""
+    from pipeline.config import load_config
+    from pipeline.data.manifest import load_manifest
+    from pipeline.export import captured_inputs, read_metadata
+    from pipeline.families import get_family
+    from pipeline.generate import Snapshot, export, prepared_batches
+    from pipeline.train.family import DataInfo
+
+    cfg = load_config("cyclegan_demo", [f"data.url={unpaired_shards}", "model.ngf=4", "model.ndf=4",
+                                        "model.generator=resnet_6blocks", "data.load_size=none"])
+    m = load_manifest(unpaired_shards)
+    info = DataInfo(m.task, m.num_classes, tuple(m.fields))
+    family = get_family(cfg.model.family)
+    torch.manual_seed(0)
+    nets = {name: net.eval().requires_grad_(False) for name, net in family.build(cfg, info).items()}
+    snap = Snapshot(nets, cfg, family, info, str(tmp_path / "none"), 0)
+    for name in ("G_A", "G_B"):
+        written = export(snap, str(tmp_path / name), name)
+        assert [Path(u).name for u in written] == [f"{name}.safetensors", f"{name}.pt2"]
+        assert read_metadata(written[0])["network"] == name
+        program = torch.export.load(written[1]).module()
+        traced = 0
+        for ev in snap.evaluations():
+            _, batch = next(prepared_batches(snap, ev, 2))
+            try:
+                args, kwargs = captured_inputs(nets[name], ev.generate, snap.nets, batch)
+            except ValueError:  # the other direction's evaluation does not run this network
+                continue
+            traced += 1
+            with torch.no_grad():
+                torch.testing.assert_close(program(*args, **kwargs), nets[name](*args, **kwargs), rtol=1e-5, atol=1e-5)
+        assert traced == 1, f"{name}: expected exactly one evaluation to run it, found {traced}"
