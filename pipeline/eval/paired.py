@@ -162,6 +162,35 @@ def ms_ssim(x: torch.Tensor, y: torch.Tensor, *, value_range: tuple[float, float
     return per_channel.mean(dim=1)
 
 
+# ---------------------------------------------------------------------------------- the SR protocol
+
+
+def luma(images: torch.Tensor, *, value_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
+    """ITU-R BT.601 luma Y of RGB images as MATLAB's ``rgb2ycbcr`` gives it (studio range, 16–235
+    of 255), ``[N, 1, H, W]`` in ``[0, 1]`` units: the channel the super-resolution literature
+    (SRCNN, SRGAN, EDSR) measures PSNR and SSIM on."""
+    x = _to_unit(images, value_range)
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    return (16.0 + 65.481 * r + 128.553 * g + 24.966 * b) / 255.0
+
+
+@torch.no_grad()
+def psnr_ssim_y(x: torch.Tensor, y: torch.Tensor, *, border: int,
+                value_range: tuple[float, float] = (-1.0, 1.0)) -> dict[str, torch.Tensor]:
+    """The Set5/Set14 protocol: both images quantised to 8 bits (as they would be saved), the Y
+    channel, ``border`` pixels (the scale factor) cropped from each side, then PSNR and SSIM, each
+    ``[N]``: ``{"psnr_y", "ssim_y"}``."""
+    _pair(x, y)
+    q = [torch.round(_to_unit(t, value_range).clamp(0, 1) * 255) / 255 for t in (x, y)]
+    ys = [luma(t, value_range=(0.0, 1.0)) for t in q]
+    if border:
+        if min(x.shape[-2:]) <= 2 * border:
+            raise ValueError(f"images of {x.shape[-2]}x{x.shape[-1]} pixels leave nothing after cropping {border} "
+                             f"from each border")
+        ys = [t[..., border:-border, border:-border] for t in ys]
+    return {"psnr_y": psnr(*ys, value_range=(0.0, 1.0)), "ssim_y": ssim(*ys, value_range=(0.0, 1.0))}
+
+
 # ---------------------------------------------------------------------------------- LPIPS
 
 

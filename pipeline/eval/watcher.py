@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 EVAL_DIR = ckpt.EVAL_DIR
 DONE_MARKER = "DONE.json"  # written by training when it completes
 FINISHED = "FINISHED.json"  # written here when a following evaluator has seen everything
-LOWER_IS_BETTER = {"fid": True, "kid": True, "lpips": True, "psnr": False, "ssim": False}
+LOWER_IS_BETTER = {"fid": True, "kid": True, "lpips": True, "psnr": False, "ssim": False, "psnr_y": False,
+                   "ssim_y": False}
 
 
 @dataclass(frozen=True)
@@ -207,13 +208,18 @@ class Evaluator:
                 with seeded(self.opts.seed, int(index[0]), self.device):
                     fake = ev.generate(nets, b).float().clamp(-1, 1)
                 gen.append((index, self.inception(metrics.to_uint8(fake))))
+                per_image = {}
                 if ev.paired:
                     # The loader's uint8 photo: what to_uint8 of the prepared [-1, 1] image gives
                     # back, bit for bit, without the round trip.
                     real.append((index, batch["image"]))
-                    for name, values in self._paired(fake, b["image"].float()).items():
-                        total, n = sums.get(name, (0.0, 0))
-                        sums[name] = (total + float(values.double().sum()), n + len(values))
+                    per_image = self._paired(fake, b["image"].float())
+                if ev.per_image is not None:
+                    with seeded(self.opts.seed + 1, int(index[0]), self.device):
+                        per_image.update(ev.per_image(nets, b, fake, self.lpips))
+                for name, values in per_image.items():
+                    total, n = sums.get(name, (0.0, 0))
+                    sums[name] = (total + float(values.double().sum()), n + len(values))
                 if not grid:
                     grid = family.visualize(nets, b, info) if ev.paired else [fake]
         else:

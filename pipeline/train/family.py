@@ -108,13 +108,18 @@ class Evaluation:
     outputs translate that stream's samples (exactly once over all evaluators); without, they are
     generated from ``eval.num_samples`` fixed latents (``prepare`` receives ``{"z": [N, z_dim]}``).
     ``paired``: the prepared batch's ``image`` is the ground truth of each output (PSNR, SSIM,
-    LPIPS). ``name`` suffixes the metric names when a family has several (``fid_AtoB``)."""
+    LPIPS). ``name`` suffixes the metric names when a family has several (``fid_AtoB``).
+    ``per_image(nets, batch, output, lpips)`` adds the family's own per-image metrics,
+    ``{name: [N]}`` averaged over the samples like the paired ones (SRGAN's Y-channel PSNR,
+    BicycleGAN's diversity); ``lpips`` is the evaluator's LPIPS network, or None without its
+    weights."""
 
     name: str
     reference: str
     generate: Callable[[dict[str, nn.Module], dict], torch.Tensor]
     inputs: Stream | None = None
     paired: bool = False
+    per_image: Callable[[dict[str, nn.Module], dict, torch.Tensor, Any], dict[str, torch.Tensor]] | None = None
 
 
 @dataclass
