@@ -82,8 +82,9 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    schedule: str = choice("constant", "constant", "linear")
+    schedule: str = choice("constant", "constant", "linear", "step")
     decay_start_kimg: float = bounded(0.0, 0.0)  # linear: constant until here, then to 0 at total_kimg
+    step_factor: float = bounded(0.1, 0.0, 1.0)  # step: the lr times this from decay_start_kimg on (SRGAN)
     grad_clip: float = bounded(0.0, 0.0)  # max grad norm; 0 disables
     # Adam implementation: fused is fastest on CPU and CUDA and needs no full-size temporaries
     # (foreach allocates one as large as the network: +183 MB and ~1.9x the optimizer time for
@@ -151,7 +152,7 @@ class EvalConfig:
     seed: int = bounded(0, 0)
     reference_cache: str | None = None  # URL for real-image statistics (None: beside the shards)
     poll_sec: float = bounded(10.0, 0.1)
-    best_metric: str = choice("fid", "fid", "kid", "lpips", "psnr", "ssim")
+    best_metric: str = choice("fid", "fid", "kid", "lpips", "psnr", "ssim", "psnr_y", "ssim_y")
 
 
 @dataclass
@@ -184,6 +185,9 @@ def _parse_scalar(key: str, tp: Any, value: Any) -> Any:
     if origin is tuple:
         parts = value.replace("x", ",").split(",") if isinstance(value, str) else list(value)
         args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:  # any length: "16,32", [16, 32], or "" for none
+            parts = [p for p in parts if not isinstance(p, str) or p.strip()]
+            return tuple(_parse_scalar(key, args[0], p) for p in parts)
         if len(parts) != len(args):
             raise ConfigError(f"{key}: expected {len(args)} values such as 256,128, got {value!r}")
         return tuple(_parse_scalar(key, a, p) for a, p in zip(args, parts))

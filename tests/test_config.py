@@ -114,12 +114,14 @@ def test_ema_update_moves_parameters_and_copies_buffers():
     assert torch.equal(G_ema[1].running_mean, G[1].running_mean)
 
 
-def test_linear_decay_schedule_in_kimg():
+def test_linear_and_step_decay_schedules_in_kimg():
     cfg = Config()
     cfg.train.total_kimg, cfg.optim.schedule, cfg.optim.decay_start_kimg = 200, "linear", 100
     assert [lr_factor(cfg, n) for n in (0, 100_000, 150_000, 200_000)] == [1.0, 1.0, 0.5, 0.0]
     cfg.optim.schedule = "constant"
     assert lr_factor(cfg, 150_000) == 1.0
+    cfg.optim.schedule = "step"  # SRGAN's: 1e-4, then 1e-5 for the second half
+    assert [lr_factor(cfg, n) for n in (0, 99_999, 100_000, 200_000)] == [1.0, 1.0, 0.1, 0.1]
 
 
 def test_instance_noise_decays_linearly_to_zero():

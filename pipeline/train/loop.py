@@ -113,10 +113,13 @@ def adam_kwargs(impl: str) -> dict:
 
 
 def lr_factor(cfg: Config, nimg: int) -> float:
-    """Constant, or constant until ``decay_start_kimg`` then linear to 0 at ``total_kimg``."""
+    """Constant; or constant until ``decay_start_kimg``, then linear to 0 at ``total_kimg``
+    (``linear``) or ``step_factor`` times the lr (``step``)."""
     if cfg.optim.schedule == "constant":
         return 1.0
     start, end = cfg.optim.decay_start_kimg * 1000, cfg.train.total_kimg * 1000
+    if cfg.optim.schedule == "step":
+        return 1.0 if nimg < start else cfg.optim.step_factor
     if nimg <= start or end <= start:
         return 1.0
     return max(0.0, 1.0 - (nimg - start) / (end - start))
