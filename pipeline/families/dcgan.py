@@ -1,7 +1,8 @@
 """Unconditional DCGAN-family training (Radford et al. 2016): non-saturating, LSGAN, hinge, or
 WGAN with gradient penalty (Gulrajani et al. 2017) or weight clipping (Arjovsky et al. 2017),
-``model.n_critic`` D steps per G step, optional spectral norm and decaying instance noise.
-Defaults are DCGAN's: Adam(2e-4, 0.5, 0.999), non-saturating loss, batch norm in G and D."""
+``model.n_critic`` D steps per G step, optional spectral norm, SAGAN's self-attention (Zhang et
+al. 2019) and decaying instance noise. Defaults are DCGAN's: Adam(2e-4, 0.5, 0.999),
+non-saturating loss, batch norm in G and D; ``configs/sagan_*.yaml`` hold SAGAN's."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from ..config import Config, ConfigError, ModelConfig, bounded, choice
 from ..data.device import float_image
 from ..losses.adversarial import d_loss, g_loss
 from ..losses.regularizers import gradient_penalty, instance_noise, weight_clip_
-from ..models.dcgan import DCGANDiscriminator, DCGANGenerator
+from ..models.dcgan import DCGANDiscriminator, DCGANGenerator, check_attention
 from ..models.layers import init_weights
 from ..train.family import DataInfo, Evaluation, Family, Network, Optimizer, Phase, StepContext, Stream
 
@@ -27,6 +28,8 @@ class DCGANConfig(ModelConfig):
     image_size: int = choice(64, 32, 64, 128)
     norm_D: str = choice("batch", "batch", "instance", "layer", "none")  # layer: WGAN-GP's critic
     spectral_norm: bool = False  # Miyato et al. 2018, on every D layer
+    spectral_norm_G: bool = False  # and on every G layer (SAGAN)
+    attention: tuple[int, ...] = ()  # feature-map sizes with a self-attention block in G and D (SAGAN: 32 at 64)
     init_gain: float = bounded(0.02, 0.0)
     gan: str = choice("vanilla", "vanilla", "lsgan", "hinge", "wgan")
     gp_weight: float = bounded(0.0, 0.0)  # WGAN-GP: 10
@@ -42,6 +45,10 @@ class DCGANConfig(ModelConfig):
     def check(self) -> None:
         if self.gp_weight and self.weight_clip:
             raise ConfigError("model.gp_weight and model.weight_clip are alternatives; set one of them to 0")
+        try:
+            check_attention(self.attention, self.image_size)
+        except ValueError as exc:
+            raise ConfigError(f"model.attention: {exc}") from None
 
     def deepspeed_limits(self) -> None:
         if self.weight_clip > 0:
@@ -51,9 +58,10 @@ class DCGANConfig(ModelConfig):
 
 def build(cfg: Config, info: DataInfo) -> dict:
     m = cfg.model
-    G = DCGANGenerator(z_dim=m.z_dim, ngf=m.ngf, out_channels=3, image_size=m.image_size)
+    G = DCGANGenerator(z_dim=m.z_dim, ngf=m.ngf, out_channels=3, image_size=m.image_size, attention=m.attention,
+                       spectral_norm=m.spectral_norm_G)
     D = DCGANDiscriminator(in_channels=3, ndf=m.ndf, image_size=m.image_size, norm=m.norm_D,
-                           spectral_norm=m.spectral_norm)
+                           spectral_norm=m.spectral_norm, attention=m.attention)
     return {"G": init_weights(G, "normal", m.init_gain), "D": init_weights(D, "normal", m.init_gain)}
 
 

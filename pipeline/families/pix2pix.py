@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import Config, ModelConfig, bounded, choice
+from ..config import Config, ConfigError, ModelConfig, bounded, choice
 from ..data.device import class_ids, float_image
 from ..losses.adversarial import d_loss, g_loss
 from ..losses.regularizers import instance_noise
@@ -32,6 +32,7 @@ class Pix2PixConfig(ModelConfig):
     norm: str = choice("batch", "batch", "instance", "none")
     norm_D: str = choice("batch", "batch", "instance", "layer", "none")
     dropout: bool = True  # not no_dropout
+    attention: tuple[int, ...] = ()  # SAGAN self-attention in G's decoder at 1/f of the image size, per f
     init_gain: float = bounded(0.02, 0.0)
     gan: str = choice("vanilla", "vanilla", "lsgan", "hinge", "wgan")  # gan_mode
     l1_weight: float = bounded(100.0, 0.0)  # lambda_L1
@@ -41,6 +42,15 @@ class Pix2PixConfig(ModelConfig):
     lr_D: float = bounded(2e-4, 0.0)
     beta1: float = bounded(0.5, 0.0, 1.0)
     beta2: float = bounded(0.999, 0.0, 1.0)
+
+    def check(self) -> None:
+        allowed = [2**i for i in range(1, NUM_DOWNS[self.generator])]
+        if any(f not in allowed for f in self.attention):
+            raise ConfigError(f"model.attention: {list(self.attention)} are not decoder scales of {self.generator}; "
+                              f"choose factors from {allowed} (features at 1/f of the image size)")
+
+
+NUM_DOWNS = {"unet_256": 8, "unet_128": 7}
 
 
 def input_channels(info: DataInfo) -> int:
@@ -54,9 +64,9 @@ def input_channels(info: DataInfo) -> int:
 def build(cfg: Config, info: DataInfo) -> dict:
     m = cfg.model
     in_nc = input_channels(info)
-    num_downs = {"unet_256": 8, "unet_128": 7}[m.generator]
+    num_downs = NUM_DOWNS[m.generator]
     G = UnetGenerator(input_nc=in_nc, output_nc=3, num_downs=num_downs, ngf=m.ngf, norm=m.norm,
-                      use_dropout=m.dropout)
+                      use_dropout=m.dropout, attention=m.attention)
     D = NLayerDiscriminator(input_nc=in_nc + 3, ndf=m.ndf, n_layers=m.n_layers_D, norm=m.norm_D)
     return {"G": init_weights(G, "normal", m.init_gain), "D": init_weights(D, "normal", m.init_gain)}
 

@@ -1,11 +1,14 @@
 """Small pieces shared by the network families: the normalization factory, weight
-initialization as in the official pix2pix/CycleGAN code, and spectral normalization.
+initialization as in the official pix2pix/CycleGAN code, spectral normalization, and SAGAN's
+self-attention block.
 """
 
 from __future__ import annotations
 
 from typing import TypeVar
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
@@ -115,3 +118,36 @@ def spectral_norm(module: M) -> M:
         if isinstance(m, _WEIGHTED) and not parametrize.is_parametrized(m, "weight"):
             _torch_spectral_norm(m)
     return module
+
+
+class SelfAttention(nn.Module):
+    """The self-attention block of SAGAN: Zhang et al. 2019, "Self-Attention Generative
+    Adversarial Networks", §3, Eqs. 1–3 (the paper's final version, with the output projection
+    ``W_v``).
+
+    With 1×1 convs ``query``, ``key``, ``value`` from C to ``C / reduction`` channels (the paper's
+    g, f, h; C/8 there) and ``out`` back to C (``W_v``): the attention of location j over every
+    location i is ``β_j,i = softmax_i(query(x)_jᵀ key(x)_i)`` (no 1/√d scaling), ``o_j =
+    out(Σ_i β_j,i value(x)_i)``, and ``y = γ·o + x`` with the learned scalar γ starting at 0: the
+    block starts as the identity and the network first relies on local cues. The 1×1 convs have
+    no bias, as the official TensorFlow ``sn_conv1x1``; spectral norm reaches them when the
+    network applies it to all its convs, as SAGAN does in G and D.
+    """
+
+    def __init__(self, channels: int, *, reduction: int = 8) -> None:
+        super().__init__()
+        inner = max(channels // reduction, 1)
+        self.query = nn.Conv2d(channels, inner, 1, bias=False)
+        self.key = nn.Conv2d(channels, inner, 1, bias=False)
+        self.value = nn.Conv2d(channels, inner, 1, bias=False)
+        self.out = nn.Conv2d(inner, channels, 1, bias=False)
+        self.gamma = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [N, C, H, W] → [N, C, H, W]."""
+        n, _, h, w = x.shape
+        # [N, 1, HW, C/8] each: one head over the HW locations.
+        q, k, v = (m(x).flatten(2).transpose(1, 2).unsqueeze(1) for m in (self.query, self.key, self.value))
+        attended = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+        o = self.out(attended.squeeze(1).transpose(1, 2).reshape(n, -1, h, w))
+        return self.gamma * o + x

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.models.layers import check_norm, init_weights, norm_has_shift, norm_layer
+from pipeline.models.layers import SelfAttention, check_norm, init_weights, norm_has_shift, norm_layer
 
 
 class UnetGenerator(nn.Module):
@@ -28,6 +28,11 @@ class UnetGenerator(nn.Module):
 
     The math is the official one; the module tree is flat (``down``/``up`` lists) instead of
     nested blocks, so official checkpoints need their keys mapped before loading.
+
+    ``attention`` (not in pix2pix): SAGAN's :class:`SelfAttention` at the end of the decoder
+    blocks whose features are at ``1/f`` of the input size, for each ``f`` listed (a power of 2
+    from 2 to ``2**(num_downs - 1)``), before they meet their skip: long-range structure that
+    the 70×70 receptive field of the PatchGAN cannot ask for.
     """
 
     def __init__(
@@ -39,11 +44,16 @@ class UnetGenerator(nn.Module):
         ngf: int = 64,
         norm: str = "batch",
         use_dropout: bool = True,
+        attention: tuple[int, ...] = (),
     ) -> None:
         super().__init__()
         if num_downs < 5:
             # Below 5 the C64-C128-C256-C512 head and the bottleneck would overlap.
             raise ValueError(f"num_downs must be >= 5, got {num_downs}")
+        allowed = [2**i for i in range(1, num_downs)]
+        if any(f not in allowed for f in attention):
+            raise ValueError(f"attention factors must be among {allowed} for num_downs={num_downs}, got "
+                             f"{list(attention)}")
         check_norm(norm)
         self.num_downs = num_downs
         bias = not norm_has_shift(norm)
@@ -76,6 +86,8 @@ class UnetGenerator(nn.Module):
                 ]
                 if use_dropout and 4 <= i < innermost:
                     block.append(nn.Dropout(0.5))
+                if 2**i in attention:
+                    block.append(SelfAttention(out_ch))
             self.up.append(nn.Sequential(*block))
 
         init_weights(self, "normal", 0.02)
