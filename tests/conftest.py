@@ -157,13 +157,13 @@ def demo_shards(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def vgg_weights(tmp_path_factory) -> str:
-    """A seeded, randomly initialised VGG19 in torchvision's layout (feature layers only: all the
-    perceptual loss reads), standing in for the ImageNet weights nobody may download here."""
+    """A seeded, randomly initialised VGG19 in torchvision's layout (feature layers up to relu5_4:
+    all the perceptual losses read), standing in for the ImageNet weights nobody may download here."""
     import torch
     import torchvision
 
     torch.manual_seed(0)
-    features = torchvision.models.vgg19(weights=None).features[:30]
+    features = torchvision.models.vgg19(weights=None).features[:36]
     path = tmp_path_factory.mktemp("vgg") / "vgg19.pth"
     torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, path)
     return str(path)

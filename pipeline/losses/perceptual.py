@@ -1,5 +1,6 @@
-"""pix2pixHD's VGG19 perceptual loss (``G_VGG``): the frozen VGG19 feature slices, loaded from a
-local torchvision state_dict file (never downloaded), and the weighted L1 between them, in fp32.
+"""VGG19 perceptual losses: pix2pixHD's (``G_VGG``: the weighted L1 between the frozen VGG19
+feature slices) and SRGAN's content loss (the MSE of one layer's features), in fp32, from a local
+torchvision state_dict file (never downloaded).
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# torchvision's vgg19 `features` (configuration "E"): conv widths, "M" for a 2×2 max pool. Only
-# the layers up to relu5_1 (index 29) are built; the rest of the network is never used.
-_VGG19_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512)
+# torchvision's vgg19 `features` (configuration "E"): conv widths, "M" for a 2×2 max pool; up to
+# relu5_4 (index 35), the deepest layer either loss reads. pix2pixHD's slices stop at relu5_1.
+_VGG19_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+                                     512, 512, 512, 512)
+# Indices into `features` of SRGAN's φ_i,j: the ReLU after the j-th conv before the i-th pooling.
+VGG19_RELU = {"relu2_2": 8, "relu5_4": 35}
 # Index ranges into `features` of the official Vgg19 slices, ending at relu1_1, relu2_1,
 # relu3_1, relu4_1 and relu5_1.
 VGG19_SLICES: tuple[tuple[int, int], ...] = ((0, 2), (2, 7), (7, 12), (12, 21), (21, 30))
@@ -51,7 +55,7 @@ class VGG19Features(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        layers = _vgg19_layers()
+        layers = _vgg19_layers()[: VGG19_SLICES[-1][1]]
         for k, (start, stop) in enumerate(VGG19_SLICES, start=1):
             block = nn.Sequential()
             for i in range(start, stop):
@@ -95,6 +99,12 @@ def load_vgg19_features(weights_path: str | os.PathLike[str]) -> VGG19Features:
     Raises ``FileNotFoundError`` saying how to obtain the file when it is not there. The file is
     read with ``torch.load(weights_only=True)``: tensors only, no pickled code.
     """
+    vgg = VGG19Features()
+    vgg.load_torchvision_state_dict(_read_state_dict(weights_path))
+    return vgg.eval().requires_grad_(False)
+
+
+def _read_state_dict(weights_path: str | os.PathLike[str]) -> Mapping[str, Tensor]:
     path = Path(weights_path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -106,9 +116,58 @@ def load_vgg19_features(weights_path: str | os.PathLike[str]) -> VGG19Features:
     state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"{path}: expected a torchvision vgg19 state_dict, got {type(state_dict).__name__}")
-    vgg = VGG19Features()
-    vgg.load_torchvision_state_dict(state_dict)
-    return vgg.eval().requires_grad_(False)
+    return state_dict
+
+
+def load_vgg19_prefix(weights_path: str | os.PathLike[str], last: int) -> nn.Sequential:
+    """Frozen, eval-mode ``features[: last + 1]`` of torchvision's vgg19 with the weights of the
+    state dict at ``weights_path`` (its module indices are torchvision's)."""
+    features = nn.Sequential(*_vgg19_layers()[: last + 1])
+    state_dict = _read_state_dict(weights_path)
+    wanted = {key: f"features.{key}" for key in features.state_dict()}
+    missing = [src for src in wanted.values() if src not in state_dict]
+    if missing:
+        raise ValueError(f"{weights_path}: not a torchvision vgg19 state_dict reaching features.{last}: missing "
+                         f"{', '.join(missing[:4])}{' …' if len(missing) > 4 else ''}")
+    features.load_state_dict({key: state_dict[src] for key, src in wanted.items()}, strict=True)
+    return features.eval().requires_grad_(False)
+
+
+# torchvision's ImageNet statistics, which its VGG19 weights expect of [0, 1] images.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class VGGContentLoss(nn.Module):
+    """SRGAN's VGG content loss ``l_VGG/i.j`` (Ledig et al. 2017, Eq. 5): the mean squared
+    difference between the φ_i,j features (``layer``: ``relu5_4``, the paper's VGG54, or
+    ``relu2_2``, VGG22) of the generated and the target image, both in [-1, 1], ImageNet-
+    normalised as torchvision's VGG19 expects. ``rescale`` multiplies the features first (the
+    paper's 1/12.75, which puts the loss on the scale of the pixel MSE). fp32, autocast off; the
+    target's features are taken without a graph."""
+
+    def __init__(self, weights_path: str | os.PathLike[str], layer: str = "relu5_4", rescale: float = 1 / 12.75):
+        super().__init__()
+        if layer not in VGG19_RELU:
+            raise ValueError(f"layer must be one of {', '.join(VGG19_RELU)}, got {layer!r}")
+        self.rescale = float(rescale)
+        self.vgg = load_vgg19_prefix(weights_path, VGG19_RELU[layer])
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> VGGContentLoss:
+        super().train(mode)
+        self.vgg.eval()
+        return self
+
+    def _features(self, x: Tensor) -> Tensor:
+        return self.vgg(((x.float() + 1) / 2 - self.mean) / self.std) * self.rescale
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """``x`` (generated) and ``y`` (target) [N, 3, H, W] in [-1, 1] → fp32 scalar."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            with torch.no_grad():
+                target = self._features(y)
+            return F.mse_loss(self._features(x), target)
 
 
 class VGGLoss(nn.Module):
@@ -155,7 +214,7 @@ class VGGLoss(nn.Module):
         return sum(terms[1:], terms[0])
 
 
-_CACHE: dict[tuple[str, str], VGGLoss] = {}
+_CACHE: dict[tuple, nn.Module] = {}
 
 
 def require_vgg_weights(weight: float, weights_path: str | None) -> None:
@@ -172,10 +231,20 @@ def require_vgg_weights(weight: float, weights_path: str | None) -> None:
 def vgg_loss(weights_path: str | None, device: torch.device) -> VGGLoss:
     """The VGG19 loss of ``weights_path`` on ``device``, loaded once per process: a frozen helper
     outside the trained networks (so outside DDP, EMA and checkpoints)."""
-    if not weights_path:
+    return _cached(("pix2pixhd", weights_path), lambda: VGGLoss(weights_path), device)
+
+
+def vgg_content_loss(weights_path: str | None, device: torch.device, layer: str, rescale: float) -> VGGContentLoss:
+    """SRGAN's content loss, loaded once per process, as :func:`vgg_loss`."""
+    return _cached(("content", weights_path, layer, rescale), lambda: VGGContentLoss(weights_path, layer, rescale),
+                   device)
+
+
+def _cached(key: tuple, make, device: torch.device):
+    if not key[1]:
         raise FileNotFoundError("model.vgg_weight > 0 needs model.vgg_weights=PATH to a local torchvision VGG19 "
                                 "state dict. " + VGG_WEIGHTS_HOWTO.replace("\n", " "))
-    key = (str(weights_path), str(device))
+    key = (*key, str(device))
     if key not in _CACHE:
-        _CACHE[key] = VGGLoss(weights_path).to(device)
+        _CACHE[key] = make().to(device)
     return _CACHE[key]
