@@ -54,6 +54,10 @@ def test_the_model_section_is_the_family_s_own_with_its_paper_defaults():
     assert from_dict(to_dict(cfg)) == cfg
     with pytest.raises(ConfigError, match="model.gp_weight and model.weight_clip are alternatives"):
         load_config("wgangp_demo", ["model.weight_clip=0.01"])
+    with pytest.raises(ConfigError, match=r"model.gan=rpgan regularises D with R1 \+ R2 \(model.gamma\)"):
+        load_config("wgangp_demo", ["model.gan=rpgan"])
+    with pytest.raises(ConfigError, match="model.gamma .R1 . R2. belongs to model.gan=rpgan, not wgan"):
+        load_config("wgangp_demo", ["model.gamma=1"])
 
 
 @pytest.mark.parametrize("override, message", [

@@ -333,3 +333,38 @@ def test_weight_clip_clamps_every_parameter_in_place() -> None:
     assert torch.equal(D.bias.detach(), t(-0.01))
     with pytest.raises(ValueError, match="> 0"):
         weight_clip_(D, 0.0)
+
+
+# ---------------------------------------------------------------- RpGAN + R1 + R2 (Huang et al. 2024)
+
+
+def test_rpgan_pairs_each_real_with_its_fake_by_hand() -> None:
+    from pipeline.losses.adversarial import rpgan_d_loss, rpgan_g_loss
+
+    real, fake = t(2.0, -1.0, 0.5), t(0.0, 1.0, 0.5)
+    # D: -log sigmoid(D(x_i) - D(G(z_i))); G: -log sigmoid(D(G(z_i)) - D(x_i)).
+    d = [-math.log(1 / (1 + math.exp(-(r - f)))) for r, f in ((2.0, 0.0), (-1.0, 1.0), (0.5, 0.5))]
+    assert_scalar(rpgan_d_loss(real, fake), sum(d) / 3)
+    g = [-math.log(1 / (1 + math.exp(-(f - r)))) for r, f in ((2.0, 0.0), (-1.0, 1.0), (0.5, 0.5))]
+    assert_scalar(rpgan_g_loss(fake, real), sum(g) / 3)
+    # Relativistic: shifting every logit by one constant changes nothing.
+    assert_scalar(rpgan_d_loss(real + 7, fake + 7), sum(d) / 3)
+    with pytest.raises(ValueError, match="one shape"):
+        rpgan_d_loss(t(1.0, 2.0), t(1.0))
+
+
+def test_r1_and_r2_are_squared_input_gradients_per_sample_and_reach_d() -> None:
+    from pipeline.losses.regularizers import cosine_decay, zero_centred_penalty
+
+    torch.manual_seed(0)
+    D = nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.Tanh(), nn.Linear(5, 1))
+    x = torch.randn(4, 3, 2, 2, requires_grad=True)
+    penalty = zero_centred_penalty(D(x).squeeze(1), x)
+    for i in range(4):  # each sample's own gradient, as the Jacobian computes it
+        xi = x[i : i + 1].detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(D(xi).sum(), xi)
+        assert penalty[i].item() == pytest.approx(float(grad.square().sum()), rel=1e-6)
+    penalty.mean().backward()
+    assert D[1].weight.grad is not None and D[1].weight.grad.abs().sum() > 0  # the graph reaches D's weights
+    assert cosine_decay(10.0, 1.0, 0, 100) == 10.0 and cosine_decay(10.0, 1.0, 50, 100) == pytest.approx(5.5)
+    assert cosine_decay(10.0, 1.0, 100, 100) == pytest.approx(1.0) and cosine_decay(10.0, None, 50, 100) == 10.0

@@ -326,6 +326,21 @@ def test_wgan_gp_trains_with_n_critic_and_logs_the_penalty(demo_shards, tmp_path
     assert ckpt.latest(str(run_dir)).record["nimg"] == 16
 
 
+def test_rpgan_with_r1_and_r2_trains_on_two_processes_and_decays_gamma(demo_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    r = run(launch_cmd(2, [f"data.url={demo_shards}", f"run.dir={run_dir}", "train.total_kimg=0.016",
+                           "checkpoint.every_kimg=0.016", "data.workers=0", "train.batch_size=4", "model.ngf=8",
+                           "model.ndf=8", "model.image_size=32", "data.load_size=64,32", "data.crop_size=32,32",
+                           "train.progress=false", "train.log_every_kimg=0.004", "model.gan=rpgan", "model.gamma=10",
+                           "model.gamma_final=1", "model.norm_D=none", "model.gp_weight=0"], config="wgangp_demo"))
+    assert r.returncode == 0, explain(r)
+    scalars = read_scalars(run_dir)
+    assert {"Loss/D_rpgan", "Loss/D_r1", "Loss/D_r2", "Loss/G_rpgan"} <= set(scalars)
+    gammas = [v for _, v in scalars["Progress/gamma"]]
+    assert gammas[0] == pytest.approx(10.0) and all(a > b for a, b in zip(gammas, gammas[1:])), gammas
+    assert all(v > 0 for _, v in scalars["Loss/D_r1"] + scalars["Loss/D_r2"])
+
+
 def test_gradient_accumulation_matches_the_full_batch(demo_shards, tmp_path):
     # One step of batch 4, whole or as 2 micro-batches of 2, compared by its gradients: Adam's first
     # moment after one step is (1 - beta1) x the gradient, and it is in the checkpoint. (Weights

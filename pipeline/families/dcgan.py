@@ -1,19 +1,21 @@
-"""Unconditional DCGAN-family training (Radford et al. 2016): non-saturating, LSGAN, hinge, or
-WGAN with gradient penalty (Gulrajani et al. 2017) or weight clipping (Arjovsky et al. 2017),
+"""Unconditional DCGAN-family training (Radford et al. 2016): non-saturating, LSGAN, hinge,
+WGAN with gradient penalty (Gulrajani et al. 2017) or weight clipping (Arjovsky et al. 2017), or
+the relativistic pairing loss with R1 + R2 (``gan=rpgan``, Huang et al. 2024),
 ``model.n_critic`` D steps per G step, optional spectral norm, SAGAN's self-attention (Zhang et
 al. 2019) and decaying instance noise. Defaults are DCGAN's: Adam(2e-4, 0.5, 0.999),
 non-saturating loss, batch norm in G and D; ``configs/sagan_*.yaml`` hold SAGAN's."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from ..config import Config, ConfigError, ModelConfig, bounded, choice
 from ..data.device import float_image
-from ..losses.adversarial import d_loss, g_loss
-from ..losses.regularizers import gradient_penalty, instance_noise, weight_clip_
+from ..losses.adversarial import d_loss, g_loss, rpgan_d_loss, rpgan_g_loss
+from ..losses.regularizers import cosine_decay, gradient_penalty, instance_noise, weight_clip_, zero_centred_penalty
 from ..models.dcgan import DCGANDiscriminator, DCGANGenerator, check_attention
 from ..models.layers import init_weights
 from ..train.family import DataInfo, Evaluation, Family, Network, Optimizer, Phase, StepContext, Stream
@@ -31,8 +33,13 @@ class DCGANConfig(ModelConfig):
     spectral_norm_G: bool = False  # and on every G layer (SAGAN)
     attention: tuple[int, ...] = ()  # feature-map sizes with a self-attention block in G and D (SAGAN: 32 at 64)
     init_gain: float = bounded(0.02, 0.0)
-    gan: str = choice("vanilla", "vanilla", "lsgan", "hinge", "wgan")
+    gan: str = choice("vanilla", "vanilla", "lsgan", "hinge", "wgan", "rpgan")
     gp_weight: float = bounded(0.0, 0.0)  # WGAN-GP: 10
+    # rpgan (R3GAN): D's loss + gamma/2 (R1 + R2); gamma follows a cosine to gamma_final over
+    # gamma_decay_kimg (None: the whole run), then stays (the official presets: 20,000 kimg).
+    gamma: float = bounded(0.0, 0.0)
+    gamma_final: float | None = None
+    gamma_decay_kimg: float | None = None
     weight_clip: float = bounded(0.0, 0.0)  # original WGAN: 0.01; 0 disables
     n_critic: int = bounded(1, 1)  # D steps per G step (WGAN: 5)
     instance_noise: float = bounded(0.0, 0.0)  # sigma at kimg 0, decays linearly to 0
@@ -45,6 +52,12 @@ class DCGANConfig(ModelConfig):
     def check(self) -> None:
         if self.gp_weight and self.weight_clip:
             raise ConfigError("model.gp_weight and model.weight_clip are alternatives; set one of them to 0")
+        if self.gan == "rpgan" and (self.gp_weight or self.weight_clip):
+            raise ConfigError("model.gan=rpgan regularises D with R1 + R2 (model.gamma); set model.gp_weight=0 and "
+                              "model.weight_clip=0")
+        if (self.gamma or self.gamma_final is not None) and self.gan != "rpgan":
+            raise ConfigError(f"model.gamma (R1 + R2) belongs to model.gan=rpgan, not {self.gan}; set model.gan=rpgan "
+                              f"or model.gamma=0")
         try:
             check_attention(self.attention, self.image_size)
         except ValueError as exc:
@@ -88,6 +101,8 @@ def d_step(ctx: StepContext, b: dict, scratch: dict) -> dict:
     m, D = ctx.cfg.model, ctx.nets["D"]
     with torch.no_grad(), ctx.autocast():
         fake = ctx.nets["G"](b["z"])
+    if m.gan == "rpgan":
+        return rpgan_d_step(ctx, b["image"], fake)
     real_in, fake_in = _noisy(ctx, b["image"]), _noisy(ctx, fake.float())
     with ctx.autocast():
         # One call for both unless D has batch norm, whose statistics must not mix them.
@@ -105,10 +120,34 @@ def d_step(ctx: StepContext, b: dict, scratch: dict) -> dict:
     return losses
 
 
+def rpgan_d_step(ctx: StepContext, real: torch.Tensor, fake: torch.Tensor) -> dict:
+    """RpGAN + R1 + R2 (Huang et al. 2024): each real paired with a fake in the relativistic
+    loss, and zero-centred gradient penalties on both, weighted γ/2. With γ > 0, D runs in fp32
+    (the penalties differentiate its input gradients)."""
+    m, D = ctx.cfg.model, ctx.nets["D"]
+    span = m.gamma_decay_kimg if m.gamma_decay_kimg is not None else ctx.cfg.train.total_kimg
+    gamma = cosine_decay(m.gamma, m.gamma_final, ctx.nimg, span * 1000)
+    real_in = _noisy(ctx, real).detach().float().requires_grad_(gamma > 0)
+    fake_in = _noisy(ctx, fake.float()).detach().requires_grad_(gamma > 0)
+    with ctx.autocast() if gamma == 0 else contextlib.nullcontext():
+        pred_real, pred_fake = D(real_in), D(fake_in)  # separate calls: batch norm must not mix them
+    loss = rpgan_d_loss(pred_real, pred_fake)
+    out = {"D_rpgan": loss}
+    if gamma > 0:
+        r1, r2 = zero_centred_penalty(pred_real, real_in), zero_centred_penalty(pred_fake, fake_in)
+        out.update(D_r1=r1.mean().detach(), D_r2=r2.mean().detach(), **{"Progress/gamma": torch.tensor(gamma)})
+        loss = loss + (gamma / 2) * (r1 + r2).mean()
+    out["loss"] = loss
+    return out
+
+
 def g_step(ctx: StepContext, b: dict, scratch: dict) -> dict:
     with ctx.autocast():
         fake = ctx.nets["G"](torch.randn_like(b["z"]))
         pred = ctx.plain["D"](_noisy(ctx, fake))  # D is frozen
+        if ctx.cfg.model.gan == "rpgan":
+            g = rpgan_g_loss(pred, ctx.plain["D"](_noisy(ctx, b["image"])))
+            return {"loss": g, "G_rpgan": g}
     g = g_loss(ctx.cfg.model.gan, pred)
     return {"loss": g, "G_GAN": g}
 

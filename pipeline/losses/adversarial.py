@@ -1,4 +1,5 @@
-"""GAN objectives (vanilla, LSGAN, hinge, WGAN) as plain functions of D's logits, reduced in fp32.
+"""GAN objectives (vanilla, LSGAN, hinge, WGAN; the relativistic pairing RpGAN) as plain functions
+of D's logits, reduced in fp32.
 
 Logits are one tensor or a multiscale D's output in pix2pixHD's shape (per scale, a list of
 features whose last element is the logits); scales are summed as the official pix2pixHD does.
@@ -134,3 +135,17 @@ def _describe(value: object) -> str:
     if isinstance(value, (list, tuple)):
         return f"{type(value).__name__} of length {len(value)}"
     return type(value).__name__
+
+
+def rpgan_d_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """D's relativistic pairing loss (RpGAN: Jolicoeur-Martineau 2019; the R3GAN baseline of Huang
+    et al. 2024, Eq. 2): ``mean softplus(-(D(x_i) - D(G(z_i))))`` over paired samples i, fp32."""
+    if real_logits.shape != fake_logits.shape:
+        raise ValueError(f"RpGAN pairs reals with fakes: logits {list(real_logits.shape)} and "
+                         f"{list(fake_logits.shape)} must have one shape")
+    return F.softplus(fake_logits.float() - real_logits.float()).mean()
+
+
+def rpgan_g_loss(fake_logits: Tensor, real_logits: Tensor) -> Tensor:
+    """G's side of :func:`rpgan_d_loss`: ``mean softplus(-(D(G(z_i)) - D(x_i)))``, fp32."""
+    return rpgan_d_loss(fake_logits, real_logits)

@@ -1,5 +1,5 @@
-"""Regularizers: WGAN-GP gradient penalty, R1 penalty, WGAN weight clipping and instance noise
-for D; the VAE's KL divergence for an encoder (SPADE, BicycleGAN).
+"""Regularizers: WGAN-GP gradient penalty, R1 and R2 penalties, WGAN weight clipping and instance
+noise for D; the VAE's KL divergence for an encoder (SPADE, BicycleGAN).
 
 Penalties differentiate D w.r.t. its input in fp32 with autocast off, and keep the graph
 (``create_graph=True``) so their backward reaches D's parameters.
@@ -7,6 +7,7 @@ Penalties differentiate D w.r.t. its input in fp32 with autocast off, and keep t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -66,6 +67,24 @@ def r1_penalty(D_fn: DFn, real: Tensor) -> Tensor:
     with torch.autocast(device_type=real.device.type, enabled=False):
         x = real.detach().float().requires_grad_(True)
         return _input_grad(D_fn, x).square().flatten(1).sum(dim=1).mean()
+
+
+def zero_centred_penalty(logits: Tensor, inputs: Tensor) -> Tensor:
+    """``||grad_x D(x)_i||_2^2`` per sample ``[N]``, differentiable w.r.t. D's parameters: R1 when
+    ``inputs`` are the reals, R2 when they are the fakes (Roth et al. 2017; Mescheder et al.
+    2018). ``logits`` ``[N]`` come from D on ``inputs``, which must require grad; run that
+    forward in fp32 (the caller's autocast off) for the penalty's precision."""
+    (grad,) = torch.autograd.grad(outputs=logits.float().sum(), inputs=inputs, create_graph=True)
+    return grad.float().square().flatten(1).sum(dim=1)
+
+
+def cosine_decay(start: float, end: float | None, nimg: int, total_nimg: float) -> float:
+    """``start`` decayed along a half cosine to ``end`` over ``total_nimg`` images (``end`` None:
+    constant), then held."""
+    if end is None or total_nimg <= 0:
+        return start
+    t = min(max(nimg / total_nimg, 0.0), 1.0)
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * t))
 
 
 @torch.no_grad()
