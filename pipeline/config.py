@@ -149,6 +149,7 @@ class EvalConfig:
     num_samples: int = bounded(1000, 2)  # unconditional: generated images from fixed latents
     batch_size: int = bounded(16, 1)
     kid_subset_size: int = bounded(1000, 2)
+    diversity_pairs: int = bounded(500, 0)  # unconditional: MS-SSIM over this many pairs of images; 0: off
     seed: int = bounded(0, 0)
     reference_cache: str | None = None  # URL for real-image statistics (None: beside the shards)
     poll_sec: float = bounded(10.0, 0.1)

@@ -136,6 +136,53 @@ def test_one_and_two_evaluator_processes_agree(trained_run, evaluated_run, incep
         assert abs(a["metrics"][name] - b["metrics"][name]) <= 1e-6 * max(1.0, abs(a["metrics"][name])), name
 
 
+def test_ms_ssim_diversity_pairs_fixed_latents_and_is_one_for_identical_images():
+    from pipeline.eval.paired import MS_SSIM_WEIGHTS, ms_ssim, ms_ssim_weights
+    from pipeline.eval.watcher import Diversity
+
+    assert ms_ssim_weights(256, 256) == pytest.approx(MS_SSIM_WEIGHTS)  # five scales fit: the standard ones
+    w64 = ms_ssim_weights(64, 64)
+    assert len(w64) == 3 and sum(w64) == pytest.approx(1) and len(ms_ssim_weights(32, 48)) == 2
+    torch.manual_seed(0)
+    images = torch.rand(9, 3, 32, 32) * 2 - 1
+    same = Diversity(10)
+    same.add(0, torch.cat([images[:1]] * 6))
+    total, count = same.sums("d")["d"]
+    assert count == 3 and total / count == pytest.approx(1.0)  # identical images: MS-SSIM 1
+    # Batches of 3 from index 0, and a cap of 4 pairs: pairs (0, 1), (2, 3) across a batch edge, (4, 5), (6, 7).
+    div = Diversity(4)
+    for start in range(0, 9, 3):
+        div.add(start, images[start:start + 3])
+    total, count = div.sums("d")["d"]
+    direct = ms_ssim(images[0:8:2], images[1:8:2], weights=ms_ssim_weights(32, 32))
+    assert count == 4 and total == pytest.approx(float(direct.double().sum()), rel=1e-6)
+    # A rank's share starts at an even index: the same pairs, whichever evaluator computes them.
+    late = Diversity(4)
+    late.add(4, images[4:8])
+    assert late.sums("d")["d"][1] == 2
+
+
+@pytest.mark.multiprocess
+def test_unconditional_runs_report_diversity_the_same_with_one_or_two_evaluators(demo_shards, inception, tmp_path):
+    run_dir = tmp_path / "run"
+    r = run(launch_cmd(1, [f"data.url={demo_shards}", f"run.dir={run_dir}", "train.total_kimg=0.008",
+                           "checkpoint.every_kimg=0.008", "data.workers=0", "train.batch_size=4", "model.ngf=8",
+                           "model.ndf=8", "model.image_size=32", "data.load_size=64,32", "data.crop_size=32,32",
+                           "train.progress=false", "model.n_critic=1"], config="wgangp_demo"))
+    assert r.returncode == 0, explain(r)
+    two = copy_run(run_dir, tmp_path / "two")
+    args = ["--once", "--inception-weights", inception, "--num-samples", "13", "--diversity-pairs", "5",
+            "--kid-subset-size", "4", "--kid-subsets", "10", "--batch-size", "3"]
+    for where, procs in ((run_dir, 1), (two, 2)):
+        r = evaluate(where, *args, "--reference-cache", str(where / "refcache"), procs=procs)
+        assert r.returncode == 0, explain(r)
+    a, b = result(run_dir, 2), result(two, 2)
+    assert 0 < a["metrics"]["diversity_msssim"] < 1 and 0 < a["metrics"]["diversity_msssim_real"] < 1
+    assert a["metrics"]["diversity_msssim"] == pytest.approx(b["metrics"]["diversity_msssim"], rel=1e-9, abs=1e-12)
+    d = a["protocol"]["diversity"]
+    assert (d["pairs"], len(d["weights"])) == (5, 2) and b["protocol"]["diversity"]["pairs"] == 5
+
+
 # ---------------------------------------------------------------- watching a run
 
 

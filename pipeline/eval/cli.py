@@ -54,9 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int, help="conditional models: cap on validation samples")
     p.add_argument("--kid-subset-size", type=int)
     p.add_argument("--kid-subsets", type=int)
+    p.add_argument("--diversity-pairs", type=int,
+                   help="unconditional models: MS-SSIM over this many pairs of generated (and of real) images; 0: off")
     p.add_argument("--reference-cache", help="URL for cached real-image features (default: beside the shards)")
     p.add_argument("--poll-sec", type=float)
-    p.add_argument("--best-metric", choices=("fid", "kid", "lpips", "psnr", "ssim"))
+    p.add_argument("--best-metric", choices=("fid", "kid", "lpips", "psnr", "ssim", "psnr_y", "ssim_y"))
     p.add_argument("--timeout", type=float, dest="timeout_sec",
                    help="when following: stop after this many seconds without the run's DONE marker")
     p.add_argument("--follow-pid", type=int, metavar="PID",

@@ -162,6 +162,21 @@ def ms_ssim(x: torch.Tensor, y: torch.Tensor, *, value_range: tuple[float, float
     return per_channel.mean(dim=1)
 
 
+def ms_ssim_weights(height: int, width: int) -> tuple[float, ...]:
+    """The standard MS-SSIM weights for the scales that fit ``height`` x ``width`` images (the
+    coarsest must still hold the 11-pixel window: 5 scales from 161 px, 3 at 64, 2 at 32); fewer
+    than five are renormalised to sum to 1, so small images get a multi-scale SSIM of the same form."""
+    scales = len(MS_SSIM_WEIGHTS)
+    while scales > 1 and min(height, width) < (SSIM_WINDOW - 1) * 2 ** (scales - 1) + 1:
+        scales -= 1
+    if min(height, width) < SSIM_WINDOW:
+        raise ValueError(f"MS-SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, got {height}x{width}")
+    if scales == len(MS_SSIM_WEIGHTS):
+        return MS_SSIM_WEIGHTS
+    used = MS_SSIM_WEIGHTS[:scales]
+    return tuple(w / sum(used) for w in used)
+
+
 # ---------------------------------------------------------------------------------- the SR protocol
 
 

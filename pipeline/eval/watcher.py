@@ -52,6 +52,7 @@ class EvalOptions:
     batch_size: int = 16
     kid_subset_size: int = 1000
     kid_subsets: int = 100
+    diversity_pairs: int = 500
     seed: int = 0
     reference_cache: str | None = None
     poll_sec: float = 10.0
@@ -66,7 +67,8 @@ class EvalOptions:
         e = cfg.eval
         base = cls(run=run, inception_weights=e.inception_weights, lpips_weights=e.lpips_weights,
                    policy=e.policy, every_k=e.every_k, max_samples=e.max_samples, num_samples=e.num_samples,
-                   batch_size=e.batch_size, kid_subset_size=e.kid_subset_size, seed=e.seed,
+                   batch_size=e.batch_size, kid_subset_size=e.kid_subset_size, diversity_pairs=e.diversity_pairs,
+                   seed=e.seed,
                    reference_cache=e.reference_cache, poll_sec=e.poll_sec, best_metric=e.best_metric,
                    storage_options=cfg.data.storage_options or None)
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
@@ -138,8 +140,17 @@ class Evaluator:
         for ev in evaluations_for(family, cfg, info, manifest):
             gen, real, sums, columns = self._run(cfg, family, info, nets, ev)
             scores, protocols[ev.name] = self._scores(cfg, ev, gen, real)
-            for name, (total, count) in _summed(dist.gather_objects(sums)).items():
+            summed = _summed(dist.gather_objects(sums))
+            for name, (total, count) in summed.items():
                 scores[name] = total / count if count else None
+            if "diversity_msssim" in summed and dist.is_main():
+                protocols[ev.name]["diversity"] = {
+                    "metric": "mean MS-SSIM over image pairs (lower: more diverse)",
+                    "weights": list(paired.ms_ssim_weights(*protocols[ev.name]["image_resolution"])),
+                    "pairs": summed["diversity_msssim"][1],
+                    "pairs_real": summed.get("diversity_msssim_real", (0, 0))[1],
+                    "generated": "the fixed latents' images 2k and 2k + 1",
+                    "real": f"random pairs (seed {self.opts.seed}) within each evaluator's share of the reference"}
             per_eval[ev.name] = scores
             grid = grid + columns
         if not dist.is_main():
@@ -224,17 +235,23 @@ class Evaluator:
                     grid = family.visualize(nets, b, info) if ev.paired else [fake]
         else:
             n, rank, world = self.opts.num_samples, dist.rank(), dist.world_size()
-            # The same latents whatever the number of evaluators: drawn once, sliced per rank.
+            # The same latents whatever the number of evaluators: drawn once, sliced per rank at
+            # even indices, so the diversity pairs (2k, 2k + 1) never straddle two ranks.
             z = torch.randn(n, cfg.model.z_dim, generator=torch.Generator().manual_seed(self.opts.seed))
-            lo, hi = rank * n // world, (rank + 1) * n // world
+            lo, hi = 2 * (rank * (n // 2) // world), 2 * ((rank + 1) * (n // 2) // world) if rank < world - 1 else n
+            pairs = Diversity(self.opts.diversity_pairs)
             for start in range(lo, hi, self.opts.batch_size):
                 zb = z[start:min(hi, start + self.opts.batch_size)].to(self.device)
                 with seeded(self.opts.seed, start, self.device):
                     fake = ev.generate(nets, {"z": zb}).float().clamp(-1, 1)
                 gen.append((torch.arange(start, start + len(zb)), self.inception(metrics.to_uint8(fake))))
+                pairs.add(start, fake)
                 grid = grid or [fake]
+            sums.update(pairs.sums("diversity_msssim"))
         if not ev.paired:
             real = [(index, batch["image"]) for index, batch in self._batches(cfg, ev.reference, ("image",))]
+            if ev.inputs is None and self.opts.diversity_pairs:
+                sums.update(real_diversity(real, self.opts.diversity_pairs, self.opts.seed))
         return gen, real, sums, grid
 
     def _paired(self, fake: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -336,6 +353,55 @@ def seeded(seed: int, first: int, device: torch.device):
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed * 1_000_003 + first)
         yield
+
+
+class Diversity:
+    """MS-SSIM between the generated images of the pairs (2k, 2k + 1) of fixed latents, for
+    ``2k + 1 < 2 * max_pairs`` (independent latents: random pairs, as ACGAN's and PGGAN's
+    diversity measure): a high mean is a model that repeats itself. Images arrive in order of
+    their global index; an image whose partner is in the next batch waits for it."""
+
+    def __init__(self, max_pairs: int) -> None:
+        self.max_index, self.waiting, self.values = 2 * max_pairs, None, []
+
+    def add(self, start: int, images: torch.Tensor) -> None:
+        """``images`` [N, 3, H, W] in [-1, 1]: those of global indices start .. start + N - 1."""
+        a, b = [], []
+        for offset, image in enumerate(images[: max(0, self.max_index - start)]):
+            index = start + offset
+            if index % 2 == 0:
+                self.waiting = (index, image)
+            elif self.waiting is not None and self.waiting[0] == index - 1:
+                a.append(self.waiting[1])
+                b.append(image)
+                self.waiting = None
+        if a:
+            self.values.append(_ms_ssim(torch.stack(a), torch.stack(b)))
+
+    def sums(self, name: str) -> dict[str, tuple[float, int]]:
+        if not self.values:
+            return {}
+        values = torch.cat(self.values)
+        return {name: (float(values.double().sum()), len(values))}
+
+
+def _ms_ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return paired.ms_ssim(a, b, weights=paired.ms_ssim_weights(*a.shape[-2:]))
+
+
+def real_diversity(real: list[tuple[torch.Tensor, torch.Tensor]], max_pairs: int, seed: int) -> dict:
+    """The same MS-SSIM over random pairs of this rank's real images (uint8), for reference: what
+    the data's own diversity gives. The pairs depend on how the reference split is shared out."""
+    images = torch.cat([batch for _, batch in real]) if real else torch.empty(0)
+    if len(images) < 2:
+        return {}
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    order = order[: min(len(order) // 2, max_pairs) * 2]
+    unit = lambda x: x.float() / 127.5 - 1  # noqa: E731
+    values = [_ms_ssim(unit(images[order[i:i + 64:2]]), unit(images[order[i + 1:i + 64:2]]))
+              for i in range(0, len(order), 64)]
+    values = torch.cat(values)
+    return {"diversity_msssim_real": (float(values.double().sum()), len(values))}
 
 
 def evaluations_for(family, cfg: Config, info: DataInfo, manifest) -> tuple[Evaluation, ...]:
