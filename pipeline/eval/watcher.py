@@ -315,7 +315,8 @@ class Evaluator:
         if grid is not None:
             import torchvision
 
-            rows = torch.stack([c.float().cpu() for c in grid], 1).flatten(0, 1)[: 8 * len(grid)]
+            n = min(len(c) for c in grid)  # evaluations' columns may come in batches of other sizes
+            rows = torch.stack([c[:n].float().cpu() for c in grid], 1).flatten(0, 1)[: 8 * len(grid)]
             image = torchvision.utils.make_grid(rows.clamp(-1, 1), nrow=len(grid), normalize=True, value_range=(-1, 1))
             self.events.add_image("Eval/samples", image, nimg)
             buf = __import__("io").BytesIO()
@@ -417,15 +418,19 @@ def evaluations_for(family, cfg: Config, info: DataInfo, manifest) -> tuple[Eval
 
 
 def _named(per_eval: dict[str, dict]) -> dict:
-    """One evaluation's metrics as they are; several evaluations' suffixed with their names
-    (``fid_AtoB``), and each metric's mean over them under its plain name (``fid``: what
+    """One evaluation's metrics as they are. Several: each suffixed with its name (``fid_AtoB``),
+    except the one named "" (the family's main evaluation: AAE's prior samples), and, when none
+    is named "", each metric they all have averaged under its plain name (``fid``: what
     ``eval.best_metric`` compares)."""
     if list(per_eval) == [""]:
         return per_eval[""]
-    out = {f"{k}_{name}": v for name, scores in per_eval.items() for k, v in scores.items()}
-    for metric in next(iter(per_eval.values())):
-        parts = [scores.get(metric) for scores in per_eval.values()]
-        out[metric] = sum(parts) / len(parts) if None not in parts else None
+    out = {(f"{k}_{name}" if name else k): v for name, scores in per_eval.items() for k, v in scores.items()}
+    if "" not in per_eval:
+        for metric in next(iter(per_eval.values())):
+            parts = [scores.get(metric) for scores in per_eval.values()]
+            if any(metric not in scores for scores in per_eval.values()):
+                continue
+            out[metric] = sum(parts) / len(parts) if None not in parts else None
     return out
 
 
