@@ -115,6 +115,34 @@ def test_r1_is_gamma_over_2_times_the_squared_input_gradient_times_the_interval(
     torch.testing.assert_close(D.w.grad, 16 * 1.5 * 2 * D.w.detach(), rtol=1e-5, atol=1e-6)
 
 
+class NoiseG(nn.Module):
+    """A G that ignores its input: images from the RNG (for penalties whose value does not depend on them)."""
+
+    def forward(self, z, c, style_mixing_prob=0.0, **kw):
+        return torch.randn(z.shape[0], 3, 32, 32)
+
+
+def test_rpgan_pairs_reals_with_fakes_and_adds_r2_on_fakes_to_the_lazy_r1():
+    cfg = tiny_cfg("model.loss=rpgan", "model.r1_gamma=3", "model.D_reg_interval=16", "model.aug=noaug")
+    D = LinearD((3, 32, 32))
+    ctx = ctx_for({"D": D, "G": NoiseG()}, cfg)
+    out = family.d_reg(ctx, {"image": torch.randn(4, 3, 32, 32)}, {})
+    r = D.w.detach().square().sum()  # a linear D: R1 = R2 = ||w||^2 whatever the input
+    assert out["r1_penalty"].item() == pytest.approx(r.item(), rel=1e-5)
+    assert out["r2_penalty"].item() == pytest.approx(r.item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx(16 * 1.5 * 2 * r.item(), rel=1e-5)
+    torch.manual_seed(0)
+    real = torch.randn(4, 3, 32, 32)
+    b = {"image": real, "z": torch.zeros(4, cfg.model.z_dim)}
+    torch.manual_seed(1)
+    d = family.d_main(ctx, b, {})
+    torch.manual_seed(1)
+    fake = NoiseG()(family._z(ctx, 4, b["z"]), None)
+    with torch.no_grad():
+        rel = D(real, None).squeeze(1) - D(fake, None).squeeze(1)
+    assert d["D/loss"].item() == pytest.approx(float(torch.nn.functional.softplus(-rel).mean()), rel=1e-5)
+
+
 class LinearG(nn.Module):
     """img = (sum over layers of ws) @ M, reshaped: d<img, y>/d ws[:, l] = M @ y for every l."""
 
@@ -293,6 +321,15 @@ def test_model_init_from_an_official_pickle_through_the_launcher(demo_shards, tm
                          config="stylegan2_demo"))
     assert bad.returncode != 0
     assert "does not fit this config's network" in bad.stderr.strip().splitlines()[-1], explain(bad)
+
+
+def test_rpgan_through_the_launcher_logs_both_penalties(demo_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    r = run(launch_cmd(1, [f"data.url={demo_shards}", f"run.dir={run_dir}", *TINY, "model.loss=rpgan",
+                           "train.total_kimg=0.008"], config="stylegan2_demo"))
+    assert r.returncode == 0, explain(r)
+    scalars = read_scalars(run_dir)
+    assert all(v > 0 for tag in ("Loss/r1_penalty", "Loss/r2_penalty") for _, v in scalars[tag]), sorted(scalars)
 
 
 # ---------------------------------------------------------------- the real launcher

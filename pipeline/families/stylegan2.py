@@ -9,7 +9,8 @@ The official phase order, one real batch per iteration: ``Gmain``, ``Greg`` (eve
 Loss names are the official ``training_stats`` names (``Loss/G/loss``, ``Loss/D/reg``,
 ``Loss/signs/real``, ``Progress/augment``), so curves compare. Unlike the official snapshots, a
 checkpoint here keeps both optimizers, ``p`` (a buffer of D's augment pipe) and each rank's
-path-length mean, so a resume continues exactly.
+path-length mean, so a resume continues exactly. ``model.loss=rpgan`` replaces the logistic loss
+with the relativistic pairing loss of R3GAN (Huang et al. 2024), and the lazy R1 by R1 + R2.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 
 from ..config import Config, ConfigError, ModelConfig, bounded, choice
 from ..data.device import float_image
+from ..losses.adversarial import rpgan_d_loss, rpgan_g_loss
 from ..models.ada import AUGPIPES, AugmentPipe, ada_adjust, augment_preset
 from ..models.stylegan2 import Discriminator, Generator
 from ..train.family import DataInfo, Evaluation, Family, Network, Optimizer, Phase, StepContext, Stream
@@ -50,6 +52,8 @@ class StyleGAN2Config(ModelConfig):
     beta1: float = bounded(0.0, 0.0, 1.0)
     beta2: float = bounded(0.99, 0.0, 1.0)
     r1_gamma: float = bounded(10.0, 0.0)
+    # rpgan: D(real) - D(fake) in the logistic loss, pairs as R3GAN; Dreg then adds R2 on fakes (γ = r1_gamma)
+    loss: str = choice("logistic", "logistic", "rpgan")
     G_reg_interval: int = bounded(4, 1)  # lazy path-length regularisation
     D_reg_interval: int = bounded(16, 1)  # lazy R1
     pl_weight: float = bounded(2.0, 0.0)
@@ -196,7 +200,9 @@ def g_main(ctx: StepContext, b: dict, scratch: dict) -> dict:
     with ctx.autocast():
         img = ctx.nets["G"](z, _no_c(z), style_mixing_prob=m.style_mixing_prob)
         logits = ctx.plain["D"](img, _no_c(z)).float()  # D frozen
-    loss = F.softplus(-logits).mean()
+        if m.loss == "rpgan":
+            real_logits = ctx.plain["D"](b["image"], _no_c(z)).float()
+    loss = rpgan_g_loss(logits, real_logits) if m.loss == "rpgan" else F.softplus(-logits).mean()
     out = {"loss": loss, "G/loss": loss, "scores/fake": logits.detach().mean()}
     if ctx.plain["D"].augment_pipe is not None:
         out["Progress/augment"] = ctx.plain["D"].augment_pipe.p.detach().clone()
@@ -232,24 +238,38 @@ def d_main(ctx: StepContext, b: dict, scratch: dict) -> dict:
     with ctx.autocast():
         fake_logits = ctx.nets["D"](fake.float(), _no_c(z)).float()
         real_logits = ctx.nets["D"](b["image"], _no_c(z)).float()
-    loss_fake, loss_real = F.softplus(fake_logits).mean(), F.softplus(-real_logits).mean()
-    loss = loss_fake + loss_real
+    if m.loss == "rpgan":
+        loss = rpgan_d_loss(real_logits, fake_logits)
+    else:
+        loss = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
     return {"loss": loss, "D/loss": loss.detach(), "scores/fake": fake_logits.detach().mean(),
             "scores/real": real_logits.detach().mean(), "signs/real": _signs(ctx, real_logits)}
 
 
 def d_reg(ctx: StepContext, b: dict, scratch: dict) -> dict:
     """Dreg: R1 on the non-augmented reals (the gradient flows back through the augment pipe), in
-    fp32, weighted by gamma/2 and the interval; ``logits * 0`` reaches every parameter of D."""
+    fp32, weighted by gamma/2 and the interval; ``logits * 0`` reaches every parameter of D. With
+    ``loss=rpgan`` also R2, the same penalty on fakes of the frozen G, weighted alike."""
     m = ctx.cfg.model
     real = b["image"].detach().requires_grad_(True)
     logits = ctx.nets["D"](real, _no_c(real)).float()
     grads, = torch.autograd.grad(outputs=[logits.sum()], inputs=[real], create_graph=True, only_inputs=True)
     penalty = grads.square().sum([1, 2, 3])
+    out = {"r1_penalty": penalty.mean().detach(), "signs/real": _signs(ctx, logits)}
+    total = logits * 0
+    if m.loss == "rpgan":
+        z = _z(ctx, real.shape[0], real)
+        with torch.no_grad():
+            fake = ctx.plain["G"](z, _no_c(z), style_mixing_prob=m.style_mixing_prob).float()
+        fake.requires_grad_(True)
+        fake_logits = ctx.nets["D"](fake, _no_c(z)).float()
+        grads, = torch.autograd.grad(outputs=[fake_logits.sum()], inputs=[fake], create_graph=True, only_inputs=True)
+        r2 = grads.square().sum([1, 2, 3])
+        out["r2_penalty"] = r2.mean().detach()
+        penalty, total = penalty + r2, total + fake_logits * 0
     reg = penalty * (m.r1_gamma / 2)
-    loss = (logits * 0 + reg[:, None]).mean() * m.D_reg_interval
-    return {"loss": loss, "D/reg": reg.mean().detach(), "r1_penalty": penalty.mean().detach(),
-            "signs/real": _signs(ctx, logits)}
+    loss = (total + reg[:, None]).mean() * m.D_reg_interval
+    return {"loss": loss, "D/reg": reg.mean().detach(), **out}
 
 
 def phases(cfg: Config) -> tuple[Phase, ...]:
