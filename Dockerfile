@@ -21,7 +21,7 @@ COPY pyproject.toml README.md constraints.txt ./
 COPY pipeline ./pipeline
 # Before the install: pipeline/configs links to it, and the wheel carries the configs.
 COPY configs ./configs
-RUN pip install --no-cache-dir -c constraints.txt . \
+RUN pip install --no-cache-dir -c constraints.txt ".[s3]" \
  && pip install --no-cache-dir --no-build-isolation -c constraints.txt deepspeed
 COPY launch ./launch
 

@@ -4,7 +4,7 @@
 # FID/KID and paired metrics from each snapshot, and say where everything is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash launch/setup.sh
+bash launch/setup.sh demo
 PY=.venv/bin/python
 RUN=runs/pix2pixhd_demo
 # Data loading: keep freed memory mapped rather than fault it in again per sample (docs/data.md).

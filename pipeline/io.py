@@ -23,9 +23,17 @@ CHUNK = 1 << 20
 OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 
 
+class MissingStorageBackend(ImportError):
+    """A URL whose storage needs a package that is not installed (s3:// without s3fs)."""
+
+
 def fs_for(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and the in-filesystem path for ``url``."""
-    return fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    try:
+        return fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    except ImportError as exc:  # s3:// without s3fs, gs:// without gcsfs, ...
+        hint = "pip install 'gan-pipeline[s3]'" if str(url).startswith(("s3://", "s3a://")) else "install it"
+        raise MissingStorageBackend(f"{url}: {exc}: {hint}") from None
 
 
 def is_local(url: str) -> bool:

@@ -100,3 +100,19 @@ def test_accelerate_launch_mixed_precision_reaches_every_rank_or_is_refused():
     assert r.stderr.strip() == ("gan-train: config error: accelerate launch --mixed_precision bf16 contradicts "
                                 "train.precision=fp32: drop the launcher flag (or the launch file's "
                                 "mixed_precision), or set train.precision=bf16"), explain(r)
+
+
+def test_s3_urls_without_s3fs_name_the_extra_to_install():
+    # s3fs is the `s3` extra, not a core dependency: without it an s3:// URL is one line saying what to install.
+    code = ("import sys; sys.modules['s3fs'] = None\n"
+            "from pipeline.train.cli import main\n"
+            "sys.exit(main(['--config', 'pix2pix_demo', 'data.url=s3://bucket/shards', '--dry-run']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.strip().splitlines()[-1] == ("gan-train: error: s3://bucket/shards/manifest.json: Install s3fs "
+                                                 "to access S3: pip install 'gan-pipeline[s3]'")
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert not any(d.startswith("s3fs") for d in project["dependencies"])
+    assert project["optional-dependencies"]["s3"] == ["s3fs>=2024.6"]

@@ -12,6 +12,7 @@ import sys
 import time
 import traceback
 
+from .. import io
 from ..config import ConfigError, deepspeed_limits, launcher_precision, load_config, to_dict
 
 CONFIG_ERROR_PAUSE_S = 5.0  # how long a rank other than 0 waits for rank 0 to report a config error
@@ -93,7 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gan-train: config error: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
-        return dry_run(cfg)
+        try:
+            return dry_run(cfg)
+        except io.MissingStorageBackend as exc:
+            print(f"gan-train: error: {exc}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=logging.INFO if _is_first_process() else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from ..data.manifest import ManifestError
@@ -102,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args_given = argv if argv is not None else sys.argv[1:]
         return train(cfg, command=shlex.join([sys.argv[0], *map(redacted, args_given)]))
-    except (ConfigError, ManifestError) as exc:  # found at start-up: the run cannot go on as configured
+    except (ConfigError, ManifestError, io.MissingStorageBackend) as exc:  # found at start-up: cannot go on
         print(f"gan-train: error: {exc}", file=sys.stderr, flush=True)
         os._exit(2)  # as below: DataLoader workers must not be joined
     except Exception as exc:
