@@ -29,7 +29,8 @@ class UnetGenerator(nn.Module):
     The math is the official one; the module tree is flat (``down``/``up`` lists) instead of
     nested blocks, so official checkpoints need their keys mapped before loading.
 
-    ``attention`` (not in pix2pix): SAGAN's :class:`SelfAttention` at the end of the decoder
+    ``skip_last``: decoder blocks see [decoder output, skip] (BicycleGAN's ``UnetBlock``) instead
+    of [skip, decoder output]. ``attention`` (not in pix2pix): SAGAN's :class:`SelfAttention` at the end of the decoder
     blocks whose features are at ``1/f`` of the input size, for each ``f`` listed (a power of 2
     from 2 to ``2**(num_downs - 1)``), before they meet their skip: long-range structure that
     the 70×70 receptive field of the PatchGAN cannot ask for.
@@ -45,8 +46,10 @@ class UnetGenerator(nn.Module):
         norm: str = "batch",
         use_dropout: bool = True,
         attention: tuple[int, ...] = (),
+        skip_last: bool = False,
     ) -> None:
         super().__init__()
+        self.skip_last = skip_last
         if num_downs < 5:
             # Below 5 the C64-C128-C256-C512 head and the bottleneck would overlap.
             raise ValueError(f"num_downs must be >= 5, got {num_downs}")
@@ -107,7 +110,8 @@ class UnetGenerator(nn.Module):
             skips.append(x)
         h = self.up[0](skips.pop())
         for up in self.up[1:]:
-            h = up(torch.cat([skips.pop(), h], dim=1))
+            skip = skips.pop()
+            h = up(torch.cat([h, skip] if self.skip_last else [skip, h], dim=1))
         return h
 
 

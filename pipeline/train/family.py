@@ -1,7 +1,8 @@
 """The family contract: what a GAN family declares, and what the loop, the checkpoint module and
 the evaluator do with it. Types only; the families live in ``pipeline/families/``.
 
-A family names its networks (any names), which have an EMA copy and which are snapshotted; the
+A family names its networks (any names; ``build`` may leave one out when a config turns it off),
+which have an EMA copy and which are snapshotted; the
 optimizers that step them (each with its own parameter groups); its phases (step functions that
 return named losses), built from the config so that intervals and repeats are config; the data
 streams it reads; its per-rank state; how it prepares a batch, generates for evaluation, and

@@ -128,11 +128,12 @@ def lr_factor(cfg: Config, nimg: int) -> float:
 def check_declarations(family: Family, nets: dict, cfg: Config, precision: str, backend: str) -> None:
     """What the loop needs of a family's declarations, said before anything runs."""
     declared = [n.name for n in family.networks]
-    if sorted(declared) != sorted(nets):
+    if not set(nets) <= set(declared):  # a declared network may be off for a config (BicycleGAN's shared D)
         raise ValueError(f"family {family.name}: build() made {sorted(nets)}, its networks are {sorted(declared)}")
     owners = [name for spec in family.optimizers(cfg) for name in spec.nets]
-    if sorted(owners) != sorted(declared):
-        raise ValueError(f"family {family.name}: every network needs exactly one optimizer ({owners} for {declared})")
+    if sorted(owners) != sorted(nets):
+        raise ValueError(f"family {family.name}: every network needs exactly one optimizer ({owners} for "
+                         f"{sorted(nets)})")
     for phase in family.phases(cfg):
         if len(phase.steps) > 1 and (precision == "fp16" or backend == "deepspeed"):
             # One loss, one backward: it cannot be scaled for two loss scalers, nor run by two engines.
@@ -285,7 +286,8 @@ def train(cfg: Config, command: str = "") -> int:
         f"{name} steps {', '.join(e.modules)}" for name, e in engines.items()) + f" ({precision}: {why})")
     if cfg.train.compile:
         wrapped = {k: torch.compile(m) for k, m in wrapped.items()}
-    ema = {n.name: make_ema(plain[n.name]) for n in family.networks if n.ema and cfg.model.ema_kimg > 0}
+    ema = {n.name: make_ema(plain[n.name]) for n in family.networks
+           if n.ema and n.name in plain and cfg.model.ema_kimg > 0}
     ctx = StepContext(nets=wrapped, plain=plain, cfg=cfg, info=info, mean_over_ranks=dist.mean_over_ranks,
                       reuse_fake=accum == 1, autocast=autocast)
     workers = cfg.data.workers
