@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import explain, final_states, launch_cmd, read_scalars, run
+from test_train import explain, final_states, launch_cmd, read_scalars, run, split_batch, train_demo
 
 from pipeline.config import load_config
 from pipeline.families import get_family
@@ -91,23 +91,9 @@ def test_aae_on_two_processes_and_the_evaluator(demo_shards, tmp_path):
 
 
 def test_the_demo_config_learns(demo_shards, tmp_path):
-    run_dir = tmp_path / "run"
-    overrides = [f"data.url={demo_shards}"]
-    r = run(launch_cmd(1, [*overrides, f"run.dir={run_dir}", "train.total_kimg=0.64", "checkpoint.every_kimg=0.64",
-                           "data.workers=0", "train.progress=false", "train.image_every_kimg=0"], config="aae_demo"),
-            timeout=400)
-    assert r.returncode == 0, explain(r)
-    from pipeline.data.stream import make_stream
-    from pipeline.data.transforms import Augment
-
-    cfg = load_config("aae_demo", overrides)
-
-    def images(split):
-        return torch.stack([torch.as_tensor(s["image"]) for s in make_stream(
-            demo_shards, split, train=False, fields=("image",),
-            augment=Augment(cfg.data.load_size, cfg.data.crop_size, False))]).float() / 127.5 - 1
-
-    val, train = images("val"), images("train")
+    train_demo("aae_demo", demo_shards, tmp_path / "run", 0.64)
+    cfg = load_config("aae_demo", [f"data.url={demo_shards}"])
+    val, train = (split_batch(demo_shards, cfg, split)["image"].float() / 127.5 - 1 for split in ("val", "train"))
     torch.manual_seed(cfg.run.seed)
     nets = FAMILY.build(cfg, INFO)
     E, Dec = nets["E"].eval(), nets["Dec"].eval()
@@ -116,7 +102,7 @@ def test_the_demo_config_learns(demo_shards, tmp_path):
         with torch.no_grad():
             return float((Dec(E(val)) - val).square().mean()), float(E(train).std(0).log().abs().mean())
 
-    (mse_before, scale_before), states = measure(), final_states(run_dir)
+    (mse_before, scale_before), states = measure(), final_states(tmp_path / "run")
     E.load_state_dict(states["E"])
     Dec.load_state_dict(states["Dec"])
     mse_after, scale_after = measure()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train import explain, final_states, launch_cmd, read_scalars, run
+from test_train import explain, final_states, launch_cmd, read_scalars, run, split_batch, train_demo
 
 from pipeline.config import ConfigError, load_config
 from pipeline.eval.paired import luma, psnr_ssim_y
@@ -165,24 +165,14 @@ def test_srresnet_then_srgan_from_it_on_two_processes_and_the_evaluator(demo_sha
 
 
 def test_the_demo_config_learns(demo_shards, tmp_path):
-    run_dir = tmp_path / "run"
-    overrides = [f"data.url={demo_shards}"]
-    r = run(launch_cmd(1, [*overrides, f"run.dir={run_dir}", "train.total_kimg=1.28", "checkpoint.every_kimg=1.28",
-                           "data.workers=0", "train.progress=false", "train.image_every_kimg=0"],
-                       config="srresnet_demo"), timeout=400)
-    assert r.returncode == 0, explain(r)
-    from pipeline.data.stream import make_stream
-    from pipeline.data.transforms import Augment
-
-    cfg = load_config("srresnet_demo", overrides)
-    hr = torch.stack([torch.as_tensor(s["image"]) for s in make_stream(
-        demo_shards, "val", train=False, fields=("image",), augment=Augment(None, cfg.data.crop_size, False))])
-    b = prepare({"data": {"image": hr}}, torch.device("cpu"), cfg, INFO)
+    train_demo("srresnet_demo", demo_shards, tmp_path / "run", 1.28)
+    cfg = load_config("srresnet_demo", [f"data.url={demo_shards}"])
+    b = prepare({"data": split_batch(demo_shards, cfg, "val")}, torch.device("cpu"), cfg, INFO)
     torch.manual_seed(cfg.run.seed)
     G = get_family("srresnet").build(cfg, INFO)["G"].eval()
     with torch.no_grad():
         before = psnr_ssim_y(G(b["lr"]).clamp(-1, 1), b["image"], border=4)["psnr_y"].mean()
-        G.load_state_dict(final_states(run_dir)["G_ema"])
+        G.load_state_dict(final_states(tmp_path / "run")["G_ema"])
         after = psnr_ssim_y(G(b["lr"]).clamp(-1, 1), b["image"], border=4)["psnr_y"].mean()
     assert after > before + 3, (before, after)  # 80 steps: 17.4 -> 22.2 dB on this machine's CPU
     assert torch.equal(downsample(b["image"], 4), b["lr"])

@@ -60,6 +60,25 @@ def explain(r: subprocess.CompletedProcess) -> str:
     return f"exit {r.returncode}\n--- stdout\n{r.stdout[-4000:]}\n--- stderr\n{r.stderr[-6000:]}"
 
 
+def train_demo(config: str, shards: str, run_dir: Path, kimg: float, *overrides: str, timeout: float = 400) -> None:
+    """Train ``config`` on ``shards`` for ``kimg`` on one process, one checkpoint at the end."""
+    r = run(launch_cmd(1, [f"data.url={shards}", f"run.dir={run_dir}", f"train.total_kimg={kimg}",
+                           f"checkpoint.every_kimg={kimg}", "data.workers=0", "train.progress=false",
+                           "train.image_every_kimg=0", *overrides], config=config), timeout=timeout)
+    assert r.returncode == 0, explain(r)
+
+
+def split_batch(shards: str, cfg, split: str, fields: tuple[str, ...] = ("image",)) -> dict[str, torch.Tensor]:
+    """Every sample of ``split`` as the evaluator reads it (the config's resize, centred crop),
+    stacked per field as the loader collates them."""
+    from pipeline.data.stream import make_stream
+    from pipeline.data.transforms import Augment
+
+    samples = list(make_stream(shards, split, train=False, fields=fields,
+                               augment=Augment(cfg.data.load_size, cfg.data.crop_size, False)))
+    return {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in fields}
+
+
 def final_states(run_dir: Path) -> dict[str, dict]:
     """The newest checkpoint's shared files (networks, EMA copies, optimizers), by name."""
     found = ckpt.latest(str(run_dir))
