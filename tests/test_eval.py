@@ -160,6 +160,16 @@ def test_ms_ssim_diversity_pairs_fixed_latents_and_is_one_for_identical_images()
     late = Diversity(4)
     late.add(4, images[4:8])
     assert late.sums("d")["d"][1] == 2
+    # Reals: seeded random pairs picked across batches of any size, without copying the rest.
+    from pipeline.eval.watcher import real_diversity
+
+    reals = (images[:9] * 127.5 + 127.5).round().to(torch.uint8)
+    total, count = real_diversity([(None, reals[:5]), (None, reals[5:7]), (None, reals[7:])], 3, 0)[
+        "diversity_msssim_real"]
+    order = torch.randperm(9, generator=torch.Generator().manual_seed(0))[:6]
+    unit = reals.float() / 127.5 - 1
+    direct = ms_ssim(unit[order[0::2]], unit[order[1::2]], weights=ms_ssim_weights(32, 32))
+    assert count == 3 and total == pytest.approx(float(direct.double().sum()), rel=1e-6)
 
 
 @pytest.mark.multiprocess

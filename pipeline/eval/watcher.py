@@ -392,16 +392,23 @@ def _ms_ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def real_diversity(real: list[tuple[torch.Tensor, torch.Tensor]], max_pairs: int, seed: int) -> dict:
     """The same MS-SSIM over random pairs of this rank's real images (uint8), for reference: what
-    the data's own diversity gives. The pairs depend on how the reference split is shared out."""
-    images = torch.cat([batch for _, batch in real]) if real else torch.empty(0)
-    if len(images) < 2:
+    the data's own diversity gives. The pairs depend on how the reference split is shared out.
+    Only the paired images are copied, 32 pairs at a time (the reference may be 50k images)."""
+    batches = [batch for _, batch in real]
+    ends = torch.tensor([len(b) for b in batches]).cumsum(0)
+    total = int(ends[-1]) if len(ends) else 0
+    if total < 2:
         return {}
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    order = order[: min(len(order) // 2, max_pairs) * 2]
-    unit = lambda x: x.float() / 127.5 - 1  # noqa: E731
-    values = [_ms_ssim(unit(images[order[i:i + 64:2]]), unit(images[order[i + 1:i + 64:2]]))
-              for i in range(0, len(order), 64)]
-    values = torch.cat(values)
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[: min(total // 2, max_pairs) * 2]
+    where = torch.searchsorted(ends, order, right=True)  # the batch of each chosen image, and its row there
+    rows = order - torch.cat([ends.new_zeros(1), ends])[where]
+
+    def images(picks: slice) -> torch.Tensor:
+        chosen = [batches[w][r] for w, r in zip(where[picks].tolist(), rows[picks].tolist())]
+        return torch.stack(chosen).float() / 127.5 - 1
+
+    values = torch.cat([_ms_ssim(images(slice(i, i + 64, 2)), images(slice(i + 1, i + 64, 2)))
+                        for i in range(0, len(order), 64)])
     return {"diversity_msssim_real": (float(values.double().sum()), len(values))}
 
 
@@ -426,10 +433,8 @@ def _named(per_eval: dict[str, dict]) -> dict:
         return per_eval[""]
     out = {(f"{k}_{name}" if name else k): v for name, scores in per_eval.items() for k, v in scores.items()}
     if "" not in per_eval:
-        for metric in next(iter(per_eval.values())):
-            parts = [scores.get(metric) for scores in per_eval.values()]
-            if any(metric not in scores for scores in per_eval.values()):
-                continue
+        for metric in set.intersection(*(set(scores) for scores in per_eval.values())):
+            parts = [scores[metric] for scores in per_eval.values()]
             out[metric] = sum(parts) / len(parts) if None not in parts else None
     return out
 
