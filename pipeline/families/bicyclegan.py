@@ -95,7 +95,7 @@ def prepare(batches: dict[str, dict], device: torch.device, cfg: Config, info: D
     return b
 
 
-def _halves(ctx: StepContext, b: dict) -> int:
+def _halves(b: dict) -> int:
     n = b["image"].shape[0]
     if n % 2:
         raise ValueError(f"bicyclegan splits each device's batch in halves (encoded, random), got {n} samples: make "
@@ -106,7 +106,7 @@ def _halves(ctx: StepContext, b: dict) -> int:
 def eg_step(ctx: StepContext, b: dict, scratch: dict) -> dict:
     """G and E: cVAE-GAN (L1, GAN via D, KL) and cLR-GAN (GAN via D2), then z_L1 for G alone."""
     m = ctx.cfg.model
-    h = _halves(ctx, b)
+    h = _halves(b)
     a, real_b = b["input"][:h], b["image"][:h]
     with ctx.autocast():
         mu, logvar = ctx.nets["E"](real_b)
@@ -138,7 +138,7 @@ def d_step(ctx: StepContext, b: dict, scratch: dict) -> dict:
     """D on (B of the first half, cVAE-GAN sample), D2 (or D again) on (B of the second half,
     cLR-GAN sample); each D's loss is D_fake + D_real, as officially."""
     m = ctx.cfg.model
-    h = _halves(ctx, b)
+    h = _halves(b)
     D2 = ctx.nets["D" if m.use_same_D else "D2"]
     with ctx.autocast():
         d1 = d_loss(m.gan, ctx.nets["D"](b["image"][:h]), ctx.nets["D"](scratch["fake_encoded"]))
