@@ -27,6 +27,11 @@ def choice(default, *allowed, doc: str = ""):
     return field(default=default, metadata={"choices": allowed, "doc": doc})
 
 
+def field_choices(section: type, name: str) -> tuple:
+    """The values a ``choice`` field of a config section allows (for a CLI flag of the same key)."""
+    return next(f for f in dataclasses.fields(section) if f.name == name).metadata["choices"]
+
+
 def bounded(default, lo=None, hi=None, doc: str = ""):
     return field(default=default, metadata={"min": lo, "max": hi, "doc": doc})
 

@@ -425,3 +425,13 @@ def test_only_a_stand_in_inception_is_labelled_as_one(inception, tmp_path):
     assert [metric_group(n, True) for n in ("fid", "kid_std", "fid_AtoB", "psnr", "lpips")] == \
         ["Metrics_standin"] * 3 + ["Metrics"] * 2
     assert {metric_group(n, False) for n in ("fid", "kid", "psnr")} == {"Metrics"}
+
+
+def test_every_best_metric_choice_has_a_direction_and_the_cli_offers_the_same():
+    from pipeline.config import EvalConfig, field_choices
+    from pipeline.eval.cli import build_parser
+    from pipeline.eval.watcher import LOWER_IS_BETTER
+
+    choices = field_choices(EvalConfig, "best_metric")
+    assert set(choices) == set(LOWER_IS_BETTER) and "psnr_y" in choices
+    assert next(a for a in build_parser()._actions if a.dest == "best_metric").choices == choices

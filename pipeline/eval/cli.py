@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from .. import io
+from ..config import EvalConfig, field_choices
 
 # Launcher variables a sidecar evaluator must not inherit, or it would try to join our group.
 _LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unconditional models: MS-SSIM over this many pairs of generated (and of real) images; 0: off")
     p.add_argument("--reference-cache", help="URL for cached real-image features (default: beside the shards)")
     p.add_argument("--poll-sec", type=float)
-    p.add_argument("--best-metric", choices=("fid", "kid", "lpips", "psnr", "ssim", "psnr_y", "ssim_y"))
+    p.add_argument("--best-metric", choices=field_choices(EvalConfig, "best_metric"))
     p.add_argument("--timeout", type=float, dest="timeout_sec",
                    help="when following: stop after this many seconds without the run's DONE marker")
     p.add_argument("--follow-pid", type=int, metavar="PID",
