@@ -190,4 +190,4 @@ def test_the_srgan_demo_learns_with_the_papers_mse_content_variant(demo_shards, 
     # not a perceptual loss).
     train_demo("srgan_demo", demo_shards, tmp_path / "run", 0.64, "model.content=mse")
     before, after = psnr_y_gain("srgan_demo", demo_shards, tmp_path / "run", "model.content=mse")
-    assert after > before + 2, (before, after)  # 40 steps: about +3 dB on this machine's CPU
+    assert after > before + 2, (before, after)  # +2.2 dB at 30 steps, +3.6 at 80, on this machine
