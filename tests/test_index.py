@@ -126,7 +126,7 @@ def test_fields_found_alone_and_clear_errors(tmp_path, capsys):
     for args, message in [([str(gz)], "is compressed: store shards as plain .tar"),
                           ([one, "--field", "label=label"], "expected --field NAME=KIND:SUFFIX"),
                           ([one, "--field", "image=image:jpg", "--field", "label=label:seg.png"],
-                           "holds label maps: their number of classes is needed")]:
+                           "holds label maps or class ids: their number of classes is needed")]:
         assert shard_cli(["index", *args, "--out", str(tmp_path / "bad.json")]) == 1
         err = capsys.readouterr().err
         assert err.startswith("gan-shard: error: ") and message in err and err.count("\n") == 1, err

@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     w = sub.add_parser("write", help="convert a dataset layout into shards + manifest.json")
-    w.add_argument("source", help="cityscapes | ade20k | aligned | paired | unpaired | folder | demo | demo_unpaired")
+    w.add_argument("source", help="cityscapes | ade20k | aligned | paired | unpaired | folder | demo | "
+                                  "demo_unpaired | demo_objects")
     w.add_argument("--root", help="the dataset's folder (not needed for demo)")
     w.add_argument("--out", required=True, help="output URL: a path, file://..., s3://bucket/prefix")
     w.add_argument("--splits", help="comma-separated splits (default: the source's usual ones)")
@@ -71,8 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--no-shuffle", action="store_true", help="keep samples in key order")
     w.add_argument("--strict", action="store_true", help="any skipped sample is a failure")
     w.add_argument("--direction", default="AtoB", help="aligned/paired: AtoB or BtoA")
+    w.add_argument("--classes", action="store_true",
+                   help="folder: each sub-folder of a split is a class (stored as a class field)")
     w.add_argument("--dataset", help="dataset name recorded in the manifest (default: the source)")
-    w.add_argument("--demo-size", type=_size, default=(256, 128), help="demo: sample size WxH")
+    w.add_argument("--demo-size", type=_size, help="demo sources: sample size WxH (demo: 256x128, demo_objects: 32x32)")
     w.add_argument("--demo-count", type=_counts, action="append", default=[],
                    help="demo: samples in a split, e.g. --demo-count train=384 --demo-count val=128")
     w.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -92,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--field", action="append", default=[], metavar="NAME=KIND:SUFFIX[,SUFFIX]",
                    help="a field and the member suffixes that hold it, e.g. image=image:jpg,png label=label:seg.png "
                         "(default: found in the first sample)")
-    x.add_argument("--num-classes", type=_positive, help="classes of label maps (needed when there are any)")
+    x.add_argument("--num-classes", type=_positive, help="classes of label maps or class ids (needed with either)")
     x.add_argument("--dataset", help="dataset name recorded in the manifest")
     x.add_argument("--no-offsets", action="store_true",
                    help="leave out per-sample byte offsets (smaller manifest; readers then walk tar headers)")
@@ -112,8 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _source_options(args) -> dict:
     if args.source in ("aligned", "paired"):
         return {"direction": args.direction}
-    if args.source in ("demo", "demo_unpaired"):
-        options = {"size": args.demo_size, "seed": args.seed}
+    if args.source == "folder" and args.classes:
+        return {"classes": True}
+    if args.source in ("demo", "demo_unpaired", "demo_objects"):
+        options = {"seed": args.seed, **({"size": args.demo_size} if args.demo_size else {})}
         if args.demo_count:
             options["counts"] = dict(args.demo_count)
         return options
@@ -127,7 +132,9 @@ def cmd_write(args) -> int:
     if args.source not in SOURCES:
         raise CliError(f"unknown source {args.source!r}; choose one of: {', '.join(SOURCES)}")
     root = None
-    if args.source not in ("demo", "demo_unpaired"):
+    if args.classes and args.source != "folder":
+        raise CliError(f"--classes belongs to the folder source, not {args.source!r}")
+    if args.source not in ("demo", "demo_unpaired", "demo_objects"):
         if not args.root:
             raise CliError(f"source {args.source!r} needs --root DIR")
         root = Path(args.root)

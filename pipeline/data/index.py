@@ -22,11 +22,12 @@ from .. import __version__, io
 from .manifest import FORMAT, VERSION, ManifestError
 from .shard_reader import GZIP_MAGIC, CompressedShardError, tar_members
 from .shards import size_stats
+from .sources.base import FIELD_KINDS
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm")
-KIND_OF_STEM = {"image": "image", "input": "image", "label": "label", "instance": "instance"}
+KIND_OF_STEM = {"image": "image", "input": "image", "label": "label", "instance": "instance", "class": "class"}
 
 
 class HashingReader:
@@ -62,7 +63,7 @@ def detect_fields(suffixes: set[str]) -> dict[str, dict]:
     for suffix in sorted(suffixes):
         stem, _, ext = suffix.rpartition(".")
         name = stem if stem in KIND_OF_STEM else "image" if not stem else None
-        if ext in IMAGE_EXTS and name:
+        if name and (ext in IMAGE_EXTS if name != "class" else ext == "cls"):
             fields.setdefault(name, {"kind": KIND_OF_STEM[name], "members": []})["members"].append(suffix)
     if not any(spec["kind"] == "image" for spec in fields.values()):
         raise ManifestError(f"no image member among {sorted(suffixes)}; name the fields with "
@@ -114,8 +115,8 @@ def parse_field(text: str) -> tuple[str, dict]:
     """``NAME=KIND:SUFFIX[,SUFFIX...]`` (``label=label:seg.png``) -> ``(name, spec)``."""
     name, _, rest = text.partition("=")
     kind, _, suffixes = rest.partition(":")
-    if not name or kind not in ("image", "label", "instance") or not suffixes:
-        raise ManifestError(f"expected --field NAME=KIND:SUFFIX[,SUFFIX] with KIND image, label or instance "
+    if not name or kind not in FIELD_KINDS or not suffixes:
+        raise ManifestError(f"expected --field NAME=KIND:SUFFIX[,SUFFIX] with KIND one of {', '.join(FIELD_KINDS)} "
                             f"(e.g. label=label:seg.png), got {text!r}")
     return name, {"kind": kind, "members": [s.strip().lower() for s in suffixes.split(",")]}
 
@@ -133,9 +134,10 @@ def index_shards(patterns: dict[str, str], storage_options: dict | None = None, 
             fields = detect_fields({suffix for _, _, key, suffix in _first_sample(f)})
     fields = {name: {**spec, "required": True, "exts": sorted({m.rsplit(".", 1)[-1] for m in spec["members"]})}
               for name, spec in fields.items()}
-    task = "label2image" if "label" in fields else "paired" if "input" in fields else "unconditional"
-    if any(spec["kind"] == "label" for spec in fields.values()) and not num_classes:
-        raise ManifestError(f"{' '.join(patterns.values())} holds label maps: their number of classes is "
+    task = ("label2image" if "label" in fields else "paired" if "input" in fields
+            else "class2image" if "class" in fields else "unconditional")
+    if any(spec["kind"] in ("label", "class") for spec in fields.values()) and not num_classes:
+        raise ManifestError(f"{' '.join(patterns.values())} holds label maps or class ids: their number of classes is "
                             f"needed (gan-shard index ... --num-classes N)")
     image = next(spec["members"] for spec in fields.values() if spec["kind"] == "image")
     splits = {split: _split_entry([scan_shard(u, tuple(image), full, storage_options) for u in split_urls],

@@ -33,7 +33,7 @@ from PIL import Image
 from .. import __version__, io
 from .manifest import FORMAT, MANIFEST_NAME, VERSION
 from .sources.base import Item, Problem, Source, SourceInfo, encode_png
-from .transforms import MAP_KINDS, DecodeError, decode_field, map_array
+from .transforms import CLASS_KIND, MAP_KINDS, DecodeError, decode_class, decode_field, map_array
 
 log = logging.getLogger(__name__)
 JOURNAL_DIR = "_journal"
@@ -100,10 +100,18 @@ def encode_item(source: Source, split: str, item: Item, opts: WriteOptions) -> E
     except (OSError, ValueError, DecodeError) as exc:
         return Problem(split, item.key, "undecodable", item.where(), f"cannot read: {exc}")
     decoded: dict[str, tuple[str, Image.Image]] = {}
+    hist = None
     for name, data in raw.items():
         stem, ext = name.split(".", 1)
         path = item.paths.get(stem, item.where())
         try:
+            if info.kind_of(stem) == CLASS_KIND:  # one id for the sample: counted, passed through
+                value = decode_class(data, None)
+                if info.num_classes is None or value >= info.num_classes:
+                    return Problem(split, item.key, "label_out_of_range", path,
+                                   f"class id {value} outside 0..{(info.num_classes or 0) - 1}")
+                hist = np.bincount([value], minlength=info.num_classes)
+                continue
             decoded[stem] = (ext, decode_field(info.kind_of(stem), data))
         except DecodeError as exc:
             return Problem(split, item.key, "undecodable", path, f"{stem}: {exc}")
@@ -112,7 +120,7 @@ def encode_item(source: Source, split: str, item: Item, opts: WriteOptions) -> E
         where = item.paths.get(list(sizes)[-1], item.where())
         detail = ", ".join(f"{s} {w}x{h}" for s, (w, h) in sizes.items())
         return Problem(split, item.key, "size_mismatch", where, f"fields differ in size: {detail}")
-    fields, hist = {}, None
+    fields = {}
     for stem, (ext, img) in decoded.items():
         kind = info.kind_of(stem)
         resized = opts.resize is not None and img.size != tuple(opts.resize)
@@ -129,6 +137,7 @@ def encode_item(source: Source, split: str, item: Item, opts: WriteOptions) -> E
             hist = np.bincount(ids, minlength=info.num_classes)
         data = _reencode(img, ext, kind, opts.jpeg_quality) if resized else raw[f"{stem}.{ext}"]
         fields[f"{stem}.{ext}"] = data
+    fields.update((name, data) for name, data in raw.items() if info.kind_of(name.split(".", 1)[0]) == CLASS_KIND)
     size = next(iter(decoded.values()))[1].size if opts.resize is None else tuple(opts.resize)
     return Encoded(item.key, fields, size, hist)
 

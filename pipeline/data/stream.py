@@ -37,7 +37,7 @@ from .. import io
 from .manifest import Manifest, ShardInfo, load_manifest
 from .shard_reader import read_samples, reason
 from .sources.base import sanitize_key
-from .transforms import Augment, DecodeError, augment, decode_field, field_dtypes, sample_rng
+from .transforms import CLASS_KIND, Augment, DecodeError, augment, decode_class, decode_field, field_dtypes, sample_rng
 
 log = logging.getLogger(__name__)
 
@@ -192,13 +192,16 @@ def sample_decoder(spec: StreamSpec) -> Callable[[dict, random.Random | None], d
         why = check_member_names(raw)
         if why:
             raise DecodeError(why)
-        images = {}
+        images, classes = {}, {}
         for name, kind in kinds.items():
             member = next((m for m in members[name] if m in raw), None)
             if member is None:
                 raise DecodeError(f"missing field {name!r}")
-            images[name] = decode_field(kind, raw[member])
-        return augment(images, kinds, dtypes, spec.augment, rng, spec.train)
+            if kind == CLASS_KIND:
+                classes[name] = torch.tensor(decode_class(raw[member], spec.manifest.num_classes))
+            else:
+                images[name] = decode_field(kind, raw[member])
+        return {**augment(images, kinds, dtypes, spec.augment, rng, spec.train), **classes}
 
     return decode
 
@@ -299,7 +302,7 @@ def make_stream(url: str, split: str, *, train: bool, rank: int = 0, world_size:
     shard pattern such as ``s3://b/x-{000..099}.tar``, read as the split ``split``).
 
     Samples are ``{field: tensor, "__key__": str, "__slot__": int, ...}``: images uint8
-    ``[3, H, W]``, maps ``[H, W]`` (``transforms.field_dtypes``). With ``batch_size`` the stream
+    ``[3, H, W]``, maps ``[H, W]``, class ids int64 ``[]`` (``transforms.field_dtypes``). With ``batch_size`` the stream
     yields ``default_collate`` batches of that many consecutive samples of one slot (``[N, ...]``
     tensors, the ints as int64 ``[N]``, keys a list); convert them on the device with
     ``pipeline.data.device``."""

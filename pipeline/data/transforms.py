@@ -17,6 +17,8 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: the shard writer 
     import torch
 
 MAP_KINDS = ("label", "instance")
+CLASS_KIND = "class"  # one integer per sample, not a picture: never resized, cropped or flipped
+_DECIMAL = re.compile(rb"\s*([0-9]{1,9})\s*")
 
 
 class DecodeError(Exception):
@@ -39,6 +41,18 @@ def decode_field(kind: str, data: bytes) -> Image.Image:
     return img
 
 
+def decode_class(data: bytes, num_classes: int | None) -> int:
+    """A ``class`` field: the sample's class id as ASCII decimal (``b"3"``), within
+    ``0..num_classes - 1`` when the count is known."""
+    match = _DECIMAL.fullmatch(data)
+    if match is None:
+        raise DecodeError(f"a class field must hold a decimal class id, got {data[:20]!r}")
+    value = int(match.group(1))
+    if num_classes is not None and value >= num_classes:
+        raise DecodeError(f"class id {value} outside 0..{num_classes - 1}")
+    return value
+
+
 def map_array(img: Image.Image) -> np.ndarray:
     """Integer ids of a single-channel map as ``[H, W]`` (uint8, uint16 or int32), native order."""
     arr = np.asarray(img)
@@ -59,9 +73,10 @@ def map_dtype(kind: str, num_classes: int | None, exts: list[str] | None) -> np.
 
 def field_dtypes(fields: dict[str, dict], num_classes: int | None) -> dict[str, np.dtype]:
     """Per field of a manifest (``{name: {"kind": ..., "exts": [...]}}``) its loader dtype:
-    uint8 for images (``[3, H, W]``), ``map_dtype`` for maps (``[H, W]``)."""
-    return {name: np.dtype(np.uint8) if spec["kind"] == "image" else
-            map_dtype(spec["kind"], num_classes, spec.get("exts")) for name, spec in fields.items()}
+    uint8 for images (``[3, H, W]``), ``map_dtype`` for maps (``[H, W]``), int64 for class ids
+    (``[]``, as ``torch.tensor(int)``)."""
+    return {name: np.dtype(np.uint8) if spec["kind"] == "image" else np.dtype(np.int64) if spec["kind"] == CLASS_KIND
+            else map_dtype(spec["kind"], num_classes, spec.get("exts")) for name, spec in fields.items()}
 
 
 def sample_rng(seed: int, slot: int, epoch: int, index: int) -> random.Random:

@@ -15,7 +15,7 @@ from .index import HashingReader
 from .manifest import Manifest, ShardInfo
 from .shard_reader import read_samples, reason, sample_offsets
 from .stream import check_member_names
-from .transforms import DecodeError, decode_field, map_array
+from .transforms import CLASS_KIND, DecodeError, decode_class, decode_field, map_array
 
 
 @dataclass
@@ -41,6 +41,9 @@ def check_sample(raw: dict, manifest: Manifest) -> str | None:
                 return f"missing field {stem!r}"
             continue
         try:
+            if spec["kind"] == CLASS_KIND:
+                decode_class(raw[member], manifest.num_classes)
+                continue
             img = decode_field(spec["kind"], raw[member])
         except DecodeError as exc:
             return f"{member}: {exc}"
@@ -125,7 +128,7 @@ def contact_sheet(manifest: Manifest, split: str, count: int = 8,
                 tiles = []
                 for stem, spec in manifest.fields.items():
                     member = next((m for m in manifest.members(stem) if m in raw), None)
-                    if member is None:
+                    if member is None or spec["kind"] == CLASS_KIND:
                         continue
                     img = decode_field(spec["kind"], raw[member])
                     if spec["kind"] != "image":
@@ -155,7 +158,8 @@ def summary(manifest: Manifest) -> str:
              "fields: " + ", ".join(f"{k}[{v['kind']}: {'/'.join(v['exts'])}]" for k, v in d["fields"].items())]
     if d.get("num_classes"):
         names = d.get("class_names") or []
-        lines.append(f"classes: {d['num_classes']}" + (f" ({', '.join(names[:6])}, …)" if names else ""))
+        more = ", …" if len(names) > 6 else ""
+        lines.append(f"classes: {d['num_classes']}" + (f" ({', '.join(names[:6])}{more})" if names else ""))
     for name, s in d["splits"].items():
         size = s.get("image_size") or {}
         common = size.get("most_common", [{}])[0] if size else {}

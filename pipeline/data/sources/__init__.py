@@ -20,6 +20,7 @@ SOURCES: dict[str, str] = {
     "folder": "folder:FolderSource",
     "demo": "demo:DemoSource",
     "demo_unpaired": "demo_unpaired:DemoUnpairedSource",
+    "demo_objects": "demo_objects:DemoObjectsSource",
 }
 
 

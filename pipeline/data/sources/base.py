@@ -21,14 +21,17 @@ import numpy as np
 #   image    - a photo, any mode PIL decodes, delivered as RGB
 #   label    - class ids in a single-channel PNG (8 or 16 bit), resized with nearest neighbour
 #   instance - instance ids in a single-channel PNG (usually 16 bit), nearest neighbour
-FIELD_KINDS = ("image", "label", "instance")
-TASKS = ("label2image", "paired", "unpaired", "unconditional")
+#   class    - the class id of the whole sample, ASCII decimal in ``class.cls`` (WebDataset's
+#              convention); names and per-split counts are in the manifest
+FIELD_KINDS = ("image", "label", "instance", "class")
+TASKS = ("label2image", "paired", "unpaired", "unconditional", "class2image")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 PROBLEM_KINDS = (
     "missing_partner",
     "undecodable",
     "label_out_of_range",
     "size_mismatch",
+    "no_class",
 )
 
 _KEY_OK = re.compile(r"[^A-Za-z0-9_-]+")

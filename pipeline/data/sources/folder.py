@@ -4,6 +4,7 @@ every image file found recursively is one sample with one ``image`` field, passe
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from .base import (
@@ -32,19 +33,35 @@ class FolderSource:
     (``00000/00000.png`` -> ``00000_00000``). Files whose keys collide (``a.png`` and ``a.jpg``,
     ``a b.png`` and ``a_b.png``) all stay: in sorted path order the first keeps the key and the
     next ones get ``_2``, ``_3``, ..., logged as a warning (``base.unique_keys``).
+
+    ``classes=True`` (``gan-shard write folder --classes``) reads the tree as torchvision's
+    ``ImageFolder`` does: each sub-folder of a split folder is a class, named by the folder, ids in
+    sorted name order, every image below it (at any depth) one of its samples, stored with a
+    ``class`` field. The class list is the union over all split folders, so ids agree across
+    splits; an image directly in a split folder has no class and is reported (``no_class``).
     """
 
-    info = SourceInfo(
-        name="folder",
-        task="unconditional",
-        fields=(FieldSpec("image", "image"),),
-        default_splits=("train",),
-    )
+    info = SourceInfo(name="folder", task="unconditional", fields=(FieldSpec("image", "image"),),
+                      default_splits=("train",))
 
-    def __init__(self, root: Path | None) -> None:
+    def __init__(self, root: Path | None, classes: bool = False) -> None:
         if root is None:
             raise SourceError("folder needs a dataset root (the folder holding the images)")
         self.root = require_dir(Path(root), "image folder root")
+        self.classes = bool(classes)
+        if self.classes:
+            names = self._class_names()
+            self.info = replace(self.info, task="class2image", fields=(*self.info.fields, FieldSpec("class", "class")),
+                                num_classes=len(names), class_names=names)
+
+    def _class_names(self) -> tuple[str, ...]:
+        splits = [self.root / n for n in SPLIT_FOLDER_NAMES if (self.root / n).is_dir()] or [self.root]
+        names = sorted({d.name for folder in splits for d in folder.iterdir()
+                        if d.is_dir() and find_images(d, recursive=True)})
+        if not names:
+            raise SourceError(f"--classes needs one sub-folder per class holding images, e.g. "
+                              f"{splits[0]}/cat/001.png; {', '.join(str(f) for f in splits)} has none")
+        return tuple(names)
 
     def _split_folder(self, split: str) -> Path:
         folder = self.root / split
@@ -62,8 +79,20 @@ class FolderSource:
         folder = self._split_folder(split)
         keyed = unique_keys((p.relative_to(folder).with_suffix("").as_posix(), p)
                             for p in find_images(folder, recursive=True))
-        return [Item(key=key, paths={"image": str(path)}) for key, path in keyed], []
+        if not self.classes:
+            return [Item(key=key, paths={"image": str(path)}) for key, path in keyed], []
+        items, problems = [], []
+        for key, path in keyed:
+            top = path.relative_to(folder).parts[0]
+            if path.parent == folder:
+                problems.append(Problem(split, key, "no_class", str(path),
+                                        "image outside the class folders: move it into one (--classes)"))
+            else:
+                items.append(Item(key=key, paths={"image": str(path), "class": str(folder / top)}))
+        return items, problems
 
     def read(self, item: Item) -> dict[str, bytes]:
         name, data = read_file_field("image", item.paths["image"])
-        return {name: data}
+        if not self.classes:
+            return {name: data}
+        return {name: data, "class.cls": str(self.info.class_names.index(Path(item.paths["class"]).name)).encode()}
