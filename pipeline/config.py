@@ -158,7 +158,7 @@ class EvalConfig:
     seed: int = bounded(0, 0)
     reference_cache: str | None = None  # URL for real-image statistics (None: beside the shards)
     poll_sec: float = bounded(10.0, 0.1)
-    best_metric: str = choice("fid", "fid", "kid", "lpips", "psnr", "ssim", "psnr_y", "ssim_y")
+    best_metric: str = choice("fid", "fid", "intra_fid", "kid", "lpips", "psnr", "ssim", "psnr_y", "ssim_y")
 
 
 @dataclass

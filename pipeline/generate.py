@@ -104,28 +104,63 @@ def load_generator(url: str, step: int | None = None, network: str | None = None
 
 
 @torch.no_grad()
-def from_latents(snap: Snapshot, z: torch.Tensor, truncation_psi: float = 1.0) -> torch.Tensor:
+def from_latents(snap: Snapshot, z: torch.Tensor, truncation_psi: float = 1.0,
+                 classes: torch.Tensor | None = None) -> torch.Tensor:
     """Images ``[N, 3, H, W]`` in [-1, 1] from latents ``[N, z_dim]``, as the evaluator makes them
-    (ψ = 1) or truncated toward the mean w (families with ``model.truncation_psi``)."""
+    (ψ = 1) or truncated toward the mean w (families with ``model.truncation_psi``); a
+    class-conditional model needs ``classes`` [N] (class ids)."""
     ev = _unconditional(snap)
-    z = z.to(_device(snap))
+    batch = {"z": z.to(_device(snap))}
+    if ev.classes:
+        if classes is None:
+            raise ValueError("a class-conditional model needs the class of each latent")
+        batch["y"] = check_classes(classes, ev.classes).to(_device(snap))
     if truncation_psi != 1.0:
         if not hasattr(snap.cfg.model, "truncation_psi"):
             raise ValueError(f"--truncation: the {snap.family.name} family has no truncation (StyleGAN2 has)")
-        return ev.generate(snap.nets, {"z": z, "truncation_psi": truncation_psi}).float().clamp(-1, 1)
-    return ev.generate(snap.nets, {"z": z}).float().clamp(-1, 1)
+        batch["truncation_psi"] = truncation_psi
+    return ev.generate(snap.nets, batch).float().clamp(-1, 1)
 
 
-def from_seeds(snap: Snapshot, seeds: list[int], truncation_psi: float = 1.0) -> torch.Tensor:
+def check_classes(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
+    classes = torch.as_tensor(classes, dtype=torch.long)
+    bad = classes[(classes < 0) | (classes >= num_classes)]
+    if len(bad):
+        raise ValueError(f"class id {int(bad[0])} is outside 0..{num_classes - 1}")
+    return classes
+
+
+def from_seeds(snap: Snapshot, seeds: list[int], truncation_psi: float = 1.0,
+               classes: list[int] | None = None) -> torch.Tensor:
     """One image per seed: its latent and every other draw of the generator (StyleGAN2's noise)
-    from the torch RNG seeded with it, so the same seed gives the same image, alone or in a list."""
-    _unconditional(snap)
+    from the torch RNG seeded with it, so the same seed gives the same image, alone or in a list.
+    A class-conditional model draws seed ``i`` of the list as class ``classes[i % len(classes)]``
+    (default: every class in turn)."""
+    ev = _unconditional(snap)
+    classes = classes or list(range(ev.classes))
     out = []
-    for seed in seeds:
+    for i, seed in enumerate(seeds):
         with torch.random.fork_rng(devices=[_device(snap)] if _device(snap).type == "cuda" else []):
             torch.manual_seed(seed)
-            out.append(from_latents(snap, torch.randn(1, snap.cfg.model.z_dim), truncation_psi))
+            y = torch.tensor([classes[i % len(classes)]]) if ev.classes else None
+            out.append(from_latents(snap, torch.randn(1, snap.cfg.model.z_dim), truncation_psi, y))
     return torch.cat(out)
+
+
+def class_ids(snap: Snapshot, text: str) -> list[int]:
+    """``--class`` values (ids or the manifest's class names, comma-separated) as ids."""
+    from .data.manifest import load_manifest
+
+    names = load_manifest(snap.cfg.data.url, snap.cfg.data.storage_options or None).data.get("class_names") or []
+    out = []
+    for part in text.split(","):
+        if part.strip().isdigit():
+            out.append(int(part))
+        elif part.strip() in names:
+            out.append(names.index(part.strip()))
+        else:
+            raise ValueError(f"--class {part!r} is neither a class id nor a class name ({', '.join(names)})")
+    return check_classes(torch.tensor(out), _unconditional(snap).classes or 1).tolist()
 
 
 def _device(snap: Snapshot) -> torch.device:
@@ -320,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-samples", type=int, help="conditional: at most this many inputs")
     p.add_argument("--samples-per-input", type=int, default=1, help="multimodal families: draws per input")
     p.add_argument("--truncation", type=float, default=1.0, help="StyleGAN2: truncation psi (metrics use 1)")
+    p.add_argument("--class", dest="classes", metavar="CLASSES",
+                   help="class-conditional: class ids or names, e.g. car,tree (default: every class in turn)")
     p.add_argument("--grid", action="store_true", help="one grid.png instead of one PNG per image")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
@@ -346,8 +383,10 @@ def _generate(a: argparse.Namespace) -> int:
         n, e = snap.cfg.eval.num_samples, snap.cfg.eval
         z = torch.randn(n, snap.cfg.model.z_dim, generator=torch.Generator().manual_seed(e.seed))
         for start in range(0, n, e.batch_size):
+            zb = z[start:start + e.batch_size]
+            y = torch.arange(start, start + len(zb)) % max(1, _unconditional(snap).classes)  # as the evaluator
             with seeded(e.seed, start, _device(snap)):
-                batch = from_latents(snap, z[start:start + e.batch_size]).cpu()
+                batch = from_latents(snap, zb, classes=y).cpu()
             images += [(f"{start + i:06d}", img) for i, img in enumerate(batch)]
     elif a.dump_eval or a.split:
         split = a.split or snap.cfg.data.val_split
@@ -361,7 +400,8 @@ def _generate(a: argparse.Namespace) -> int:
             images.append((f"{name + '_' if name else ''}{stem}{f'_{draw}' if a.samples_per_input > 1 else ''}", img))
     else:
         seeds = a.seeds if a.seeds is not None else list(range(a.count or 8))
-        for seed, img in zip(seeds, from_seeds(snap, seeds, a.truncation).cpu()):
+        classes = class_ids(snap, a.classes) if a.classes else None
+        for seed, img in zip(seeds, from_seeds(snap, seeds, a.truncation, classes).cpu()):
             images.append((f"seed{seed:04d}", img))
     if a.grid:
         grid = torchvision.utils.make_grid(torch.stack([img for _, img in images]), nrow=8, value_range=(-1, 1),

@@ -125,7 +125,7 @@ def test_dump_eval_writes_exactly_the_images_the_evaluator_scores(stylegan2_run,
     snap = pipeline.load_snapshot(str(stylegan2_run))
     ev = Evaluator(EvalOptions.from_config(str(stylegan2_run), snap.cfg, inception_weights=str(weights)))
     (evaluation,) = evaluations_for(snap.family, snap.cfg, snap.info, _manifest(snap))
-    gen, _, _, _ = ev._run(snap.cfg, snap.family, snap.info, snap.nets, evaluation)
+    gen = ev._run(snap.cfg, snap.family, snap.info, snap.nets, evaluation)[0]
     theirs = torch.cat([f for _, f in sorted(gen, key=lambda t: int(t[0][0]))])
     images = torch.stack([torch.from_numpy(a).permute(2, 0, 1) for a in dumped.values()])
     ours = InceptionFeatures(str(weights), torch.device("cpu"))(images)

@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 EVAL_DIR = ckpt.EVAL_DIR
 DONE_MARKER = "DONE.json"  # written by training when it completes
 FINISHED = "FINISHED.json"  # written here when a following evaluator has seen everything
-LOWER_IS_BETTER = {"fid": True, "kid": True, "lpips": True, "psnr": False, "ssim": False, "psnr_y": False,
-                   "ssim_y": False}
+LOWER_IS_BETTER = {"fid": True, "intra_fid": True, "kid": True, "lpips": True, "psnr": False, "ssim": False,
+                   "psnr_y": False, "ssim_y": False}
 
 
 @dataclass(frozen=True)
@@ -138,8 +138,8 @@ class Evaluator:
         t0 = time.perf_counter()
         per_eval, protocols, grid = {}, {}, []
         for ev in evaluations_for(family, cfg, info, manifest):
-            gen, real, sums, columns = self._run(cfg, family, info, nets, ev)
-            scores, protocols[ev.name] = self._scores(cfg, ev, gen, real)
+            gen, real, sums, columns, labels = self._run(cfg, family, info, nets, ev)
+            scores, protocols[ev.name] = self._scores(cfg, ev, gen, real, labels, manifest)
             summed = _summed(dist.gather_objects(sums))
             for name, (total, count) in summed.items():
                 scores[name] = total / count if count else None
@@ -210,9 +210,10 @@ class Evaluator:
     @torch.no_grad()
     def _run(self, cfg, family, info, nets, ev: Evaluation):
         """Generate for one evaluation: (generated features by sample, reference uint8 images by
-        sample, paired-metric sums, grid columns). Translations follow the input stream's samples;
-        unconditional outputs come from ``num_samples`` fixed latents, split over the ranks."""
-        gen, real, sums, grid = [], [], {}, []
+        sample, paired-metric sums, grid columns, reference class ids by sample). Translations
+        follow the input stream's samples; unconditional outputs come from ``num_samples`` fixed
+        latents, split over the ranks (latent i of class i mod ``ev.classes`` when conditional)."""
+        gen, real, sums, grid, labels = [], [], {}, [], []
         if ev.inputs is not None:
             for index, batch in self._batches(cfg, ev.inputs.split, ev.inputs.fields):
                 b = family.prepare({ev.inputs.name: batch}, self.device, cfg, info)
@@ -242,17 +243,24 @@ class Evaluator:
             pairs = Diversity(self.opts.diversity_pairs)
             for start in range(lo, hi, self.opts.batch_size):
                 zb = z[start:min(hi, start + self.opts.batch_size)].to(self.device)
+                batch = {"z": zb}
+                if ev.classes:
+                    batch["y"] = torch.arange(start, start + len(zb), device=self.device) % ev.classes
                 with seeded(self.opts.seed, start, self.device):
-                    fake = ev.generate(nets, {"z": zb}).float().clamp(-1, 1)
+                    fake = ev.generate(nets, batch).float().clamp(-1, 1)
                 gen.append((torch.arange(start, start + len(zb)), self.inception(metrics.to_uint8(fake))))
                 pairs.add(start, fake)
                 grid = grid or [fake]
             sums.update(pairs.sums("diversity_msssim"))
         if not ev.paired:
-            real = [(index, batch["image"]) for index, batch in self._batches(cfg, ev.reference, ("image",))]
+            fields = ("image", "class") if ev.classes else ("image",)
+            for index, batch in self._batches(cfg, ev.reference, fields):
+                real.append((index, batch["image"]))
+                if ev.classes:
+                    labels.append((index, batch["class"]))
             if ev.inputs is None and self.opts.diversity_pairs:
                 sums.update(real_diversity(real, self.opts.diversity_pairs, self.opts.seed))
-        return gen, real, sums, grid
+        return gen, real, sums, grid, labels
 
     def _paired(self, fake: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {"psnr": paired.psnr(fake, target), "ssim": paired.ssim(fake, target)}
@@ -265,11 +273,12 @@ class Evaluator:
         return out
 
     # ------------------------------------------------------------ gather, reference, score
-    def _scores(self, cfg: Config, ev: Evaluation, gen, real) -> tuple[dict, dict]:
+    def _scores(self, cfg: Config, ev: Evaluation, gen, real, labels, manifest) -> tuple[dict, dict]:
         """FID and KID of one evaluation (on the main process; the gathers run on every rank),
-        with the protocol recorded beside them."""
+        with the protocol recorded beside them; the intra-FID too for a class-conditional one."""
         so = self.opts.storage_options
         gen_all = _ordered(dist.gather_objects(gen))
+        ref_classes = _ordered(dist.gather_objects(labels)) if ev.classes else None
         shapes = [s for s in dist.gather_objects(tuple(real[0][1].shape[-2:]) if real else None) if s]
         resolution = shapes[0]
         num_ref = int(sum(dist.gather_objects(sum(len(index) for index, _ in real))))
@@ -296,7 +305,16 @@ class Evaluator:
                                       image_resolution=resolution, manifest_sha256=key.manifest_sha256, resize=resize,
                                       lpips_weights=self.opts.lpips_weights, reference_cache=cache,
                                       conditional=ev.inputs is not None, paired=ev.paired)
-        return {"fid": scores["fid"], "kid": scores["kid_mean"], "kid_std": scores["kid_std"]}, protocol
+        out = {"fid": scores["fid"], "kid": scores["kid_mean"], "kid_std": scores["kid_std"]}
+        if ev.classes:
+            per = metrics.intra_fid(gen_all, torch.arange(len(gen_all)) % ev.classes, ref, ref_classes, ev.classes)
+            out["intra_fid"] = per.pop("intra_fid")
+            names = manifest.data.get("class_names") or [str(c) for c in range(ev.classes)]
+            protocol["intra_fid"] = {"metric": "mean over classes of the FID of the class's generated images "
+                                               "against the reference images of that class",
+                                     "generated": "fixed latent i has class i mod classes",
+                                     **{k: dict(zip(names, v)) for k, v in per.items()}}
+        return out, protocol
 
     def _append_jsonl(self, result: dict) -> None:
         # Object stores cannot append: rewrite the whole file atomically (it is small).
@@ -342,7 +360,7 @@ class Evaluator:
 def metric_group(name: str, standin: bool) -> str:
     """The TensorBoard group of a metric: a stand-in Inception's FID and KID get one of their own,
     so they never share a curve (or a dashboard query) with real ones."""
-    return "Metrics_standin" if standin and name.split("_")[0] in ("fid", "kid") else "Metrics"
+    return "Metrics_standin" if standin and {"fid", "kid"} & set(name.split("_")) else "Metrics"
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """Unconditional DCGAN-family training (Radford et al. 2016): non-saturating, LSGAN, hinge,
 WGAN with gradient penalty (Gulrajani et al. 2017) or weight clipping (Arjovsky et al. 2017), or
 the relativistic pairing loss with R1 + R2 (``gan=rpgan``, Huang et al. 2024),
+class-conditional generation (``conditional=projection`` or ``acgan``),
 ``model.n_critic`` D steps per G step, optional spectral norm, SAGAN's self-attention (Zhang et
 al. 2019) and decaying instance noise. Defaults are DCGAN's: Adam(2e-4, 0.5, 0.999),
 non-saturating loss, batch norm in G and D; ``configs/sagan_*.yaml`` hold SAGAN's."""
@@ -48,6 +49,12 @@ class DCGANConfig(ModelConfig):
     lr_D: float = bounded(2e-4, 0.0)
     beta1: float = bounded(0.5, 0.0, 1.0)
     beta2: float = bounded(0.999, 0.0, 1.0)
+    # Class-conditional generation, on shards with a class field (`gan-shard write folder --classes`):
+    # D by projection (Miyato & Koyama 2018) or an auxiliary classifier (ACGAN, Odena et al. 2017),
+    # G by conditional batch norm (the projection paper's, SAGAN's) or y one-hot beside z (cGAN).
+    conditional: str = choice("none", "none", "projection", "acgan")
+    g_conditioning: str = choice("cbn", "cbn", "concat")
+    acgan_weight: float = bounded(1.0, 0.0)  # the class loss's weight in D's and G's objectives
 
     def check(self) -> None:
         if self.gp_weight and self.weight_clip:
@@ -69,27 +76,61 @@ class DCGANConfig(ModelConfig):
                               "inside its optimizer, where clipping the module's copy does not reach")
 
 
+def num_classes(cfg: Config, info: DataInfo) -> int:
+    """The class count of a class-conditional run (the manifest's), 0 for an unconditional one."""
+    if cfg.model.conditional == "none":
+        return 0
+    if "class" not in info.fields or not info.num_classes:
+        raise ValueError(f"model.conditional={cfg.model.conditional} needs shards with a class field; "
+                         f"{cfg.data.url} has {', '.join(info.fields)}: write them with "
+                         f"`gan-shard write folder --classes --root DIR --out URL` (one sub-folder per class)")
+    return info.num_classes
+
+
 def build(cfg: Config, info: DataInfo) -> dict:
-    m = cfg.model
+    m, k = cfg.model, num_classes(cfg, info)
     G = DCGANGenerator(z_dim=m.z_dim, ngf=m.ngf, out_channels=3, image_size=m.image_size, attention=m.attention,
-                       spectral_norm=m.spectral_norm_G)
+                       spectral_norm=m.spectral_norm_G, num_classes=k, conditioning=m.g_conditioning)
     D = DCGANDiscriminator(in_channels=3, ndf=m.ndf, image_size=m.image_size, norm=m.norm_D,
-                           spectral_norm=m.spectral_norm, attention=m.attention)
+                           spectral_norm=m.spectral_norm, attention=m.attention, num_classes=k,
+                           conditioning=m.conditional)
     return {"G": init_weights(G, "normal", m.init_gain), "D": init_weights(D, "normal", m.init_gain)}
 
 
 def streams(cfg: Config, info: DataInfo, split: str) -> tuple[Stream, ...]:
-    return (Stream("data", split, ("image",)),)
+    return (Stream("data", split, ("image", "class") if cfg.model.conditional != "none" else ("image",)),)
 
 
 def prepare(batches: dict[str, dict], device: torch.device, cfg: Config, info: DataInfo) -> dict:
-    """``image`` [N, 3, S, S] in [-1, 1] and ``z`` [N, z_dim] drawn from the rank's RNG."""
+    """``image`` [N, 3, S, S] in [-1, 1] and ``z`` [N, z_dim] drawn from the rank's RNG;
+    class-conditional: also the images' classes ``y`` [N] and the fakes' ``y_fake`` [N], drawn
+    uniformly (as the projection paper's code draws them)."""
     image = float_image(batches["data"]["image"].to(device, non_blocking=True))
     size = cfg.model.image_size
     if image.shape[-1] != size or image.shape[-2] != size:
         raise ValueError(f"dcgan expects {size}x{size} images, got {tuple(image.shape[-2:])}: set "
                          f"data.load_size / data.crop_size")
-    return {"image": image, "z": torch.randn(image.shape[0], cfg.model.z_dim, device=device)}
+    out = {"image": image, "z": torch.randn(image.shape[0], cfg.model.z_dim, device=device)}
+    if cfg.model.conditional != "none":
+        out["y"] = batches["data"]["class"].to(device).long()
+        out["y_fake"] = torch.randint(num_classes(cfg, info), (image.shape[0],), device=device)
+    return out
+
+
+def _critic(ctx: StepContext, D, x: torch.Tensor, y: torch.Tensor | None):
+    """D's logits of ``x`` [N], and its class logits [N, K] with ACGAN (else None)."""
+    cond = ctx.cfg.model.conditional
+    if cond == "acgan":
+        return D(x)
+    return D(x, y) if cond == "projection" else D(x), None
+
+
+def _class_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits.float(), y)
+
+
+def _generate(ctx: StepContext, G, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    return G(z, y) if ctx.cfg.model.conditional != "none" else G(z)
 
 
 def _noisy(ctx: StepContext, x: torch.Tensor) -> torch.Tensor:
@@ -99,28 +140,38 @@ def _noisy(ctx: StepContext, x: torch.Tensor) -> torch.Tensor:
 
 def d_step(ctx: StepContext, b: dict, scratch: dict) -> dict:
     m, D = ctx.cfg.model, ctx.nets["D"]
+    y, y_fake = b.get("y"), b.get("y_fake")
     with torch.no_grad(), ctx.autocast():
-        fake = ctx.nets["G"](b["z"])
+        fake = _generate(ctx, ctx.nets["G"], b["z"], y_fake)
     if m.gan == "rpgan":
-        return rpgan_d_step(ctx, b["image"], fake)
+        return rpgan_d_step(ctx, b["image"], fake, y, y_fake)
     real_in, fake_in = _noisy(ctx, b["image"]), _noisy(ctx, fake.float())
     with ctx.autocast():
         # One call for both unless D has batch norm, whose statistics must not mix them.
-        pred_real, pred_fake = D(torch.cat([real_in, fake_in])).chunk(2) if m.norm_D != "batch" \
-            else (D(real_in), D(fake_in))
+        if m.norm_D != "batch":
+            both, cls = _critic(ctx, D, torch.cat([real_in, fake_in]),
+                                None if y is None else torch.cat([y, y_fake]))
+            (pred_real, pred_fake), cls = both.chunk(2), None if cls is None else cls.chunk(2)
+        else:
+            (pred_real, cls_real), (pred_fake, cls_fake) = _critic(ctx, D, real_in, y), _critic(ctx, D, fake_in, y_fake)
+            cls = None if cls_real is None else (cls_real, cls_fake)
     l_real, l_fake = d_loss(m.gan, pred_real, pred_fake)
     losses = {"D_real": l_real, "D_fake": l_fake}
     loss = l_real + l_fake
+    if cls is not None:  # ACGAN: D classifies reals and fakes alike
+        losses["D_cls"] = _class_loss(cls[0], y) + _class_loss(cls[1], y_fake)
+        loss = loss + m.acgan_weight * losses["D_cls"]
     if m.gp_weight > 0:
         # Through the plain module: the penalty's double backward must not run DDP's reducer twice.
-        gp = gradient_penalty(ctx.plain["D"], b["image"], fake)
+        gp = gradient_penalty(lambda x: _critic(ctx, ctx.plain["D"], x, y)[0], b["image"], fake)
         losses["D_gp"] = gp
         loss = loss + m.gp_weight * gp
     losses["loss"] = loss
     return losses
 
 
-def rpgan_d_step(ctx: StepContext, real: torch.Tensor, fake: torch.Tensor) -> dict:
+def rpgan_d_step(ctx: StepContext, real: torch.Tensor, fake: torch.Tensor, y: torch.Tensor | None = None,
+                 y_fake: torch.Tensor | None = None) -> dict:
     """RpGAN + R1 + R2 (Huang et al. 2024): each real paired with a fake in the relativistic
     loss, and zero-centred gradient penalties on both, weighted γ/2. With γ > 0, D runs in fp32
     (the penalties differentiate its input gradients)."""
@@ -130,9 +181,13 @@ def rpgan_d_step(ctx: StepContext, real: torch.Tensor, fake: torch.Tensor) -> di
     real_in = _noisy(ctx, real).detach().float().requires_grad_(gamma > 0)
     fake_in = _noisy(ctx, fake.float()).detach().requires_grad_(gamma > 0)
     with ctx.autocast() if gamma == 0 else contextlib.nullcontext():
-        pred_real, pred_fake = D(real_in), D(fake_in)  # separate calls: batch norm must not mix them
+        # Separate calls: batch norm must not mix them.
+        (pred_real, cls_real), (pred_fake, cls_fake) = _critic(ctx, D, real_in, y), _critic(ctx, D, fake_in, y_fake)
     loss = rpgan_d_loss(pred_real, pred_fake)
     out = {"D_rpgan": loss}
+    if cls_real is not None:
+        out["D_cls"] = _class_loss(cls_real, y) + _class_loss(cls_fake, y_fake)
+        loss = loss + m.acgan_weight * out["D_cls"]
     if gamma > 0:
         r1, r2 = zero_centred_penalty(pred_real, real_in), zero_centred_penalty(pred_fake, fake_in)
         out.update(D_r1=r1.mean().detach(), D_r2=r2.mean().detach(), **{"Progress/gamma": torch.tensor(gamma)})
@@ -142,14 +197,21 @@ def rpgan_d_step(ctx: StepContext, real: torch.Tensor, fake: torch.Tensor) -> di
 
 
 def g_step(ctx: StepContext, b: dict, scratch: dict) -> dict:
+    m = ctx.cfg.model
+    y = None if m.conditional == "none" else torch.randint_like(b["y_fake"], num_classes(ctx.cfg, ctx.info))
     with ctx.autocast():
-        fake = ctx.nets["G"](torch.randn_like(b["z"]))
-        pred = ctx.plain["D"](_noisy(ctx, fake))  # D is frozen
-        if ctx.cfg.model.gan == "rpgan":
-            g = rpgan_g_loss(pred, ctx.plain["D"](_noisy(ctx, b["image"])))
-            return {"loss": g, "G_rpgan": g}
-    g = g_loss(ctx.cfg.model.gan, pred)
-    return {"loss": g, "G_GAN": g}
+        fake = _generate(ctx, ctx.nets["G"], torch.randn_like(b["z"]), y)
+        pred, cls = _critic(ctx, ctx.plain["D"], _noisy(ctx, fake), y)  # D is frozen
+        if m.gan == "rpgan":
+            g = rpgan_g_loss(pred, _critic(ctx, ctx.plain["D"], _noisy(ctx, b["image"]), b.get("y"))[0])
+            out = {"loss": g, "G_rpgan": g}
+        else:
+            g = g_loss(m.gan, pred)
+            out = {"loss": g, "G_GAN": g}
+    if cls is not None:  # ACGAN: G makes fakes D classifies as their class
+        out["G_cls"] = _class_loss(cls, y)
+        out["loss"] = out["loss"] + m.acgan_weight * out["G_cls"]
+    return out
 
 
 def clip_after_step(nets: dict, cfg: Config) -> None:
@@ -168,13 +230,33 @@ def optimizers(cfg: Config) -> tuple[Optimizer, ...]:
 
 
 def evaluations(cfg: Config, info: DataInfo, split: str) -> tuple[Evaluation, ...]:
+    k = num_classes(cfg, info)
+    if k:
+        return (Evaluation("", reference=split, generate=lambda nets, b: nets["G"](b["z"], b["y"]), classes=k),)
     return (Evaluation("", reference=split, generate=lambda nets, b: nets["G"](b["z"])),)
+
+
+GRID_CLASSES = 16  # rows of a class-conditional grid: the first classes, one each
 
 
 @torch.no_grad()
 def visualize(nets: dict, b: dict, info: DataInfo) -> list[torch.Tensor]:
-    """Columns: a generated image from a fixed latent | a real image."""
-    return [nets["G"](b["z"]).float(), b["image"].float()]
+    """Columns: a generated image from a fixed latent | a real image. Class-conditional: one row
+    per class (the first ``GRID_CLASSES``), a column per fixed latent (up to 8, the same latent
+    across the row's classes), then the first real image of the row's class in the batch (black
+    when it has none)."""
+    G = nets["G"]
+    k = getattr(G, "num_classes", 0)
+    if not k:
+        return [G(b["z"]).float(), b["image"].float()]
+    rows = torch.arange(min(k, GRID_CLASSES), device=b["z"].device)
+    columns = [G(z.expand(len(rows), -1), rows).float() for z in b["z"][:8, None]]
+    real = torch.full_like(columns[0], -1.0)
+    for c in rows.tolist():
+        hits = (b["y"] == c).nonzero()
+        if len(hits):
+            real[c] = b["image"][hits[0, 0]].float()
+    return columns + [real]
 
 
 FAMILY = Family(

@@ -1,6 +1,8 @@
 """DCGAN networks (Radford et al. 2016), with the discriminator options a WGAN-GP critic
-(Gulrajani et al. 2017) and SN-GAN (Miyato et al. 2018) need, and SAGAN's (Zhang et al. 2019)
-self-attention at chosen resolutions and spectral norm in G.
+(Gulrajani et al. 2017) and SN-GAN (Miyato et al. 2018) need, SAGAN's (Zhang et al. 2019)
+self-attention at chosen resolutions and spectral norm in G, and class conditioning: G by
+conditional batch norm or a one-hot input (Mirza & Osindero 2014), D by projection (Miyato &
+Koyama 2018) or an auxiliary classifier (ACGAN, Odena et al. 2017).
 """
 
 from __future__ import annotations
@@ -8,12 +10,34 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm as _torch_spectral_norm
 
 from pipeline.models.layers import SelfAttention, check_norm, init_weights, norm_layer
 from pipeline.models.layers import spectral_norm as apply_spectral_norm
 
 IMAGE_SIZES = (32, 64, 128)
+G_CONDITIONING = ("cbn", "concat")
+D_CONDITIONING = ("projection", "acgan")
+
+
+class ConditionalBatchNorm2d(nn.Module):
+    """Batch norm with a scale and shift per class (de Vries et al. 2017), as the class-conditional
+    generators of the projection discriminator's paper (Miyato & Koyama 2018) and SAGAN use it:
+    statistics as ``BatchNorm2d`` without affine parameters, then ``γ[y] x + β[y]`` with γ
+    starting at 1 and β at 0 (the official code's initial values)."""
+
+    def __init__(self, num_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(num_features, affine=False)
+        self.weight = nn.Embedding(num_classes, num_features)
+        self.bias = nn.Embedding(num_classes, num_features)
+        nn.init.ones_(self.weight.weight)
+        nn.init.zeros_(self.bias.weight)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.bn(x) * self.weight(y)[:, :, None, None] + self.bias(y)[:, :, None, None]
 
 
 def check_attention(attention: tuple[int, ...], image_size: int) -> tuple[int, ...]:
@@ -51,23 +75,34 @@ class DCGANGenerator(nn.Module):
     """
 
     def __init__(self, *, z_dim: int = 100, ngf: int = 64, out_channels: int = 3, image_size: int = 64,
-                 attention: tuple[int, ...] = (), spectral_norm: bool = False) -> None:
+                 attention: tuple[int, ...] = (), spectral_norm: bool = False, num_classes: int = 0,
+                 conditioning: str = "cbn") -> None:
         super().__init__()
         n_up = _num_stride2_layers(image_size)
         check_attention(attention, image_size)
+        if num_classes and conditioning not in G_CONDITIONING:
+            raise ValueError(f"conditioning must be one of {G_CONDITIONING}, got {conditioning!r}")
         self.z_dim = z_dim
         self.image_size = image_size
+        self.num_classes = num_classes
+        self.conditioning = conditioning if num_classes else None
+
+        def norm(width: int) -> nn.Module:
+            return ConditionalBatchNorm2d(width, num_classes) if self.conditioning == "cbn" \
+                else norm_layer("batch", width)
+
         width = ngf * 2 ** (n_up - 1)
+        in_dim = z_dim + (num_classes if self.conditioning == "concat" else 0)
         blocks: list[nn.Module] = [
-            nn.ConvTranspose2d(z_dim, width, 4, stride=1, padding=0, bias=False),
-            norm_layer("batch", width),
+            nn.ConvTranspose2d(in_dim, width, 4, stride=1, padding=0, bias=False),
+            norm(width),
             nn.ReLU(),
         ]
         resolution = 4
         for _ in range(n_up - 1):
             blocks += [
                 nn.ConvTranspose2d(width, width // 2, 4, stride=2, padding=1, bias=False),
-                norm_layer("batch", width // 2),
+                norm(width // 2),
                 nn.ReLU(),
             ]
             width //= 2
@@ -80,14 +115,24 @@ class DCGANGenerator(nn.Module):
         if spectral_norm:
             apply_spectral_norm(self)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """``z`` [N, z_dim] (or [N, z_dim, 1, 1]) → images [N, out_channels, image_size,
-        image_size] in [-1, 1]."""
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """``z`` [N, z_dim] (or [N, z_dim, 1, 1]) and, for a class-conditional G, class ids ``y``
+        [N] → images [N, out_channels, image_size, image_size] in [-1, 1]."""
         if z.dim() == 2:
             z = z[:, :, None, None]
         if z.dim() != 4 or z.shape[1:] != (self.z_dim, 1, 1):
             raise ValueError(f"z must be [N, {self.z_dim}] or [N, {self.z_dim}, 1, 1], got {list(z.shape)}")
-        return self.model(z)
+        if (y is None) != (self.conditioning is None):
+            raise ValueError("class ids y are needed by a class-conditional G, and only by one")
+        if self.conditioning is None:
+            return self.model(z)
+        if self.conditioning == "concat":
+            onehot = F.one_hot(y, self.num_classes).to(z.dtype)[:, :, None, None]
+            return self.model(torch.cat([z, onehot], 1))
+        x = z
+        for layer in self.model:
+            x = layer(x, y) if isinstance(layer, ConditionalBatchNorm2d) else layer(x)
+        return x
 
 
 class DCGANDiscriminator(nn.Module):
@@ -118,8 +163,12 @@ class DCGANDiscriminator(nn.Module):
         norm: str = "batch",
         spectral_norm: bool = False,
         attention: tuple[int, ...] = (),
+        num_classes: int = 0,
+        conditioning: str = "projection",
     ) -> None:
         super().__init__()
+        if num_classes and conditioning not in D_CONDITIONING:
+            raise ValueError(f"conditioning must be one of {D_CONDITIONING}, got {conditioning!r}")
         if check_norm(norm) == "instance":
             # Not part of either paper; refusing it keeps the set of tested variants closed.
             raise ValueError("DCGANDiscriminator norm must be 'batch', 'layer' or 'none', got 'instance'")
@@ -143,12 +192,36 @@ class DCGANDiscriminator(nn.Module):
                 blocks.append(SelfAttention(width))
         blocks.append(nn.Conv2d(width, 1, 4, stride=1, padding=0, bias=bias))
         self.model = nn.Sequential(*blocks)
+        self.num_classes = num_classes
+        self.conditioning = conditioning if num_classes else None
+        if self.conditioning == "projection":
+            self.embed = nn.Embedding(num_classes, width)
+        elif self.conditioning == "acgan":
+            self.classifier = nn.Linear(width * 16, num_classes)
         init_weights(self, "normal", 0.02)
+        if self.conditioning == "projection":
+            nn.init.xavier_uniform_(self.embed.weight)  # the official projection code's GlorotUniform
         if spectral_norm:
             apply_spectral_norm(self)
+            if self.conditioning == "projection":
+                _torch_spectral_norm(self.embed)  # the official SNEmbedID: σ of the [classes, C] matrix
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` [N, in_channels, image_size, image_size] → logits [N]."""
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None):
+        """``x`` [N, in_channels, image_size, image_size] → logits [N].
+
+        Class-conditional: with ``conditioning="projection"`` (Miyato & Koyama 2018, Eq. 3) the
+        logit of image x of class ``y`` [N] is ``ψ(φ(x)) + ⟨embed(y), Σ_hw φ(x)⟩``, φ the 4×4
+        features before the last conv ψ, summed over space as the paper's global sum pooling;
+        with ``"acgan"`` (Odena et al. 2017) ``y`` is not taken and the output is ``(logits [N],
+        class logits [N, num_classes])`` from an auxiliary linear classifier on φ."""
         if x.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"expected {self.image_size}×{self.image_size} images, got {tuple(x.shape[-2:])}")
-        return self.model(x).reshape(x.shape[0])
+        if self.conditioning is None:
+            return self.model(x).reshape(x.shape[0])
+        features = self.model[:-1](x)
+        logits = self.model[-1](features).reshape(x.shape[0])
+        if self.conditioning == "acgan":
+            return logits, self.classifier(features.flatten(1))
+        if y is None:
+            raise ValueError("a projection discriminator needs the class ids y of its images")
+        return logits + (self.embed(y) * features.sum((2, 3))).sum(1)

@@ -113,7 +113,9 @@ class Evaluation:
     ``per_image(nets, batch, output, lpips)`` adds the family's own per-image metrics,
     ``{name: [N]}`` averaged over the samples like the paired ones (SRGAN's Y-channel PSNR,
     BicycleGAN's diversity); ``lpips`` is the evaluator's LPIPS network, or None without its
-    weights."""
+    weights. ``classes``: a class-conditional model of that many classes; fixed latent ``i`` gets
+    class ``i mod classes`` (``y`` [N] beside ``z``), and the evaluator adds the intra-FID: the FID
+    of each class against the reference images of that class (their ``class`` field), averaged."""
 
     name: str
     reference: str
@@ -121,6 +123,7 @@ class Evaluation:
     inputs: Stream | None = None
     paired: bool = False
     per_image: Callable[[dict[str, nn.Module], dict, torch.Tensor, Any], dict[str, torch.Tensor]] | None = None
+    classes: int = 0
 
 
 @dataclass
