@@ -243,6 +243,11 @@ class DDPEngine:
             torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, self.norm)
         return self.scaler is not None or bool(torch.isfinite(self.norm).item())
 
+    def reset_state(self) -> None:
+        """Forget the optimizer's state (Adam's moments and step counts): the next step starts as
+        the first did. The learning rates and other hyperparameters stay."""
+        self.optimizer.state.clear()
+
     def step(self, skip: bool) -> torch.Tensor:
         """Step, or (``skip``: a rank saw a bad loss or gradient) drop the gradients; the norm."""
         if skip:

@@ -167,6 +167,9 @@ class Family:
     # ``init_source(url, storage_options)``: ``load`` for a ``model.init_from`` URL in another
     # project's format that this family reads (StyleGAN2's official pickles), else None.
     init_source: Callable[[str, dict | None], Callable[[str], dict | None] | None] | None = None
+    # ``optimizer_epoch(cfg, nimg)``: any value; whenever it differs from the previous iteration's,
+    # every optimizer's state starts afresh (ProGAN's reset at each change of resolution). DDP only.
+    optimizer_epoch: Callable[[Config, int], Any] | None = None
 
     def network(self, name: str) -> Network:
         return next(n for n in self.networks if n.name == name)

@@ -402,7 +402,15 @@ def train(cfg: Config, command: str = "") -> int:
     first_nan = cfg.train.debug_nan_step if cfg.train.debug_nan_step is not None else -1
     monitor.start(state["nimg"], total_nimg)
     segment = (time.perf_counter(), state["nimg"])
+    # The previous iteration's optimizer epoch, also after a resume: a reset falls on the same
+    # iteration as in a run that was never stopped.
+    epoch_of = family.optimizer_epoch
+    opt_epoch = epoch_of(cfg, max(0, state["nimg"] - cfg.train.batch_size)) if epoch_of else None
     while state["nimg"] < total_nimg:
+        if epoch_of is not None and epoch_of(cfg, state["nimg"]) != opt_epoch:
+            opt_epoch = epoch_of(cfg, state["nimg"])
+            for engine in engines.values():
+                engine.reset_state()
         for engine in engines.values():
             for group in engine.param_groups:
                 group["lr"] = group["initial_lr"] * lr_factor(cfg, state["nimg"])
