@@ -5,11 +5,11 @@ optimizers, phases, streams, preparation, evaluation and grid), declared against
 from __future__ import annotations
 
 from ..train.family import Family
-from . import aae, bicyclegan, cyclegan, dcgan, pix2pix, pix2pixhd, spade, srgan, stylegan2
+from . import aae, bicyclegan, cyclegan, dcgan, pix2pix, pix2pixhd, progan, spade, srgan, stylegan2
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (pix2pix.FAMILY, pix2pixhd.FAMILY, dcgan.FAMILY, cyclegan.FAMILY,
                                                 spade.FAMILY, stylegan2.FAMILY, srgan.SRRESNET, srgan.SRGAN,
-                                                aae.FAMILY, bicyclegan.FAMILY)}
+                                                aae.FAMILY, bicyclegan.FAMILY, progan.FAMILY)}
 
 
 def get_family(name: str) -> Family:
