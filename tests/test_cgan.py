@@ -149,7 +149,8 @@ def test_conditional_generators():
 
 @pytest.mark.parametrize("conditional, loss", [("projection", []), ("acgan", []),
                                                ("projection", ["model.gan=rpgan", "model.gamma=1"]),
-                                               ("acgan", ["model.gan=wgan", "model.gp_weight=10"])])
+                                               ("acgan", ["model.gan=wgan", "model.gp_weight=10"]),
+                                               ("projection", ["model.attention=16", "model.spectral_norm_G=true"])])
 def test_each_network_gets_the_class_losses(conditional, loss):
     torch.manual_seed(0)
     cfg = load_config("cgan_demo", [f"model.conditional={conditional}", "model.ngf=8", "model.ndf=8", *loss])
@@ -176,6 +177,21 @@ def test_each_network_gets_the_class_losses(conditional, loss):
     assert all(p.grad is not None for p in nets["G"].parameters())  # the class embeddings of G's norms too
     with pytest.raises(ValueError, match="gan-shard write folder --classes"):
         FAMILY.build(cfg, DataInfo("unconditional", None, ("image",)))
+
+
+def test_the_grid_has_one_row_per_class():
+    torch.manual_seed(0)
+    cfg = load_config("cgan_demo", ["model.ngf=8", "model.ndf=8"])
+    G = FAMILY.build(cfg, INFO)["G"].eval()
+    image = torch.rand(5, 3, 32, 32) * 2 - 1
+    b = {"image": image, "y": torch.tensor([2, 0, 2, 0, 1]), "z": torch.randn(5, cfg.model.z_dim)}
+    columns = FAMILY.visualize({"G": G}, b, INFO)
+    assert len(columns) == 5 + 1 and all(c.shape == (4, 3, 32, 32) for c in columns)  # a column per latent
+    with torch.no_grad():  # row c, column j: latent j drawn as class c
+        torch.testing.assert_close(columns[3][2], G(b["z"][3:4], torch.tensor([2]))[0])
+    real = columns[-1]  # the first real image of each row's class; none of class 3 in the batch
+    assert torch.equal(real[0], image[1]) and torch.equal(real[1], image[4]) and torch.equal(real[2], image[0])
+    assert torch.equal(real[3], torch.full_like(real[3], -1.0))
 
 
 def test_intra_fid_against_a_direct_computation():
