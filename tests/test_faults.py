@@ -126,6 +126,19 @@ def test_a_tampered_commit_record_makes_a_checkpoint_invalid(tmp_path, tamper, r
     assert [f.step for f in ckpt.verified(str(tmp_path))] == [1]
 
 
+@pytest.mark.parametrize("text, reason", [
+    ('{"files": {}, "pad": "' + "x" * (ckpt.MAX_COMMIT_BYTES + 1) + '"}', "larger than any commit record"),
+    ("[" * 100_000 + "]" * 100_000, "COMMIT.json unreadable"),  # nesting deeper than the parser's recursion
+])
+def test_an_oversized_or_hostile_commit_record_is_refused_without_reading_it_all(tmp_path, text, reason):
+    make_checkpoint(tmp_path, 1)
+    url = make_checkpoint(tmp_path, 2)
+    (url / ckpt.COMMIT).write_text(text)
+    with pytest.raises(ckpt.CheckpointInvalid, match=reason):
+        ckpt.verify(str(url))
+    assert [f.step for f in ckpt.verified(str(tmp_path))] == [1]
+
+
 def make_checkpoint(run_dir: Path, step: int, commit: bool = True) -> Path:
     url = ckpt.step_url(str(run_dir), ckpt.CHECKPOINTS, step)
     ckpt.save_tensors(io.join(url, "G.pt"), {"w": torch.full((4,), float(step))})

@@ -207,6 +207,16 @@ def test_a_directory_without_snapshots_is_one_line_that_says_what_it_expected(tm
     assert r.returncode == 2 and "no eval/best.json" in r.stderr, explain(r)
 
 
+def test_a_hostile_safetensors_file_is_one_line(tmp_path):
+    """A header length of 2^60 (and of more than the file) is refused by safetensors' own parser
+    before anything is allocated."""
+    bad = tmp_path / "G.safetensors"
+    bad.write_bytes((1 << 60).to_bytes(8, "little") + b'{"__metadata__": {}}')
+    r = generate("--run", str(bad), "--out", str(tmp_path / "o"), "--count", "1", process=True)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, explain(r)
+    assert "is not a readable safetensors file" in r.stderr
+
+
 @pytest.mark.parametrize("config, overrides", [
     ("pix2pixhd_demo", ["data.load_size=128,64", "model.ngf=4", "model.n_blocks_global=1"]),
     ("spade_demo", ["data.load_size=64,32", "model.ngf=2", "model.spade_hidden=4"]),

@@ -32,6 +32,7 @@ from .. import failpoints, io
 log = logging.getLogger(__name__)
 
 COMMIT = "COMMIT.json"
+MAX_COMMIT_BYTES = 16 << 20  # a record lists files and counters: kilobytes, thousands of DeepSpeed shards included
 CHECKPOINTS = "checkpoints"
 SNAPSHOTS = "snapshots"
 ZERO_DIR = "zero"  # DeepSpeed engines' state inside a checkpoint: zero/G/..., zero/D/...
@@ -121,8 +122,12 @@ def verify(ckpt_url: str, storage_options: dict | None = None, full: bool = True
     if not io.exists(url, storage_options):
         raise CheckpointInvalid("not committed (no COMMIT.json)")
     try:
-        record = io.read_json(url, storage_options)
-    except ValueError as exc:
+        with io.open_url(url, "rb", storage_options) as f:
+            data = f.read(MAX_COMMIT_BYTES + 1)  # never more: a hostile record must not fill memory
+        if len(data) > MAX_COMMIT_BYTES:
+            raise CheckpointInvalid(f"COMMIT.json is larger than any commit record ({MAX_COMMIT_BYTES >> 20} MiB)")
+        record = json.loads(data)
+    except (ValueError, RecursionError) as exc:
         raise CheckpointInvalid(f"COMMIT.json unreadable: {exc}") from exc
     files = record.get("files") if isinstance(record, dict) else None
     if not isinstance(files, dict) or not files:
