@@ -187,8 +187,24 @@ def atomic_upload(local_file: str | Path, url: str, storage_options: dict | None
             os.fsync(dst.fileno())
         os.replace(tmp, target)
     else:
-        # A multipart upload becomes visible only when it completes.
+        # A multipart upload becomes visible only when it completes. One of this key left
+        # unfinished by a killed writer (invisible, but stored and billed) is aborted first: the
+        # key is being written again, so that upload can never be completed.
+        abort_unfinished_uploads(fs, path)
         fs.put_file(str(local_file), path)
+
+
+def abort_unfinished_uploads(fs: fsspec.AbstractFileSystem, path: str) -> int:
+    """Abort the unfinished multipart uploads of exactly the object ``path`` (``bucket/key``) on
+    an S3 file system; returns how many. Other file systems have none."""
+    if not hasattr(fs, "call_s3"):
+        return 0
+    bucket, key = path.split("/", 1)
+    uploads = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key).get("Uploads", [])
+    mine = [u for u in uploads if u["Key"] == key]
+    for upload in mine:
+        fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload["UploadId"])
+    return len(mine)
 
 
 def sha256_stream(f: IO[bytes]) -> tuple[str, int]:

@@ -91,9 +91,9 @@ print("ROWS " + json.dumps(rows))
 """
 
 
-def run_ranks(url: str, world_size: int) -> list[dict]:
+def run_ranks(url: str, world_size: int, env: dict[str, str] | None = None) -> list[dict]:
     """Start every rank at once, wait with a timeout, and print every rank's output on failure."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO)}
     procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, url, str(rank), str(world_size)], cwd=REPO,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for rank in range(world_size)]
@@ -330,3 +330,75 @@ def test_write_to_unreachable_endpoint_fails_in_one_line(s3_server, tmp_path: Pa
     lines = error_lines(proc)
     assert len(lines) == 1 and lines[0].startswith(f"gan-shard: error: cannot write to {s3_server.url('ds')}: "
                                                    f"Could not connect to the endpoint URL"), explain(proc)
+
+
+# ----------------------------------------------------------------------------- injected store faults
+
+
+def test_throttling_and_connection_resets_are_retried_to_the_identical_result(s3_server, tmp_path: Path):
+    """Through a proxy that answers every 5th request with 503 SlowDown or a connection reset, in
+    turn: the shards written and the samples streamed equal those of a fault-free run (T13)."""
+    from s3_fault_proxy import FaultProxy
+
+    expected = make_folder_dataset(tmp_path / "photos")
+    clean = shard_write(tmp_path / "photos", s3_server.url("clean"), "--workers", "2")
+    assert clean.returncode == 0, explain(clean)
+    with FaultProxy(s3_server.endpoint, every=5) as proxy:
+        env = {"AWS_ENDPOINT_URL": proxy.endpoint}
+        faulty = shard_write(tmp_path / "photos", s3_server.url("faulty"), "--workers", "2", env=env)
+        assert faulty.returncode == 0, explain(faulty)
+        rows = run_ranks(s3_server.url("faulty"), world_size=2, env=env)
+        assert proxy.throttled >= 2 and proxy.resets >= 2, vars(proxy)
+
+    def shards(prefix: str) -> list[tuple[str, str, int]]:
+        m = json.loads(s3_server.client().get_object(Bucket=s3_server.bucket, Key=f"{prefix}/manifest.json")["Body"]
+                       .read())
+        return [(s["name"], s["sha256"], s["samples"]) for s in m["splits"]["train"]["shards"]]
+
+    assert shards("faulty") == shards("clean")
+    for name, sha, _ in shards("faulty"):
+        assert object_sha256(s3_server, f"faulty/{name}") == sha
+    assert {r["key"]: tuple(r["rgb"]) for r in rows} == expected and all(r["bad"] == 0 for r in rows)
+
+
+def test_a_store_that_denies_everything_fails_fast_in_one_line(s3_server, tmp_path: Path):
+    from s3_fault_proxy import FaultProxy
+
+    make_folder_dataset(tmp_path / "photos", count=2)
+    with FaultProxy(s3_server.endpoint, deny=True) as proxy:
+        proc = shard_write(tmp_path / "photos", s3_server.url("ds"), "--workers", "1",
+                           env={"AWS_ENDPOINT_URL": proxy.endpoint})
+        asked = proxy.requests
+    assert error_lines(proc) == [f"gan-shard: error: cannot write to {s3_server.url('ds')}: Access Denied"], \
+        explain(proc)
+    assert asked <= 3, asked  # a 403 is an answer, not a fault to retry
+
+
+def test_a_writer_killed_mid_multipart_upload_leaves_nothing_visible_and_its_rewrite_no_orphan(s3_server,
+                                                                                              tmp_path: Path):
+    """SIGKILL while the parts of a 101 MiB shard are in flight: no object appears; the upload the
+    killed writer started is aborted when the key is written again (a resumed writer's rewrite)."""
+    from s3_fault_proxy import FaultProxy
+
+    big = tmp_path / "big.tar"
+    block = hashlib.sha256(b"seed").digest() * (1 << 15)  # 1 MiB
+    with open(big, "wb") as f:
+        for i in range(101):
+            f.write(i.to_bytes(4, "big") + block[4:])
+    url = s3_server.url("ds/train-000000.tar")
+    script = f"from pipeline import io; io.atomic_upload({str(big)!r}, {url!r})"
+    with FaultProxy(s3_server.endpoint, hold_parts=True) as proxy:
+        proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONPATH": str(REPO), "AWS_ENDPOINT_URL": proxy.endpoint})
+        assert proxy.part_seen.wait(PROCESS_TIMEOUT_SEC), proc.communicate(timeout=5)
+        proc.kill()
+        proc.communicate(timeout=30)
+    client = s3_server.client()
+    assert objects(s3_server, "ds") == {}, "nothing visible"
+    assert [u["Key"] for u in client.list_multipart_uploads(Bucket=s3_server.bucket).get("Uploads", [])] == \
+        ["ds/train-000000.tar"], "the killed writer's upload is unfinished"
+    io.atomic_upload(big, url)
+    with open(big, "rb") as f:
+        assert io.sha256_url(url) == io.sha256_stream(f)
+    assert not client.list_multipart_uploads(Bucket=s3_server.bucket).get("Uploads"), "no orphaned upload"
