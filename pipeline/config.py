@@ -156,7 +156,7 @@ class EvalConfig:
     kid_subset_size: int = bounded(1000, 2)
     diversity_pairs: int = bounded(500, 0)  # unconditional: MS-SSIM over this many pairs of images; 0: off
     seed: int = bounded(0, 0)
-    reference_cache: str | None = None  # URL for real-image statistics (None: beside the shards)
+    reference_cache: str | None = None  # URL for real-image features, shareable by runs (None: run.dir/eval/refstats)
     poll_sec: float = bounded(10.0, 0.1)
     best_metric: str = choice("fid", "fid", "intra_fid", "kid", "lpips", "psnr", "ssim", "psnr_y", "ssim_y")
 

@@ -18,6 +18,13 @@ def is_initialized() -> bool:
     return torch_dist.is_available() and torch_dist.is_initialized()
 
 
+def shutdown() -> None:
+    """Leave the process group at a normal end (what ``Accelerator.end_training`` does for the
+    trainer): a group left to the interpreter's finalizers can abort the process at exit."""
+    if is_initialized():
+        torch_dist.destroy_process_group()
+
+
 def rank() -> int:
     return torch_dist.get_rank() if is_initialized() else int(os.environ.get("RANK", 0))
 

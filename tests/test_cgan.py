@@ -236,6 +236,8 @@ def test_cgan_on_two_processes_and_the_evaluator(objects, tmp_path):
     assert list(per["by_class"]) == ["car", "tree", "pole", "person"]
     assert per["num_gen"] == dict.fromkeys(per["by_class"], 4) and sum(per["num_ref"].values()) == 64
     assert result["metrics"]["intra_fid"] == pytest.approx(np.mean(list(per["by_class"].values())))
+    # The reference features are cached in the run, never in the dataset's prefix.
+    assert list((run_dir / "eval" / "refstats").glob("*.json")) and not (Path(objects) / "refstats").exists()
     # gan-generate draws the classes it is asked for, by name.
     out = tmp_path / "gen"
     r = run([sys.executable, str(REPO / "launch" / "generate.py"), "--run", str(run_dir), "--seeds", "0-2",

@@ -334,7 +334,7 @@ def test_reference_key_from_shards_and_extractor(tmp_path, extractor):
     key = metrics.reference_key(str(shards), "val", extractor, resolution=(64, 32), num_samples=3)
     assert key.manifest_sha256 == hashlib.sha256((shards / "manifest.json").read_bytes()).hexdigest()
     assert key.weights_sha256 == extractor.weights_sha256 and key.resize == metrics.INCEPTION_RESIZE
-    assert metrics.default_cache_url(str(shards)) == str(shards / "refstats")
+    assert metrics.default_cache_url(str(tmp_path / "run")) == str(tmp_path / "run" / "eval" / "refstats")
 
 
 def test_provenance_records_the_protocol(extractor):

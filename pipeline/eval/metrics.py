@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .. import io
-from ..data.manifest import base_url, manifest_url
+from ..data.manifest import manifest_url
 
 log = logging.getLogger(__name__)
 
@@ -276,9 +276,11 @@ def manifest_sha256(shards_url: str, storage_options: dict | None = None) -> str
     return io.sha256_url(manifest_url(shards_url), storage_options)[0]
 
 
-def default_cache_url(shards_url: str) -> str:
-    """Where reference features live unless configured otherwise: ``refstats/`` beside the shards."""
-    return io.join(base_url(shards_url), REFSTATS_DIR)
+def default_cache_url(run_dir: str) -> str:
+    """Where reference features live unless ``eval.reference_cache`` says otherwise: in the run's
+    ``eval/refstats/``, which the evaluator may write (a dataset's prefix may be read-only, and is
+    shared by runs that must not write into it)."""
+    return io.join(run_dir, "eval", REFSTATS_DIR)
 
 
 @dataclass(frozen=True)

@@ -285,7 +285,7 @@ class Evaluator:
         resize = f"load{cfg.data.load_size}-crop{cfg.data.crop_size}+{self.inception.resize}"
         key = metrics.reference_key(cfg.data.url, ev.reference, self.inception, resolution=resolution,
                                     num_samples=num_ref, resize=resize, storage_options=so)
-        cache = self.opts.reference_cache or metrics.default_cache_url(cfg.data.url)
+        cache = self.opts.reference_cache or metrics.default_cache_url(self.opts.run)
         # The main process decides hit or miss for everyone: a gather inside compute must run on all ranks.
         hit = dist.broadcast_object(metrics.lookup(cache, key, so) is not None if dist.is_main() else None)
         if hit:
@@ -531,4 +531,5 @@ def run_evaluator(opts: EvalOptions) -> int:
             time.sleep(opts.poll_sec)
     if evaluator.events is not None:
         evaluator.events.close()
+    dist.shutdown()
     return 0
