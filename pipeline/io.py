@@ -168,6 +168,43 @@ def atomic_write_bytes(url: str, data: bytes, storage_options: dict | None = Non
         fs.pipe_file(path, data)
 
 
+def create_exclusive(url: str, data: bytes, storage_options: dict | None = None) -> bool:
+    """Write ``data`` at ``url`` only if nothing is there, atomically: False when another writer
+    was first. Locally a hard link of a finished temporary file (``link`` fails on an existing
+    target); on S3 a conditional PUT (``If-None-Match: *``). Other stores have no such primitive:
+    there it is an existence check, then a write."""
+    fs, path = fs_for(url, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, target)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+    if hasattr(fs, "call_s3"):
+        bucket, key = path.split("/", 1)
+        try:
+            fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except Exception as exc:  # botocore's ClientError, as s3fs passes it on or translates it
+            if "PreconditionFailed" in repr(exc) or "412" in str(exc) or isinstance(exc, FileExistsError):
+                return False
+            raise
+        return True
+    if fs.exists(path):
+        return False
+    fs.pipe_file(path, data)
+    return True
+
+
 def atomic_write_json(url: str, obj: Any, storage_options: dict | None = None) -> None:
     text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
     atomic_write_bytes(url, text.encode("utf-8"), storage_options)

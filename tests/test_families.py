@@ -154,7 +154,7 @@ def test_everything_declared_round_trips_through_a_checkpoint(tmp_path):
     assert ckpt.snapshot_networks(snap) == {"G_A": "G_A_ema.pt", "G_B": "G_B.pt"}
 
 
-def test_a_resume_at_another_world_size_goes_on_at_the_next_epoch_not_at_epoch_0(tmp_path, caplog):
+def test_a_resume_at_another_world_size_without_every_slots_position_goes_on_at_the_next_epoch(tmp_path, caplog):
     from pipeline.dist import DDPEngine
 
     def state(world: int, workers: int) -> ckpt.TrainState:
@@ -164,7 +164,7 @@ def test_a_resume_at_another_world_size_goes_on_at_the_next_epoch_not_at_epoch_0
                                positions={}, family_state={}, snapshot=("G",), backend="ddp", world_size=world,
                                rank=0, workers=workers, device=torch.device("cpu"))
 
-    two = state(world=2, workers=1)  # as rank 0 of two: its slot read into epoch 3, the other rank's into 5
+    two = state(world=2, workers=1)  # as rank 0 of two, alone: the other slot's positions are not known
     two.positions.update({"A": {0: (3, 7)}, "B": {0: (5, 2)}})
     two.family_state["pool"] = torch.ones(2)
     two.counters.update(step=9, nimg=36)
@@ -173,7 +173,35 @@ def test_a_resume_at_another_world_size_goes_on_at_the_next_epoch_not_at_epoch_0
     assert not ckpt.restore(ckpt.latest(str(tmp_path)), one)  # the per-rank part is not restored
     assert one.positions == {"A": {0: (4, 0), 1: (4, 0)}, "B": {0: (6, 0), 1: (6, 0)}}
     assert one.family_state == {} and one.counters == {"step": 9, "nimg": 36}
-    assert "the data streams go on at the next epoch (A: 4, B: 6" in caplog.text
+    assert "stream A goes on at epoch 4; the rest of epoch 3 is not seen" in caplog.text
+    assert "stream B goes on at epoch 6" in caplog.text
+
+
+def test_a_resume_with_another_layout_of_slots_takes_the_epoch_over(tmp_path, caplog):
+    """Two slots of one process had read 5 and 7 positions of epoch 2 (a bad sample costs a
+    position); three slots in three processes share out what is left of it."""
+    from pipeline.dist import DDPEngine
+
+    def state(world: int, rank: int, workers: int) -> ckpt.TrainState:
+        net = torch.nn.Linear(2, 1)
+        engine = DDPEngine("G", {"G": net}, torch.optim.Adam(net.parameters()), None, 0.0)
+        return ckpt.TrainState(nets={"G": net}, ema={}, engines={"G": engine}, counters={"step": 0, "nimg": 0},
+                               positions={}, family_state={}, snapshot=("G",), backend="ddp", world_size=world,
+                               rank=rank, workers=workers, device=torch.device("cpu"))
+
+    one = state(world=1, rank=0, workers=2)
+    one.positions.update({"data": {0: (2, 5), 1: (2, 7)}})
+    ckpt.save(str(tmp_path), one, {"step": 9, "nimg": 36}, keep_last=2, keep_snapshots=None)
+    found = ckpt.latest(str(tmp_path))
+    for rank in range(3):
+        new = state(world=3, rank=rank, workers=0)
+        assert not ckpt.restore(found, new)
+        assert new.positions == {"data": {rank: (2, 0)}}
+        assert new.handovers == {"data": {"epoch": 2, "slots": 2, "consumed": [5, 7]}}
+    assert "stream data shares out what they had not read of epoch 2" in caplog.text
+    # The same world size with other DataLoader workers takes over as well, keeping the rank's state.
+    same = state(world=1, rank=0, workers=3)
+    assert ckpt.restore(found, same) and same.positions == {"data": {0: (2, 0), 1: (2, 0), 2: (2, 0)}}
 
 
 # ---------------------------------------------------------------- real processes

@@ -404,3 +404,55 @@ def test_sigterm_during_a_lease_wait_ends_the_job_at_once(demo_shards, tmp_path)
     assert "interrupted while waiting" in log.read_text().strip().splitlines()[-1]
     assert json.loads((run_dir / LEASE).read_text()) == lease
     assert sorted(p.name for p in run_dir.iterdir()) == [LEASE]
+
+
+# ---------------------------------------------------------------- another world size
+
+
+def test_a_resume_on_fewer_processes_reads_the_rest_of_the_epoch_once(demo_shards, tmp_path):
+    """T07: two processes read 8 of their 24 positions each of epoch 0 (48 demo photos); one
+    process resumes and reads the 32 left, once each, before epoch 1 (the sample-level property is
+    tested in test_stream)."""
+    run_dir = tmp_path / "run"
+    args = [f"data.url={demo_shards}", f"run.dir={run_dir}", "data.workers=0", "checkpoint.every_kimg=0.016", *SMALL]
+    r = run(launch_cmd(2, [*args, "train.total_kimg=0.016"]))
+    assert r.returncode == 0, explain(r)
+    r = run(launch_cmd(1, [*args, "train.total_kimg=0.048"]))
+    assert r.returncode == 0, explain(r)
+    assert "stream data shares out what they had not read of epoch 0; no sample of it is lost or read twice" in \
+        r.stdout + r.stderr, explain(r)
+    found = ckpt.latest(str(run_dir))
+    state = json.loads((Path(found.url) / "state.json").read_text())
+    assert state["handovers"] == {"data": {"epoch": 0, "slots": 2, "consumed": [8, 8]}}
+    assert state["positions"] == {"data": {"0": [0, 32]}}  # the whole piece: 16 + 16 positions
+
+
+# ---------------------------------------------------------------- racing writers
+
+
+def test_of_two_writers_racing_for_one_commit_exactly_one_wins_and_none_is_a_mix(tmp_path):
+    """T14 at the commit: each writer's record lists the bytes it wrote, and only the first record
+    is created. A wins when B's files landed before A's commit; if A then overwrites B's committed
+    files, the step fails verification instead of passing as a mix."""
+    url = ckpt.step_url(str(tmp_path), ckpt.CHECKPOINTS, 4)
+    a = ckpt.save_tensors(io.join(url, "G.pt"), {"w": torch.zeros(4)})
+    b = ckpt.save_tensors(io.join(url, "G.pt"), {"w": torch.ones(4)})  # B's write lands over A's
+    ckpt.commit(url, {"step": 4, "writer": "B"}, written={"G.pt": b})
+    with pytest.raises(ckpt.CommitRaced, match="committed by another writer first"):
+        ckpt.commit(url, {"step": 4, "writer": "A"}, written={"G.pt": a})
+    record = ckpt.verify(url)
+    assert record["writer"] == "B" and torch.equal(ckpt.load_tensors(io.join(url, "G.pt"))["w"], torch.ones(4))
+    ckpt.save_tensors(io.join(url, "G.pt"), {"w": torch.zeros(4)})  # A's late write over B's committed file
+    with pytest.raises(ckpt.CheckpointInvalid, match="does not match its checksum"):
+        ckpt.verify(url)
+    assert list(Path(url).glob(".*")) == []  # no temporary file of either left behind
+
+
+@pytest.mark.s3
+def test_the_commit_is_exclusive_on_s3_too(s3_server):
+    url = s3_server.url("run/checkpoints/step-00000004")
+    entry = ckpt.save_tensors(io.join(url, "G.pt"), {"w": torch.ones(2)})
+    ckpt.commit(url, {"step": 4, "writer": "B"}, written={"G.pt": entry})
+    with pytest.raises(ckpt.CommitRaced):
+        ckpt.commit(url, {"step": 4, "writer": "A"}, written={"G.pt": entry})
+    assert ckpt.verify(url)["writer"] == "B"

@@ -375,6 +375,46 @@ def test_resume_from_consumed_positions_continues_exactly(tmp_path):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
 
 
+def test_another_layout_of_slots_takes_over_an_epoch_without_losing_or_repeating_a_sample(tmp_path):
+    """Three slots read 5, 7 and 4 positions of epoch 0 of 50 samples; two slots then share out
+    the rest (``handover``): every sample the three would still have read is read once, with the
+    augmentation its old slot would have drawn (with other counts, all but fewer than the new
+    number of slots); epoch 1 then follows in the new layout. A resume inside a piece continues it."""
+    from pipeline.data.stream import handover_plan
+
+    write(tmp_path, {"train": 50}, per_shard=7)
+    aug = Augment(crop=(16, 12))
+
+    def stream(world: int, rank: int, **kw):
+        return iter(make_stream(str(tmp_path), "train", train=True, rank=rank, world_size=world, seed=3,
+                                shuffle_buffer=6, augment=aug, **kw))
+
+    old = [[next(s) for _ in range(16)] for s in (stream(3, r) for r in range(3))]  # quota 16 each
+    consumed = [5, 7, 4]
+    read = {x["__key__"] for r, k in enumerate(consumed) for x in old[r][:k]}
+    would = {x["__key__"]: x for r, k in enumerate(consumed) for x in old[r][k:]}
+    handover = {"epoch": 0, "slots": 3, "consumed": consumed}
+    # 11 + 9 + 12 unread positions of old slots 0, 1, 2, cut in two pieces of 16.
+    assert [handover_plan(handover, 50, s, 2) for s in range(2)] == [[(0, 5, 16), (1, 7, 12)],
+                                                                     [(1, 12, 16), (2, 4, 16)]]
+    assert handover_plan(handover, 50, 0, 3) == [(0, 5, 15)]  # 32 over 3: pieces of 10, 2 left over
+    pieces = []
+    for rank in range(2):
+        s = stream(2, rank, handover=handover, start={rank: (0, 0)})
+        piece = [next(s) for _ in range(len(would) // 2)]
+        assert next(s)["__epoch__"] == 1  # then the new layout's epoch 1
+        pieces.append(piece)
+    got = [x for piece in pieces for x in piece]
+    keys = [x["__key__"] for x in got]
+    assert len(keys) == len(set(keys)) == 2 * (len(would) // 2) and not set(keys) & read
+    assert len(set(would) - set(keys)) == len(would) % 2  # only the remainder of two equal pieces
+    for x in got:  # the sample and the augmentation the old slot would have delivered
+        assert x["__epoch__"] == 0 and torch.equal(x["image"], would[x["__key__"]]["image"])
+    # A resume 4 samples into slot 1's piece continues it exactly.
+    s = stream(2, 1, handover=handover, start={1: (0, 4)})
+    assert [next(s)["__key__"] for _ in range(3)] == [x["__key__"] for x in pieces[1][4:7]]
+
+
 # ---------------------------------------------------------------- bad data
 
 

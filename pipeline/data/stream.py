@@ -17,6 +17,8 @@ Each sample carries ``__slot__``, ``__epoch__`` and ``__index__`` (its position 
 epoch) and ``__bad__`` (bad samples the slot has skipped so far). A consumer that records, per
 slot, the last ``(epoch, index + 1)`` it consumed restarts the stream exactly there with
 ``start=``; the positions before are read again (through the same shuffle) but not decoded.
+A run with another number of slots takes an interrupted epoch over with ``handover=``
+(``handover_plan``): it reads exactly the positions the old slots had not.
 """
 
 from __future__ import annotations
@@ -176,6 +178,8 @@ class StreamSpec:
     storage_options: dict | None = None
     start: dict[int, tuple[int, int]] = field(default_factory=dict)
     batch_size: int | None = None
+    handover: dict | None = None  # see ``handover_plan``
+
 
     def kinds(self) -> dict[str, str]:
         """The fields read, with their kinds."""
@@ -206,9 +210,43 @@ def sample_decoder(spec: StreamSpec) -> Callable[[dict, random.Random | None], d
     return decode
 
 
+def slot_raws(spec: StreamSpec, shards: list[ShardInfo], slot: int, num_slots: int, epoch: int,
+              stats: SlotStats) -> Iterator[dict]:
+    """The raw samples of one slot's epoch in its reading order (shuffled in training)."""
+    segments = plan_segments(shards, slot=slot, num_slots=num_slots, seed=spec.seed, epoch=epoch, train=spec.train)
+    raws = (raw for seg in segments for raw in read_segment(seg, stats, spec.storage_options))
+    if spec.train:
+        raws = shuffled(raws, spec.shuffle_buffer, spec.shuffle_buffer_mb * 2**20,
+                        random.Random(zlib.crc32(f"{spec.seed}/{epoch}/{slot}".encode())))
+    return raws
+
+
+def handover_plan(handover: dict, total: int, slot: int, num_slots: int) -> list[tuple[int, int, int]]:
+    """What slot ``slot`` of ``num_slots`` reads of an epoch that another layout began.
+
+    ``handover`` = ``{"epoch": e, "slots": S, "consumed": [k_0, ..., k_S-1]}``: old slot ``s`` of
+    the run that stopped had read the first ``k_s`` of its ``total // S`` positions of epoch
+    ``e``. The unread positions, in old-slot order, are cut into ``num_slots`` equal contiguous
+    pieces (the last ``< num_slots`` left over, as an epoch leaves ``total mod slots``): no sample
+    of the epoch is read twice or lost. Returns this slot's piece as ``(old slot, from, to)``
+    position ranges."""
+    quota_old = total // handover["slots"]
+    rests = [max(quota_old - k, 0) for k in handover["consumed"]]
+    quota = sum(rests) // num_slots
+    plan, lo, hi, offset = [], slot * quota, (slot + 1) * quota, 0
+    for old, (k, rest) in enumerate(zip(handover["consumed"], rests)):
+        a, b = max(lo, offset), min(hi, offset + rest)
+        if a < b:
+            plan.append((old, k + a - offset, k + b - offset))
+        offset += rest
+    return plan
+
+
 def iterate_slot(spec: StreamSpec, slot: int, num_slots: int) -> Iterator[dict]:
     """The samples of one slot (endless in training, one pass in evaluation): its fields as
-    tensors, ``__key__`` and the ints named by ``POSITIONS``."""
+    tensors, ``__key__`` and the ints named by ``POSITIONS``. In the epoch of ``spec.handover``
+    the slot reads its piece of what the stopped layout left (``handover_plan``), each sample
+    with the augmentation its old slot would have drawn."""
     shards = spec.manifest.shards(spec.split)
     total = sum(s.samples for s in shards)
     if spec.train and total < num_slots:
@@ -218,23 +256,29 @@ def iterate_slot(spec: StreamSpec, slot: int, num_slots: int) -> Iterator[dict]:
     stats = SlotStats(budget=spec.max_bad_samples)
     epoch, skip = spec.start.get(slot, (0, 0))
     while True:
-        segments = plan_segments(shards, slot=slot, num_slots=num_slots, seed=spec.seed, epoch=epoch,
-                                 train=spec.train)
-        raws = (raw for seg in segments for raw in read_segment(seg, stats, spec.storage_options))
-        if spec.train:
-            raws = shuffled(raws, spec.shuffle_buffer, spec.shuffle_buffer_mb * 2**20,
-                            random.Random(zlib.crc32(f"{spec.seed}/{epoch}/{slot}".encode())))
-        for index, raw in enumerate(raws):
-            if index < skip:
-                continue  # consumed before the resume: read again, never decoded
-            try:  # evaluation draws nothing
-                sample = decode(raw, sample_rng(spec.seed, slot, epoch, index) if spec.train else None)
-                sample["__key__"] = sanitize_key(raw["__key__"])
-            except (DecodeError, ValueError, OSError) as exc:
-                stats.record(f"{raw['__url__']}#{raw['__key__']}", str(exc))
-                continue
-            sample.update(zip(POSITIONS, (slot, epoch, index, stats.bad)))
-            yield sample
+        if spec.train and spec.handover and epoch == spec.handover["epoch"]:
+            pieces = [(old, a, b, spec.handover["slots"]) for old, a, b in
+                      handover_plan(spec.handover, total, slot, num_slots)]
+        else:
+            pieces = [(slot, 0, None, num_slots)]
+        index = -1
+        for source, a, b, slots in pieces:
+            for position, raw in enumerate(slot_raws(spec, shards, source, slots, epoch, stats)):
+                if position < a:
+                    continue  # another slot's, or read before the handover
+                if b is not None and position >= b:
+                    break
+                index += 1
+                if index < skip:
+                    continue  # consumed before the resume: read again, never decoded
+                try:  # evaluation draws nothing
+                    sample = decode(raw, sample_rng(spec.seed, source, epoch, position) if spec.train else None)
+                    sample["__key__"] = sanitize_key(raw["__key__"])
+                except (DecodeError, ValueError, OSError) as exc:
+                    stats.record(f"{raw['__url__']}#{raw['__key__']}", str(exc))
+                    continue
+                sample.update(zip(POSITIONS, (slot, epoch, index, stats.bad)))
+                yield sample
         if not spec.train:
             return
         epoch, skip = epoch + 1, 0
@@ -297,7 +341,8 @@ def make_stream(url: str, split: str, *, train: bool, rank: int = 0, world_size:
                 num_workers: int = 0, seed: int = 0, augment: Augment | None = None,
                 fields: tuple[str, ...] | None = None, shuffle_buffer: int = 256,
                 shuffle_buffer_mb: float = 256.0, max_bad_samples: int = 100, storage_options: dict | None = None,
-                start: dict[int, tuple[int, int]] | None = None, batch_size: int | None = None) -> ShardStream:
+                start: dict[int, tuple[int, int]] | None = None, batch_size: int | None = None,
+                handover: dict | None = None) -> ShardStream:
     """A ``ShardStream`` over ``split`` of the manifest at ``url`` (its JSON or directory, or a
     shard pattern such as ``s3://b/x-{000..099}.tar``, read as the split ``split``).
 
@@ -321,5 +366,6 @@ def make_stream(url: str, split: str, *, train: bool, rank: int = 0, world_size:
     spec = StreamSpec(manifest=manifest, split=split, train=train, rank=rank, world_size=world_size,
                       seed=seed, augment=augment or Augment(), fields=fields, shuffle_buffer=shuffle_buffer,
                       shuffle_buffer_mb=shuffle_buffer_mb, max_bad_samples=max_bad_samples,
-                      storage_options=storage_options, start=dict(start or {}), batch_size=batch_size)
+                      storage_options=storage_options, start=dict(start or {}), batch_size=batch_size,
+                      handover=handover)
     return ShardStream(spec, num_workers=num_workers)

@@ -12,6 +12,7 @@ so is read only from a checkpoint that verified.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io as _io
 import json
 import logging
@@ -21,7 +22,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +64,17 @@ def snapshots_to_keep(run_dir: str, storage_options: dict | None = None) -> froz
     return frozenset(keep)
 
 
-def save_tensors(url: str, obj: Any, storage_options: dict | None = None) -> None:
-    """A state dict (tensors, numbers, strings, nested dicts/lists) as one atomic file."""
+def save_tensors(url: str, obj: Any, storage_options: dict | None = None) -> dict:
+    """A state dict (tensors, numbers, strings, nested dicts/lists) as one atomic file; returns
+    its commit entry (``bytes``, ``sha256`` of what was written)."""
     buf = _io.BytesIO()
     torch.save(obj, buf)
-    io.atomic_write_bytes(url, buf.getvalue(), storage_options)
+    return _write(url, buf.getvalue(), storage_options)
+
+
+def _write(url: str, data: bytes, storage_options: dict | None) -> dict:
+    io.atomic_write_bytes(url, data, storage_options)
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def load_tensors(url: str, storage_options: dict | None = None) -> Any:
@@ -98,22 +105,34 @@ def fingerprint(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def commit(ckpt_url: str, meta: dict, storage_options: dict | None = None) -> dict:
-    """Hash every file below ``ckpt_url`` (DeepSpeed's engine directories included) and write
-    ``COMMIT.json`` last: the checkpoint exists now."""
-    files = {}
+def commit(ckpt_url: str, meta: dict, storage_options: dict | None = None, written: dict | None = None) -> dict:
+    """Write ``COMMIT.json`` last: the checkpoint exists now. It lists ``written`` (file name ->
+    entry of the bytes this writer wrote, ``save_tensors``), and the files under a DeepSpeed
+    engine directory hashed as they are stored; without ``written``, every file below
+    ``ckpt_url``. Created only if no record is there (``io.create_exclusive``): of two writers
+    racing for one step, one commits and the other gets ``CommitRaced``; and as each record holds
+    its writer's own bytes, a directory the other writer overwrote fails verification instead of
+    passing as a mix of both."""
+    files = dict(written or {})
     for name in io.list_files_fresh(ckpt_url, storage_options):
         if name == COMMIT or any(part.startswith(".") for part in name.split("/")):
             continue  # the record itself, and temporary files of atomic writes
-        sha, size = io.sha256_url(io.join(ckpt_url, name), storage_options)
-        files[name] = {"bytes": size, "sha256": sha}
+        if written is None or (name.startswith(f"{ZERO_DIR}/") and name not in files):
+            sha, size = io.sha256_url(io.join(ckpt_url, name), storage_options)
+            files[name] = {"bytes": size, "sha256": sha}
     record = {**meta, "files": files}
-    io.atomic_write_json(io.join(ckpt_url, COMMIT), record, storage_options)
+    text = (json.dumps(record, indent=2) + "\n").encode()
+    if not io.create_exclusive(io.join(ckpt_url, COMMIT), text, storage_options):
+        raise CommitRaced(f"{ckpt_url} was committed by another writer first; this one's files are not committed")
     return record
 
 
 class CheckpointInvalid(Exception):
     pass
+
+
+class CommitRaced(Exception):
+    """Another writer committed the same step first."""
 
 
 def verify(ckpt_url: str, storage_options: dict | None = None, full: bool = True) -> dict:
@@ -341,6 +360,8 @@ class TrainState:
     rank: int
     workers: int
     device: torch.device
+    # Per stream, the epoch a run at another layout of reading slots took over (``stream.handover_plan``).
+    handovers: dict[str, dict] = field(default_factory=dict)
 
     def modules(self) -> dict[str, torch.nn.Module]:
         """Networks and EMA copies by file stem."""
@@ -361,11 +382,13 @@ def save(run_dir: str, ts: TrainState, meta: dict, keep_last: int, keep_snapshot
     # Every rank must hold the same networks; a mismatch is a bug worth stopping for.
     if dist.any_rank([prints != dist.broadcast_object(prints)], ts.device)[0]:
         raise RuntimeError(f"ranks disagree on the networks at step {step}: {prints}")
-    # Per stream, the newest epoch any rank reads: where a run at another world size continues.
-    epochs: dict[str, int] = {}
-    for part in dist.gather_objects({s: max((e for e, _ in slots.values()), default=0)
-                                     for s, slots in ts.positions.items()}):
-        epochs.update({s: max(e, epochs.get(s, 0)) for s, e in part.items()})
+    # Per stream, every slot's position (rank files hold their own): how a run with another
+    # layout of reading slots takes the epoch over; and the newest epoch any slot reads.
+    positions: dict[str, dict[str, list[int]]] = {}
+    for part in dist.gather_objects(ts.positions):
+        for stream, slots in part.items():
+            positions.setdefault(stream, {}).update({str(k): list(p) for k, p in slots.items()})
+    epochs = {stream: max((e for e, _ in slots.values()), default=0) for stream, slots in positions.items()}
     url = step_url(run_dir, CHECKPOINTS, step)
     if ts.rank == 0:
         clear(url, so)  # what an earlier, unfinished or broken write of this step left
@@ -379,7 +402,9 @@ def save(run_dir: str, ts: TrainState, meta: dict, keep_last: int, keep_snapshot
             "family_state": {k: v.detach().cpu().clone() for k, v in ts.family_state.items()}}
     if ts.device.type == "cuda":
         mine["cuda_rng"] = torch.cuda.get_rng_state(ts.device)
-    save_tensors(io.join(url, f"rank-{ts.rank:03d}.pt"), mine, so)
+    written = dist.gather_objects({f"rank-{ts.rank:03d}.pt": save_tensors(io.join(url, f"rank-{ts.rank:03d}.pt"),
+                                                                          mine, so)})
+    written = {name: entry for part in written for name, entry in part.items()}
     failpoints.reached("checkpoint.rank_file", step)
     if any(e.local_dir for e in ts.engines.values()):  # collective: every rank writes its own partitions
         with staged_upload(io.join(url, ZERO_DIR), so) as local:
@@ -387,17 +412,18 @@ def save(run_dir: str, ts: TrainState, meta: dict, keep_last: int, keep_snapshot
                 engine.save_local(local)
     if ts.rank == 0:
         for name, st in shared.items():
-            save_tensors(io.join(url, f"{name}.pt"), st, so)
+            written[f"{name}.pt"] = save_tensors(io.join(url, f"{name}.pt"), st, so)
         for name, engine in ts.engines.items():
             for key, st in engine.state_dicts().items():
-                save_tensors(io.join(url, f"{key}_{name}.pt"), st, so)  # opt_G.pt, scaler_G.pt
-        write_json(io.join(url, "state.json"), {**ts.counters, "world_size": ts.world_size, "workers": ts.workers,
-                                                "backend": ts.backend, "epochs": epochs}, so)
-    dist.barrier()  # orders: every rank's file is written before rank 0 hashes and commits
+                written[f"{key}_{name}.pt"] = save_tensors(io.join(url, f"{key}_{name}.pt"), st, so)  # opt_G.pt
+        state = {**ts.counters, "world_size": ts.world_size, "workers": ts.workers, "backend": ts.backend,
+                 "epochs": epochs, "positions": positions, "handovers": ts.handovers}
+        written["state.json"] = _write(io.join(url, "state.json"), (json.dumps(state, indent=2) + "\n").encode(), so)
+    dist.barrier()  # orders: every rank's file is written before rank 0 commits
     if ts.rank != 0:
         return
     failpoints.reached("checkpoint.files", step)
-    commit(url, meta, so)
+    commit(url, meta, so, written)
     failpoints.reached("checkpoint.commit", step)
     prune(run_dir, keep_last, CHECKPOINTS, so)
     write_snapshot(run_dir, ts, shared, meta, so)
@@ -411,14 +437,14 @@ def write_snapshot(run_dir: str, ts: TrainState, shared: dict, meta: dict, stora
     so = storage_options
     snap = step_url(run_dir, SNAPSHOTS, meta["step"])
     clear(snap, so)
-    files = {}
+    files, written = {}, {}
     for name in ts.snapshot:
-        save_tensors(io.join(snap, f"{name}.pt"), shared[name], so)
+        written[f"{name}.pt"] = save_tensors(io.join(snap, f"{name}.pt"), shared[name], so)
         if name in ts.ema:
-            save_tensors(io.join(snap, f"{name}_ema.pt"), shared[f"{name}_ema"], so)
+            written[f"{name}_ema.pt"] = save_tensors(io.join(snap, f"{name}_ema.pt"), shared[f"{name}_ema"], so)
         files[name] = f"{name}_ema.pt" if name in ts.ema else f"{name}.pt"
     failpoints.reached("snapshot.files", meta["step"])
-    commit(snap, {**meta, "networks": files}, so)
+    commit(snap, {**meta, "networks": files}, so, written)
 
 
 def ensure_snapshot(run_dir: str, ts: TrainState, found: Found, storage_options: dict | None = None) -> bool:
@@ -451,6 +477,37 @@ class StateMismatch(Exception):
     """A checkpoint that this run cannot continue, whatever its files hold (another backend)."""
 
 
+def take_over_epochs(url: str, saved: dict, ts: TrainState) -> None:
+    """Data positions for a layout of reading slots (processes x workers) other than the one that
+    wrote ``saved``: when every old slot was in the same epoch ``e`` (as at a checkpoint: slots
+    read in step), the new slots share out exactly the positions of ``e`` the old ones had not
+    read (``stream.handover_plan``) and go on from ``e + 1``. Otherwise (slots in different
+    epochs, a checkpoint written before positions were recorded, or one written during an
+    earlier take-over of that epoch) each stream goes on at the next epoch, and the rest of the
+    current one is not seen."""
+    old_slots = saved["world_size"] * max(1, saved.get("workers", 0))
+    per_rank = max(1, ts.workers)
+    mine = range(ts.rank * per_rank, (ts.rank + 1) * per_rank)
+    for stream, epoch in saved.get("epochs", {}).items():
+        slots = {int(s): p for s, p in (saved.get("positions") or {}).get(stream, {}).items()}
+        epochs = {e for e, _ in slots.values()}
+        earlier = ts.handovers.get(stream)
+        if sorted(slots) == list(range(old_slots)) and len(epochs) == 1 and not (
+                earlier and earlier["epoch"] in epochs):
+            e = int(next(iter(epochs)))
+            consumed = [int(slots[s][1]) for s in range(old_slots)]
+            ts.handovers[stream] = {"epoch": e, "slots": old_slots, "consumed": consumed}
+            ts.positions[stream] = {s: (e, 0) for s in mine}
+            log.warning("checkpoint %s was read by %d slots (processes x workers), this run has %d: stream %s "
+                        "shares out what they had not read of epoch %d; no sample of it is lost or read twice",
+                        url, old_slots, ts.world_size * per_rank, stream, e)
+        else:
+            ts.positions[stream] = {s: (int(epoch) + 1, 0) for s in mine}
+            log.warning("checkpoint %s was read by %d slots, this run has %d: stream %s goes on at epoch %d; the "
+                        "rest of epoch %d is not seen", url, old_slots, ts.world_size * per_rank, stream,
+                        int(epoch) + 1, int(epoch))
+
+
 def restore(found: Found, ts: TrainState, storage_options: dict | None = None) -> bool:
     """Load ``found`` into ``ts``; returns whether the per-rank part (RNG, data positions, family
     state, running statistics) was restored, which needs the same world size."""
@@ -473,16 +530,13 @@ def restore(found: Found, ts: TrainState, storage_options: dict | None = None) -
     ts.counters.update({k: saved[k] for k in ts.counters if k in saved})
     ts.positions.clear()
     ts.family_state.clear()
+    ts.handovers.clear()
+    ts.handovers.update(saved.get("handovers") or {})
+    relaid = saved["world_size"] * max(1, saved.get("workers", 0)) != ts.world_size * max(1, ts.workers)
     if saved["world_size"] != ts.world_size:
-        # The reading slots are others now: each stream goes on at the start of the epoch after
-        # the newest one read (what is left of that one is not seen), never back at epoch 0.
-        slots = max(1, ts.workers)
-        for stream, epoch in saved.get("epochs", {}).items():
-            ts.positions[stream] = {s: (int(epoch) + 1, 0) for s in range(ts.rank * slots, (ts.rank + 1) * slots)}
-        log.warning("checkpoint %s was written by %d processes, this run has %d: the data streams go on at the "
-                    "next epoch (%s; the rest of the current one is skipped) and per-rank state starts anew",
-                    found.url, saved["world_size"], ts.world_size,
-                    ", ".join(f"{s}: {int(e) + 1}" for s, e in saved.get("epochs", {}).items()) or "epoch 0")
+        take_over_epochs(found.url, saved, ts)
+        log.warning("checkpoint %s was written by %d processes, this run has %d: per-rank state (RNG, the "
+                    "family's, running statistics) starts anew", found.url, saved["world_size"], ts.world_size)
         return False
     mine = load_tensors(io.join(found.url, f"rank-{ts.rank:03d}.pt"), so)
     for name, module in ts.modules().items():
@@ -491,7 +545,10 @@ def restore(found: Found, ts: TrainState, storage_options: dict | None = None) -
     torch.set_rng_state(mine["cpu_rng"])
     if ts.device.type == "cuda" and "cuda_rng" in mine:
         torch.cuda.set_rng_state(mine["cuda_rng"], ts.device)
-    for stream, slots in mine["positions"].items():
-        ts.positions[stream] = {int(s): (int(e), int(i)) for s, (e, i) in slots.items()}
+    if relaid:  # as many processes, other DataLoader workers
+        take_over_epochs(found.url, saved, ts)
+    else:
+        for stream, slots in mine["positions"].items():
+            ts.positions[stream] = {int(s): (int(e), int(i)) for s, (e, i) in slots.items()}
     ts.family_state.update({k: v.to(ts.device) for k, v in mine.get("family_state", {}).items()})
     return True

@@ -348,7 +348,7 @@ def train(cfg: Config, command: str = "") -> int:
                            augment=Augment(cfg.data.load_size, cfg.data.crop_size, cfg.data.flip),
                            shuffle_buffer=cfg.data.shuffle_buffer, shuffle_buffer_mb=cfg.data.shuffle_buffer_mb,
                            max_bad_samples=cfg.data.max_bad_samples, storage_options=so, start=positions,
-                           batch_size=bpd)
+                           batch_size=bpd, handover=ts.handovers.get(stream.name))
         # Batched in the stream (default_collate, see data/stream.py). Its own generator:
         # creating the loader must not move the training RNG.
         return iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers,
@@ -391,7 +391,15 @@ def train(cfg: Config, command: str = "") -> int:
             return False
         meta = {"step": state["step"], "nimg": state["nimg"], "kimg": state["nimg"] / 1000, "world_size": world,
                 "config": to_dict(cfg)}
-        ckpt.save(run_dir, ts, meta, cfg.checkpoint.keep_last, cfg.checkpoint.keep_snapshots, so)
+        raced = False
+        try:
+            ckpt.save(run_dir, ts, meta, cfg.checkpoint.keep_last, cfg.checkpoint.keep_snapshots, so)
+        except ckpt.CommitRaced as exc:  # rank 0 only: another writer committed this step first
+            log.error("%s", exc)
+            raced = True
+        if dist.any_rank([raced], device)[0]:
+            flags["lost"] = True
+            return False
         return True
 
     phases = family.phases(cfg)
