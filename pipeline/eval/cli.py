@@ -99,10 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     overrides["once"] = args.once or None
     opts = EvalOptions.from_config(args.run, cfg, **overrides)
     try:
-        return run_evaluator(opts)
+        code = run_evaluator(opts)
     except FileNotFoundError as exc:
         print(f"gan-eval: error: {exc}", file=sys.stderr)
         return 2
+    from .. import dist
+
+    if dist.world_size() > 1:
+        dist.exit_now(code)  # as a trainer's rank: no abort in the interpreter's finalization
+    return code
 
 
 if __name__ == "__main__":  # the training sidecar runs `python -m pipeline.eval.cli`

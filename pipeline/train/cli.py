@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args_given = argv if argv is not None else sys.argv[1:]
-        return train(cfg, command=shlex.join([sys.argv[0], *map(redacted, args_given)]))
+        code = train(cfg, command=shlex.join([sys.argv[0], *map(redacted, args_given)]))
     except (ConfigError, ManifestError, io.MissingStorageBackend) as exc:  # found at start-up: cannot go on
         print(f"gan-train: error: {exc}", file=sys.stderr, flush=True)
         os._exit(2)  # as below: DataLoader workers must not be joined
@@ -126,3 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)
+    from .. import dist
+
+    if dist.world_size() > 1:
+        dist.exit_now(code)  # see there: a finished rank must not abort in the interpreter's finalization
+    return code
