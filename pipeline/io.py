@@ -149,23 +149,32 @@ def atomic_write_bytes(url: str, data: bytes, storage_options: dict | None = Non
     """
     fs, path = fs_for(url, storage_options)
     if isinstance(fs, LocalFileSystem):
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Mode 0666 less the umask, as any other file the user writes (mkstemp's 0600 would keep
-        # a teammate, or an evaluator under another user id, from reading a run or a manifest).
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        tmp = _synced_temp(Path(path), data)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
+            os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
     else:
         fs.pipe_file(path, data)
+
+
+def _synced_temp(target: Path, data: bytes) -> Path:
+    """``data`` in a new temporary file beside ``target``, flushed to disk. Mode 0666 less the
+    umask, as any other file the user writes (mkstemp's 0600 would keep a teammate, or an
+    evaluator under another user id, from reading a run or a manifest)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
 
 
 def create_exclusive(url: str, data: bytes, storage_options: dict | None = None) -> bool:
@@ -175,16 +184,9 @@ def create_exclusive(url: str, data: bytes, storage_options: dict | None = None)
     there it is an existence check, then a write."""
     fs, path = fs_for(url, storage_options)
     if isinstance(fs, LocalFileSystem):
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        tmp = _synced_temp(Path(path), data)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.link(tmp, target)
+            os.link(tmp, path)
             return True
         except FileExistsError:
             return False

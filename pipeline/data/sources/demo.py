@@ -396,6 +396,20 @@ def _parse_size(size: Sequence[int] | str) -> tuple[int, int]:
     return width, height
 
 
+def split_counts(source: str, counts: Mapping[str, int] | None,
+                 default: dict[str, int]) -> tuple[dict[str, int], dict[str, str]]:
+    """A generated source's samples per split, checked, and the split of each key-safe name
+    (keys carry the split through ``sanitize_key``)."""
+    counts = dict(counts) if counts is not None else default
+    for split, n in counts.items():
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
+            raise SourceError(f"{source} count for split {split!r} must be an int >= 0, got {n!r}")
+    names = {sanitize_key(split): split for split in counts}
+    if len(names) != len(counts):
+        raise SourceError(f"{source} split names collide once made key-safe: {sorted(counts)}")
+    return {split: int(n) for split, n in counts.items()}, names
+
+
 class DemoSource:
     """Street scenes rendered on the fly; ``root`` is ignored. Sample ``i`` of split ``s`` depends
     only on ``(seed, s, i, size)``, so workers that receive a pickled source render it alike."""
@@ -403,21 +417,13 @@ class DemoSource:
     def __init__(self, root: object = None, size: Sequence[int] | str = (256, 128),
                  counts: Mapping[str, int] | None = None, seed: int = 0) -> None:
         self.size = _parse_size(size)
-        counts = dict(counts) if counts is not None else {"train": 384, "val": 128}
-        for split, n in counts.items():
-            if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
-                raise SourceError(f"demo count for split {split!r} must be an int >= 0, got {n!r}")
-        self.counts = {split: int(n) for split, n in counts.items()}
+        self.counts, self._splits = split_counts("demo", counts, {"train": 384, "val": 128})
         self.seed = int(seed)
-        # Keys carry the split through sanitize_key, so map each sanitized name back to its split.
-        self._splits = {sanitize_key(split): split for split in counts}
-        if len(self._splits) != len(counts):
-            raise SourceError(f"demo split names collide once made key-safe: {sorted(counts)}")
         self.info = SourceInfo(
             name="demo", task="label2image",
             fields=(FieldSpec("image", "image"), FieldSpec("label", "label"),
                     FieldSpec("instance", "instance")),
-            num_classes=len(CLASS_NAMES), class_names=CLASS_NAMES, default_splits=tuple(counts))
+            num_classes=len(CLASS_NAMES), class_names=CLASS_NAMES, default_splits=tuple(self.counts))
 
     def list_items(self, split: str) -> tuple[list[Item], list[Problem]]:
         if split not in self.counts:

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from .base import FieldSpec, Item, Problem, SourceError, SourceInfo, encode_png, sanitize_key
-from .demo import CAR, PERSON, POLE, TREE, render, sample_seed
+from .demo import CAR, PERSON, POLE, TREE, render, sample_seed, split_counts
 
 OBJECT_CLASSES = (CAR, TREE, POLE, PERSON)
 CLASS_NAMES = ("car", "tree", "pole", "person")
@@ -52,18 +52,11 @@ class DemoObjectsSource:
         if w != h or w < 8:
             raise SourceError(f"demo_objects samples are squares of at least 8x8, got {w}x{h}")
         self.size = w
-        counts = dict(counts) if counts is not None else {"train": 2048, "val": 256}
-        for split, n in counts.items():
-            if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
-                raise SourceError(f"demo_objects count for split {split!r} must be an int >= 0, got {n!r}")
-        self.counts = {split: int(n) for split, n in counts.items()}
+        self.counts, self._splits = split_counts("demo_objects", counts, {"train": 2048, "val": 256})
         self.seed = int(seed)
-        self._splits = {sanitize_key(split): split for split in counts}
-        if len(self._splits) != len(counts):
-            raise SourceError(f"demo_objects split names collide once made key-safe: {sorted(counts)}")
         self.info = SourceInfo(name="demo_objects", task="class2image",
                                fields=(FieldSpec("image", "image"), FieldSpec("class", "class")),
-                               num_classes=len(CLASS_NAMES), class_names=CLASS_NAMES, default_splits=tuple(counts))
+                               num_classes=len(CLASS_NAMES), class_names=CLASS_NAMES, default_splits=tuple(self.counts))
 
     def list_items(self, split: str) -> tuple[list[Item], list[Problem]]:
         if split not in self.counts:
