@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .base import (
+    IMAGE_SUFFIXES,
     FieldSpec,
     Item,
     Problem,
@@ -56,8 +57,7 @@ class FolderSource:
 
     def _class_names(self) -> tuple[str, ...]:
         splits = [self.root / n for n in SPLIT_FOLDER_NAMES if (self.root / n).is_dir()] or [self.root]
-        names = sorted({d.name for folder in splits for d in folder.iterdir()
-                        if d.is_dir() and find_images(d, recursive=True)})
+        names = sorted({d.name for folder in splits for d in folder.iterdir() if d.is_dir() and _holds_an_image(d)})
         if not names:
             raise SourceError(f"--classes needs one sub-folder per class holding images, e.g. "
                               f"{splits[0]}/cat/001.png; {', '.join(str(f) for f in splits)} has none")
@@ -96,3 +96,9 @@ class FolderSource:
         if not self.classes:
             return {name: data}
         return {name: data, "class.cls": str(self.info.class_names.index(Path(item.paths["class"]).name)).encode()}
+
+
+def _holds_an_image(folder: Path) -> bool:
+    """Whether any file below ``folder`` is an image; stops at the first (a class folder of a
+    large dataset is listed in full once, by ``list_items``)."""
+    return any(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() for p in folder.rglob("*"))
