@@ -61,7 +61,7 @@ def l1_curve(run_dir: Path, shards: str) -> dict[int, float]:
     out = {}
     for found in ckpt.verified(str(run_dir), ckpt.SNAPSHOTS):
         G = spade.build(cfg, info)["G"]
-        G.load_state_dict(ckpt.load_tensors(f"{found.url}/{ckpt.snapshot_networks(found.record)['G']}"))
+        G.load_state_dict(ckpt.load_tensors(found.file(ckpt.snapshot_networks(found.record)['G'])))
         G.eval()
         with torch.no_grad():
             out[found.step] = float(np.mean([(spade.generate({"G": G}, b) - b["image"]).abs().mean().item()

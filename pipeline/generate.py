@@ -86,7 +86,7 @@ def load_snapshot(url: str, step: int | None = None, best: bool = False, storage
     built = family.build(cfg, info)
     nets = {}
     for name, file in ckpt.snapshot_networks(record).items():
-        built[name].load_state_dict(ckpt.load_tensors(io.join(url, file), so))
+        built[name].load_state_dict(ckpt.load_tensors(ckpt.member(url, record, file), so))
         nets[name] = built[name].eval().requires_grad_(False).to(device)
     return Snapshot(nets, cfg, family, info, url, record["step"])
 

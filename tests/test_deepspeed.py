@@ -47,10 +47,10 @@ def zero_states(run_dir: str) -> dict:
     the latest checkpoint. DeepSpeed's own files are pickles: read here, in a test, on purpose."""
     found = ckpt.latest(run_dir)
     assert found is not None, f"no committed checkpoint in {run_dir}"
-    out = {name: ckpt.load_tensors(f"{found.url}/{name}.pt") for name in ("G", "D", "G_ema")}
+    out = {name: ckpt.load_tensors(found.file(f"{name}.pt")) for name in ("G", "D", "G_ema")}
     for name in sorted(found.record["files"]):
         if name.startswith("zero/") and name.endswith(".pt"):
-            with io.open_url(f"{found.url}/{name}") as f:
+            with io.open_url(found.file(name)) as f:
                 state = torch.load(f, map_location="cpu", weights_only=False)
             state.pop("ds_config", None)  # holds nothing of the run's progress
             out[name] = plain(state)
@@ -95,7 +95,7 @@ def test_zero2_on_s3_skips_a_nan_step_commits_engine_state_and_resumes_a_preempt
         assert {f"zero/{net}/zero_pp_rank_0_mp_rank_00_optim_states.pt",
                 f"zero/{net}/zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= {f.replace("bf16_", "") for f in files}
     assert not any(f.startswith("opt_") for f in files)  # the engines own the optimizer state
-    ranks = [ckpt.load_tensors(f"{found.url}/rank-{r:03d}.pt") for r in (0, 1)]
+    ranks = [ckpt.load_tensors(found.file(f"rank-{r:03d}.pt")) for r in (0, 1)]
     assert ranks[0]["fingerprints"] == ranks[1]["fingerprints"]  # the skip kept the ranks in step
     states = zero_states(str(a_dir))
     g_part = next(v for k, v in states.items() if k.startswith("zero/G/") and "zero_pp_rank_1" in k)
@@ -174,6 +174,6 @@ def test_pix2pixhd_trains_on_zero1_engines_in_bf16(demo_shards, tmp_path):
     assert r.returncode == 0, explain(r)
     assert "DeepSpeed ZeRO stage 1: G steps G; D steps D (bf16: configured" in r.stdout + r.stderr, explain(r)
     found = ckpt.latest(str(run_dir))
-    ranks = [ckpt.load_tensors(f"{found.url}/rank-{r:03d}.pt") for r in (0, 1)]
+    ranks = [ckpt.load_tensors(found.file(f"rank-{r:03d}.pt")) for r in (0, 1)]
     assert ranks[0]["fingerprints"] == ranks[1]["fingerprints"]
     assert {"Loss/G_GAN", "Loss/G_GAN_Feat", "Loss/D_real", "Loss/D_fake"} <= set(read_scalars(run_dir))

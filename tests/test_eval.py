@@ -94,7 +94,7 @@ def test_matches_torch_fidelity_command_line_tool(trained_run, inception, tmp_pa
     family, m = get_family(cfg.model.family), load_manifest(cfg.data.url)
     info = DataInfo(m.task, m.num_classes, tuple(m.fields))
     G = family.build(cfg, info)["G"]
-    G.load_state_dict(ckpt.load_tensors(str(run_dir / "snapshots" / "step-00000004" / "G_ema.pt")))
+    G.load_state_dict(ckpt.load_tensors(ckpt.member(str(run_dir / "snapshots" / "step-00000004"), record, "G_ema.pt")))
     G.eval()
     gen_dir, ref_dir = tmp_path / "gen", tmp_path / "ref"
     gen_dir.mkdir()
@@ -303,8 +303,8 @@ def test_a_snapshot_that_cannot_be_loaded_is_recorded_and_the_next_one_evaluated
     run_dir = copy_run(trained_run, tmp_path / "run")
     snap = run_dir / "snapshots" / "step-00000002"
     data = pickle.dumps({"weight": print})  # not weights: refused by the weights-only loader
-    (snap / "G_ema.pt").write_bytes(data)
     record = json.loads((snap / ckpt.COMMIT).read_text())
+    Path(ckpt.member(str(snap), record, "G_ema.pt")).write_bytes(data)
     record["files"]["G_ema.pt"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     (snap / ckpt.COMMIT).write_text(json.dumps(record))
     r = evaluate(run_dir, "--once", "--inception-weights", inception, *FAST_EVAL)

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from test_train import SMALL, assert_identical, env, explain, launch_cmd, run, wait_for_commit
+from test_train import SMALL, assert_identical, committed, env, explain, launch_cmd, run, wait_for_commit
 
 from pipeline import io
 from pipeline.train import checkpoint as ckpt
@@ -66,9 +66,9 @@ def test_every_checkpoint_broken_stops_with_its_exit_code_and_deletes_nothing(th
                                                                               tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(three_checkpoints, run_dir)
-    damage(step_dir(run_dir, 6) / "G.pt")
-    damage(step_dir(run_dir, 4) / "rank-000.pt")
-    damage(step_dir(run_dir, 2) / "opt_D.pt")
+    damage(committed(step_dir(run_dir, 6), "G.pt"))
+    damage(committed(step_dir(run_dir, 4), "rank-000.pt"))
+    damage(committed(step_dir(run_dir, 2), "opt_D.pt"))
     before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
     cmd = launch_cmd(1, [f"data.url={demo_shards}", f"run.dir={run_dir}", "train.total_kimg=0.032", *ONE])
     r = run(cmd)
@@ -96,7 +96,7 @@ def test_a_checkpoint_that_verifies_but_cannot_be_loaded_is_passed_over_and_noth
 
     # A pickle with code in it, its size and checksum written into the commit record.
     data = pickle.dumps({"weight": Payload()})
-    (step_dir(run_dir, 6) / "G.pt").write_bytes(data)
+    committed(step_dir(run_dir, 6), "G.pt").write_bytes(data)
     record = json.loads((step_dir(run_dir, 6) / ckpt.COMMIT).read_text())
     record["files"]["G.pt"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     (step_dir(run_dir, 6) / ckpt.COMMIT).write_text(json.dumps(record))
@@ -152,19 +152,19 @@ def test_prune_keeps_verified_checkpoints_and_only_removes_what_a_newer_verified
     for step in (1, 2, 3, 5):
         make_checkpoint(run_dir, step)
     make_checkpoint(run_dir, 4, commit=False)  # a write that never finished
-    damage(step_dir(run_dir, 2) / "G.pt")
+    damage(committed(step_dir(run_dir, 2), "G.pt"))
     assert ckpt.prune(str(run_dir), 2) == [1, 2, 4]
     assert ckpt.list_steps(str(run_dir)) == [3, 5]
     # The two newest broken (the old bug: they held both keep_last slots, and each fresh, valid
     # checkpoint was deleted right after its commit).
     for step in (6, 7):
         make_checkpoint(run_dir, step)
-        damage(step_dir(run_dir, step) / "G.pt")
+        damage(committed(step_dir(run_dir, step), "G.pt"))
     assert ckpt.prune(str(run_dir), 2) == []  # nothing newer than the newest verified one is touched
     assert ckpt.list_steps(str(run_dir)) == [3, 5, 6, 7]
     # None verified: nothing is deleted at all.
-    damage(step_dir(run_dir, 3) / "G.pt")
-    damage(step_dir(run_dir, 5) / "G.pt")
+    damage(committed(step_dir(run_dir, 3), "G.pt"))
+    damage(committed(step_dir(run_dir, 5), "G.pt"))
     assert ckpt.prune(str(run_dir), 2) == []
     with pytest.raises(ckpt.NoUsableCheckpoint, match="holds 4 committed checkpoint"):
         list(ckpt.verified(str(run_dir)))
@@ -193,8 +193,9 @@ def test_a_checkpoint_whose_snapshot_was_never_written_gets_it_on_resume(three_c
     assert r.returncode == 0, explain(r)
     assert "step-00000006 had no snapshot (interrupted before it was written): written now" in r.stderr
     record = ckpt.verify(ckpt.step_url(str(run_dir), ckpt.SNAPSHOTS, 6))
-    saved = ckpt.load_tensors(f"{step_dir(run_dir, 6)}/G_ema.pt")
-    assert_identical(ckpt.load_tensors(f"{ckpt.step_url(str(run_dir), ckpt.SNAPSHOTS, 6)}/G_ema.pt"), saved)
+    saved = ckpt.load_tensors(committed(step_dir(run_dir, 6), "G_ema.pt"))
+    snapshot = Path(ckpt.step_url(str(run_dir), ckpt.SNAPSHOTS, 6))
+    assert_identical(ckpt.load_tensors(committed(snapshot, "G_ema.pt")), saved)
     assert record["networks"] == {"G": "G_ema.pt"} and record["nimg"] == 24
     assert ckpt.list_steps(str(run_dir), ckpt.SNAPSHOTS) == [2, 4, 6, 8]  # none pruned by default
 
@@ -218,9 +219,10 @@ def test_a_kill_inside_a_checkpoint_write_loses_nothing(three_checkpoints, demo_
     r = run(cmd)
     assert r.returncode == 0 and f"resumed from {step_dir(run_dir, left)}" in r.stdout + r.stderr, explain(r)
     assert ckpt.latest(str(run_dir)).record["files"] == ckpt.latest(str(three_checkpoints)).record["files"]
-    snapshot = ckpt.step_url(str(run_dir), ckpt.SNAPSHOTS, 6)
-    ckpt.verify(snapshot)
-    assert_identical(ckpt.load_tensors(f"{snapshot}/G_ema.pt"), ckpt.load_tensors(f"{step_dir(run_dir, 6)}/G_ema.pt"))
+    snapshot = Path(ckpt.step_url(str(run_dir), ckpt.SNAPSHOTS, 6))
+    ckpt.verify(str(snapshot))
+    assert_identical(ckpt.load_tensors(committed(snapshot, "G_ema.pt")),
+                     ckpt.load_tensors(committed(step_dir(run_dir, 6), "G_ema.pt")))
 
 
 def test_credentials_given_on_the_command_line_reach_no_artifact(demo_shards, tmp_path):
@@ -422,7 +424,7 @@ def test_a_resume_on_fewer_processes_reads_the_rest_of_the_epoch_once(demo_shard
     assert "stream data shares out what they had not read of epoch 0; no sample of it is lost or read twice" in \
         r.stdout + r.stderr, explain(r)
     found = ckpt.latest(str(run_dir))
-    state = json.loads((Path(found.url) / "state.json").read_text())
+    state = json.loads(Path(found.file("state.json")).read_text())
     assert state["handovers"] == {"data": {"epoch": 0, "slots": 2, "consumed": [8, 8]}}
     assert state["positions"] == {"data": {"0": [0, 32]}}  # the whole piece: 16 + 16 positions
 
@@ -430,22 +432,94 @@ def test_a_resume_on_fewer_processes_reads_the_rest_of_the_epoch_once(demo_shard
 # ---------------------------------------------------------------- racing writers
 
 
-def test_of_two_writers_racing_for_one_commit_exactly_one_wins_and_none_is_a_mix(tmp_path):
-    """T14 at the commit: each writer's record lists the bytes it wrote, and only the first record
-    is created. A wins when B's files landed before A's commit; if A then overwrites B's committed
-    files, the step fails verification instead of passing as a mix."""
-    url = ckpt.step_url(str(tmp_path), ckpt.CHECKPOINTS, 4)
-    a = ckpt.save_tensors(io.join(url, "G.pt"), {"w": torch.zeros(4)})
-    b = ckpt.save_tensors(io.join(url, "G.pt"), {"w": torch.ones(4)})  # B's write lands over A's
-    ckpt.commit(url, {"step": 4, "writer": "B"}, written={"G.pt": b})
-    with pytest.raises(ckpt.CommitRaced, match="committed by another writer first"):
-        ckpt.commit(url, {"step": 4, "writer": "A"}, written={"G.pt": a})
-    record = ckpt.verify(url)
-    assert record["writer"] == "B" and torch.equal(ckpt.load_tensors(io.join(url, "G.pt"))["w"], torch.ones(4))
-    ckpt.save_tensors(io.join(url, "G.pt"), {"w": torch.zeros(4)})  # A's late write over B's committed file
-    with pytest.raises(ckpt.CheckpointInvalid, match="does not match its checksum"):
-        ckpt.verify(url)
-    assert list(Path(url).glob(".*")) == []  # no temporary file of either left behind
+def writer_state(value: float) -> ckpt.TrainState:
+    """A one-network training state whose weights are all ``value``, with a writer of its own."""
+    from pipeline.dist import DDPEngine
+
+    net = torch.nn.Linear(2, 1)
+    torch.nn.init.constant_(net.weight, value)
+    torch.nn.init.constant_(net.bias, value)
+    engine = DDPEngine("G", {"G": net}, torch.optim.Adam(net.parameters()), None, 0.0)
+    return ckpt.TrainState(nets={"G": net}, ema={}, engines={"G": engine}, counters={"step": 4, "nimg": 16},
+                           positions={}, family_state={}, snapshot=("G",), backend="ddp", world_size=1, rank=0,
+                           workers=0, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("paused_at", ["checkpoint.rank_file", "checkpoint.files"])
+def test_of_two_writers_racing_for_one_step_the_first_to_commit_wins_whatever_the_other_writes(
+        tmp_path, monkeypatch, paused_at):
+    """T14: writer A stops inside its save of step 4 (after its rank file, or after all its files);
+    B saves the same step meanwhile and commits; A then goes on. A's files, written before and
+    after B's commit, land in its own directory: B's checkpoint and snapshot verify and hold B's
+    weights, A gets ``CommitRaced``, and no file of B's is touched."""
+    import threading
+
+    a, b = writer_state(1.0), writer_state(2.0)
+    paused, go = threading.Event(), threading.Event()
+    real = ckpt.failpoints.reached
+
+    def reached(name: str, step: int) -> None:
+        if name == paused_at and threading.current_thread().name == "writer-A":
+            paused.set()
+            assert go.wait(60)
+        real(name, step)
+
+    monkeypatch.setattr(ckpt.failpoints, "reached", reached)
+    outcome = {}
+
+    def save_a() -> None:
+        try:
+            ckpt.save(str(tmp_path), a, {"step": 4, "nimg": 16}, keep_last=2, keep_snapshots=None)
+            outcome["A"] = "committed"
+        except ckpt.CommitRaced as exc:
+            outcome["A"] = str(exc)
+
+    thread = threading.Thread(target=save_a, name="writer-A")
+    thread.start()
+    assert paused.wait(60)
+    ckpt.save(str(tmp_path), b, {"step": 4, "nimg": 16}, keep_last=2, keep_snapshots=None)
+    b_files = {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()
+               and ckpt.writer_dir(b.writer) in p.parts}
+    go.set()
+    thread.join(60)
+    assert "committed by another writer first" in outcome["A"]
+    for kind in (ckpt.CHECKPOINTS, ckpt.SNAPSHOTS):
+        found = ckpt.latest(str(tmp_path), kind)
+        assert found.step == 4 and found.record["writer"] == b.writer
+        assert torch.equal(ckpt.load_tensors(found.file("G.pt"))["weight"], torch.full((1, 2), 2.0))
+    assert {p: p.read_bytes() for p in b_files} == b_files
+    # A's files are its own, beside B's; the step is pruned whole later.
+    assert (tmp_path / "checkpoints" / "step-00000004" / ckpt.writer_dir(a.writer) / "rank-000.pt").exists()
+
+
+def test_a_stale_writer_never_replaces_the_lease_holders_commit(tmp_path):
+    """T14 before writing: a step already committed by the writer that holds the lease now is
+    left as it is (the other writer stops, nothing written); one committed by a writer that
+    holds no lease (an earlier job: ``run.resume=never``) or by this writer (a rollback) is
+    replaced."""
+    a, b = writer_state(1.0), writer_state(2.0)
+    ckpt.save(str(tmp_path), b, {"step": 4, "nimg": 16}, keep_last=2, keep_snapshots=None)
+    step = tmp_path / "checkpoints" / "step-00000004"
+    before = sorted(step.rglob("*"))
+    with pytest.raises(ckpt.CommitRaced, match="the run directory's lease holder now"):
+        ckpt.save(str(tmp_path), a, {"step": 4, "nimg": 16}, keep_last=2, keep_snapshots=None,
+                  holder=lambda: b.writer)
+    assert sorted(step.rglob("*")) == before and ckpt.latest(str(tmp_path)).record["writer"] == b.writer
+    for writer, holder in ((a, lambda: a.writer), (a, lambda: None), (b, lambda: b.writer)):
+        ckpt.save(str(tmp_path), writer, {"step": 4, "nimg": 16}, keep_last=2, keep_snapshots=None, holder=holder)
+        found = ckpt.latest(str(tmp_path))
+        assert found.record["writer"] == writer.writer
+        assert [p.name for p in step.iterdir() if p.name.startswith("w-")] == [ckpt.writer_dir(writer.writer)]
+
+
+def test_a_record_naming_a_directory_outside_its_step_is_refused(tmp_path):
+    ckpt.save(str(tmp_path), writer_state(1.0), {"step": 4, "nimg": 16}, keep_last=2, keep_snapshots=None)
+    step = tmp_path / "checkpoints" / "step-00000004"
+    record = json.loads((step / ckpt.COMMIT).read_text())
+    for hostile in ("..", "../../etc", "w-../x", 7):
+        (step / ckpt.COMMIT).write_text(json.dumps({**record, "dir": hostile}))
+        with pytest.raises(ckpt.CheckpointInvalid, match="writer directory"):
+            ckpt.verify(str(step))
 
 
 @pytest.mark.s3

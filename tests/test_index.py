@@ -171,8 +171,8 @@ def test_trains_on_the_shardwriter_set_and_resumes_bit_identically(made_elsewher
     r = run_training(cmd(b_dir))
     assert "resumed from" in r.stdout + r.stderr
     for name in ("G", "D", "G_ema", "opt_G", "opt_D"):
-        a = ckpt.load_tensors(f"{ckpt.latest(str(tmp_path / 'a')).url}/{name}.pt")
-        b = ckpt.load_tensors(f"{ckpt.latest(str(b_dir)).url}/{name}.pt")
+        a = ckpt.load_tensors(ckpt.latest(str(tmp_path / "a")).file(f"{name}.pt"))
+        b = ckpt.load_tensors(ckpt.latest(str(b_dir)).file(f"{name}.pt"))
         assert json.dumps(_shapes(a)) == json.dumps(_shapes(b))
         assert all(torch.equal(x, y) for x, y in zip(_leaves(a), _leaves(b))), name
 

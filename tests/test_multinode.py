@@ -44,7 +44,7 @@ def test_two_machines_on_loopback_train_in_sync(demo_shards, tmp_path, accel_con
         assert m.returncode == 0, f"machine {i}:\n{err[-5000:]}"
     found = ckpt.latest(str(run_dir))
     assert found.record["world_size"] == 2 and found.record["nimg"] == 16
-    ranks = [ckpt.load_tensors(f"{found.url}/rank-{r:03d}.pt") for r in (0, 1)]
+    ranks = [ckpt.load_tensors(found.file(f"rank-{r:03d}.pt")) for r in (0, 1)]
     assert ranks[0]["fingerprints"] == ranks[1]["fingerprints"]
     backend = "deepspeed" if accel_config.startswith("deepspeed") else "ddp"
-    assert ckpt.read_json(f"{found.url}/state.json")["backend"] == backend
+    assert ckpt.read_json(found.file("state.json"))["backend"] == backend

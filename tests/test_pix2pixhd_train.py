@@ -63,7 +63,7 @@ def test_the_cityscapes_command_runs_on_two_processes(cityscapes_shards, vgg_wei
     assert ckpt.list_steps(str(run_dir)) == [2, 4]
     found = ckpt.latest(str(run_dir))
     assert found.record["config"]["model"]["family"] == "pix2pixhd" and found.record["world_size"] == 2
-    ranks = [ckpt.load_tensors(f"{found.url}/rank-{r:03d}.pt") for r in (0, 1)]
+    ranks = [ckpt.load_tensors(found.file(f"rank-{r:03d}.pt")) for r in (0, 1)]
     assert ranks[0]["fingerprints"] == ranks[1]["fingerprints"]
     scalars = read_scalars(run_dir)
     for tag in ("Loss/G_GAN", "Loss/G_GAN_Feat", "Loss/G_VGG", "Loss/D_real", "Loss/D_fake"):

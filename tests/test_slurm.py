@@ -118,7 +118,7 @@ def wait_final(cluster: SlurmCluster, job_id: int, tmp: Path, timeout: float, **
 def assert_ranks_agree(run_dir: Path) -> ckpt.Found:
     found = ckpt.latest(str(run_dir))
     assert found is not None, f"no committed checkpoint in {run_dir}"
-    ranks = [ckpt.load_tensors(f"{found.url}/rank-{r:03d}.pt") for r in (0, 1)]
+    ranks = [ckpt.load_tensors(found.file(f"rank-{r:03d}.pt")) for r in (0, 1)]
     assert ranks[0]["fingerprints"] == ranks[1]["fingerprints"]  # the same G, D, G_ema on both nodes
     assert found.record["world_size"] == 2
     return found

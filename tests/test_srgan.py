@@ -147,7 +147,7 @@ def test_srresnet_then_srgan_from_it_on_two_processes_and_the_evaluator(demo_sha
     assert r.returncode == 0, explain(r)
     assert f"initialised from {pre}" in r.stdout + r.stderr
     assert {"Loss/G_content", "Loss/G_GAN", "Loss/D_real", "Loss/D_fake", "Grad/D_norm"} <= set(read_scalars(gan))
-    loaded = ckpt.load_tensors(f"{ckpt.latest(str(pre), ckpt.SNAPSHOTS).url}/G.pt")
+    loaded = ckpt.load_tensors(ckpt.latest(str(pre), ckpt.SNAPSHOTS).file("G.pt"))
     trained = final_states(gan)["G"]
     params = [k for k in loaded if "running" not in k and "num_batches" not in k]
     assert all(torch.equal(loaded[k], trained[k]) for k in params) and len(params) > 20

@@ -83,7 +83,7 @@ def final_states(run_dir: Path) -> dict[str, dict]:
     """The newest checkpoint's shared files (networks, EMA copies, optimizers), by name."""
     found = ckpt.latest(str(run_dir))
     assert found is not None, f"no committed checkpoint in {run_dir}"
-    return {name.removesuffix(".pt"): ckpt.load_tensors(f"{found.url}/{name}") for name in found.record["files"]
+    return {name.removesuffix(".pt"): ckpt.load_tensors(found.file(name)) for name in found.record["files"]
             if name.endswith(".pt") and "/" not in name and not name.startswith("rank-")}
 
 
@@ -113,10 +113,16 @@ def kill_job_at_commit(cmd: list[str], run_dir: Path, step: int) -> None:
     proc.communicate(timeout=60)
 
 
+def committed(step_dir: Path, name: str) -> Path:
+    """Where the committed file ``name`` of a checkpoint or snapshot directory lies (inside its
+    writer's directory)."""
+    return Path(ckpt.member(str(step_dir), ckpt.read_record(str(step_dir)), name))
+
+
 def committed_files(run_dir: Path) -> dict:
     """Every tensor file of the newest checkpoint, by name."""
     found = ckpt.latest(str(run_dir))
-    return {name: ckpt.load_tensors(f"{found.url}/{name}") for name in found.record["files"] if name != "state.json"}
+    return {name: ckpt.load_tensors(found.file(name)) for name in found.record["files"] if name != "state.json"}
 
 
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -141,7 +147,7 @@ def test_two_processes_train_commit_checkpoints_and_agree_on_weights(demo_shards
     assert steps == [4, 8]  # 32 images at batch 4, a checkpoint every 16 images
     found = ckpt.latest(str(run_dir))
     assert found.record["world_size"] == 2 and found.record["nimg"] == 32
-    ranks = [ckpt.load_tensors(f"{found.url}/rank-{r:03d}.pt") for r in (0, 1)]
+    ranks = [ckpt.load_tensors(found.file(f"rank-{r:03d}.pt")) for r in (0, 1)]
     assert ranks[0]["fingerprints"] == ranks[1]["fingerprints"]  # every rank holds the same G, D, G_ema
     assert set(ranks[0]["positions"]["data"]) == {"0", "1"} and set(ranks[1]["positions"]["data"]) == {"2", "3"}
     assert ckpt.latest(str(run_dir), ckpt.SNAPSHOTS).step == 8
@@ -184,7 +190,7 @@ def test_nan_on_one_rank_skips_the_update_on_all_ranks(demo_shards, tmp_path):
     assert r.returncode == 0, explain(r)
     assert "step 3 skipped on every rank" in r.stderr
     found = ckpt.latest(str(run_dir))
-    ranks = [ckpt.load_tensors(f"{found.url}/rank-{r:03d}.pt") for r in (0, 1)]
+    ranks = [ckpt.load_tensors(found.file(f"rank-{r:03d}.pt")) for r in (0, 1)]
     assert ranks[0]["fingerprints"] == ranks[1]["fingerprints"]
     states = final_states(run_dir)
     assert all(torch.isfinite(t).all() for t in states["G"].values() if t.is_floating_point())
@@ -289,7 +295,7 @@ def test_half_written_and_corrupt_checkpoints_are_never_loaded(demo_shards, tmp_
     partial.mkdir()
     (partial / "G.pt").write_bytes(b"half")
     # A committed checkpoint whose weights were damaged afterwards.
-    g = run_dir / "checkpoints" / "step-00000006" / "G.pt"
+    g = committed(run_dir / "checkpoints" / "step-00000006", "G.pt")
     g.write_bytes(g.read_bytes()[:-10] + b"0123456789")
     found = ckpt.latest(str(run_dir))
     assert found.step == 4
@@ -325,7 +331,7 @@ def test_mixed_precision_trains_and_logs(demo_shards, tmp_path, precision):
     if precision == "fp16":
         # One scaler per network, saved separately, each with its own state.
         assert {"scaler_G.pt", "scaler_D.pt"} <= names
-        sg, sd = (ckpt.load_tensors(f"{found.url}/scaler_{k}.pt") for k in "GD")
+        sg, sd = (ckpt.load_tensors(found.file(f"scaler_{k}.pt")) for k in "GD")
         assert "scale" in sg and "scale" in sd
     else:
         assert not any(n.startswith("scaler_") for n in names)

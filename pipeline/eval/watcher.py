@@ -118,7 +118,7 @@ class Evaluator:
         try:
             record = ckpt.verify(url, so)
             files = ckpt.snapshot_networks(record)
-            states = {name: ckpt.load_tensors(io.join(url, file), so) for name, file in files.items()}
+            states = {name: ckpt.load_tensors(ckpt.member(url, record, file), so) for name, file in files.items()}
             cfg = from_dict(record["config"])
         except FileNotFoundError as exc:
             log.warning("snapshot %s is gone or incomplete (%s): skipped", url, exc)

@@ -1,7 +1,9 @@
 """Checkpoints and snapshots in a run directory (any fsspec URL), invisible until committed.
 
-Every file is written first; ``COMMIT.json`` (step, kimg, world size, each file's size and
-SHA-256, the config) is written last. "Latest" is the highest step whose commit verifies; an
+Every file is written first, into a directory of its writer's own inside the step's (``w-<token>``:
+two jobs racing for one step never write the same name); ``COMMIT.json`` (step, kimg, world size,
+the writer and its directory, each file's size and SHA-256, the config) is created last, only if
+absent, so the first writer to commit owns the step. "Latest" is the highest step whose commit verifies; an
 uncommitted or damaged checkpoint is passed over loudly. Tensors are stored with ``torch.save``
 and read back with ``weights_only=True``; everything else is JSON. Nothing of ours is unpickled;
 the one exception is DeepSpeed's own engine state under ``zero/`` (partitioned optimizer state only
@@ -20,8 +22,9 @@ import pickle
 import re
 import shutil
 import tempfile
+import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,10 +42,24 @@ SNAPSHOTS = "snapshots"
 ZERO_DIR = "zero"  # DeepSpeed engines' state inside a checkpoint: zero/G/..., zero/D/...
 EVAL_DIR = "eval"  # the evaluator's results: eval/step-NNNNNNNN.json marks a snapshot as evaluated
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+_WRITER_DIR = re.compile(r"^w-[0-9a-f]{1,32}$")
 
 
 def step_url(run_dir: str, kind: str, step: int) -> str:
     return io.join(run_dir, kind, f"step-{step:08d}")
+
+
+def writer_dir(writer: str) -> str:
+    """The directory of one writer's files inside a step directory (``writer``: its lease token)."""
+    return f"w-{writer[:16]}"
+
+
+def member(url: str, record: dict, name: str) -> str:
+    """The URL of the committed file ``name`` of the checkpoint or snapshot at ``url``: inside its
+    writer's directory (``record["dir"]``), or directly in it for records written before writers
+    had one."""
+    where = record.get("dir")
+    return io.join(url, where, name) if where else io.join(url, name)
 
 
 def eval_result_url(run_dir: str, step: int, suffix: str = "json") -> str:
@@ -105,22 +122,24 @@ def fingerprint(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def commit(ckpt_url: str, meta: dict, storage_options: dict | None = None, written: dict | None = None) -> dict:
+def commit(ckpt_url: str, meta: dict, storage_options: dict | None = None, written: dict | None = None,
+           writer: str | None = None) -> dict:
     """Write ``COMMIT.json`` last: the checkpoint exists now. It lists ``written`` (file name ->
     entry of the bytes this writer wrote, ``save_tensors``), and the files under a DeepSpeed
-    engine directory hashed as they are stored; without ``written``, every file below
-    ``ckpt_url``. Created only if no record is there (``io.create_exclusive``): of two writers
-    racing for one step, one commits and the other gets ``CommitRaced``; and as each record holds
-    its writer's own bytes, a directory the other writer overwrote fails verification instead of
-    passing as a mix of both."""
+    engine directory hashed as they are stored; without ``written``, every file below the
+    writer's directory (``writer_dir(writer)``; ``ckpt_url`` itself without a writer). Created
+    only if no record is there (``io.create_exclusive``): of two writers racing for one step, one
+    commits and the other gets ``CommitRaced``; each wrote into a directory of its own, so the
+    winner's files are its own bytes whatever the loser writes afterwards."""
     files = dict(written or {})
-    for name in io.list_files_fresh(ckpt_url, storage_options):
+    where = {"writer": writer, "dir": writer_dir(writer)} if writer else {}
+    for name in io.list_files_fresh(member(ckpt_url, where, ""), storage_options):
         if name == COMMIT or any(part.startswith(".") for part in name.split("/")):
             continue  # the record itself, and temporary files of atomic writes
         if written is None or (name.startswith(f"{ZERO_DIR}/") and name not in files):
-            sha, size = io.sha256_url(io.join(ckpt_url, name), storage_options)
+            sha, size = io.sha256_url(member(ckpt_url, where, name), storage_options)
             files[name] = {"bytes": size, "sha256": sha}
-    record = {**meta, "files": files}
+    record = {**meta, **where, "files": files}
     text = (json.dumps(record, indent=2) + "\n").encode()
     if not io.create_exclusive(io.join(ckpt_url, COMMIT), text, storage_options):
         raise CommitRaced(f"{ckpt_url} was committed by another writer first; this one's files are not committed")
@@ -135,8 +154,9 @@ class CommitRaced(Exception):
     """Another writer committed the same step first."""
 
 
-def verify(ckpt_url: str, storage_options: dict | None = None, full: bool = True) -> dict:
-    """The commit record of a checkpoint whose files all match it; raises ``CheckpointInvalid``."""
+def read_record(ckpt_url: str, storage_options: dict | None = None) -> dict:
+    """The commit record of ``ckpt_url``, unverified; ``CheckpointInvalid`` when there is none or
+    it is not one (never read beyond ``MAX_COMMIT_BYTES``)."""
     url = io.join(ckpt_url, COMMIT)
     if not io.exists(url, storage_options):
         raise CheckpointInvalid("not committed (no COMMIT.json)")
@@ -148,7 +168,17 @@ def verify(ckpt_url: str, storage_options: dict | None = None, full: bool = True
         record = json.loads(data)
     except (ValueError, RecursionError) as exc:
         raise CheckpointInvalid(f"COMMIT.json unreadable: {exc}") from exc
-    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(record, dict):
+        raise CheckpointInvalid("COMMIT.json lists no files (damaged, or not a commit record)")
+    return record
+
+
+def verify(ckpt_url: str, storage_options: dict | None = None, full: bool = True) -> dict:
+    """The commit record of a checkpoint whose files all match it; raises ``CheckpointInvalid``."""
+    record = read_record(ckpt_url, storage_options)
+    if "dir" in record and not (isinstance(record["dir"], str) and _WRITER_DIR.match(record["dir"])):
+        raise CheckpointInvalid(f"COMMIT.json names a writer directory that none writes: {record['dir']!r}")
+    files = record.get("files")
     if not isinstance(files, dict) or not files:
         raise CheckpointInvalid("COMMIT.json lists no files (damaged, or not a commit record)")
     for name, want in files.items():
@@ -156,7 +186,7 @@ def verify(ckpt_url: str, storage_options: dict | None = None, full: bool = True
             raise CheckpointInvalid(f"COMMIT.json's entry for {name!r} is malformed")
         if name.startswith("/") or ".." in name.split("/") or "\\" in name:
             raise CheckpointInvalid(f"COMMIT.json names a file outside the checkpoint: {name!r}")
-        file_url = io.join(ckpt_url, name)
+        file_url = member(ckpt_url, record, name)
         if not io.exists(file_url, storage_options):
             raise CheckpointInvalid(f"{name} is missing")
         if full:
@@ -178,6 +208,10 @@ class Found:
     step: int
     url: str
     record: dict
+
+    def file(self, name: str) -> str:
+        """The URL of the committed file ``name``."""
+        return member(self.url, self.record, name)
 
 
 class NoUsableCheckpoint(Exception):
@@ -362,18 +396,44 @@ class TrainState:
     device: torch.device
     # Per stream, the epoch a run at another layout of reading slots took over (``stream.handover_plan``).
     handovers: dict[str, dict] = field(default_factory=dict)
+    # Who writes: the job's lease token, the same on every rank (``writer_dir``).
+    writer: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def modules(self) -> dict[str, torch.nn.Module]:
         """Networks and EMA copies by file stem."""
         return {**self.nets, **{f"{k}_ema": m for k, m in self.ema.items()}}
 
 
+def make_room(url: str, writer: str, holder: Callable[[], str | None] | None = None,
+              storage_options: dict | None = None) -> str | None:
+    """Before ``writer`` writes the step at ``url``: a record already there is replaced (a rollback,
+    ``run.resume=never``, a broken commit) unless its writer is the one ``holder()`` says holds
+    the run directory's lease now; then this writer is the stale one of two, and the reason is
+    returned with nothing touched. This writer's own unfinished files are removed; another
+    writer's uncommitted ones are left to it (pruning removes them with the step)."""
+    so = storage_options
+    if io.exists(io.join(url, COMMIT), so):
+        try:
+            owner = read_record(url, so).get("writer")
+        except CheckpointInvalid:
+            owner = None
+        if owner and owner != writer and holder is not None and holder() == owner:
+            return (f"{url} was committed by {owner}, the run directory's lease holder now; this job's files are "
+                    f"not written")
+        clear(url, so)
+    else:
+        clear(io.join(url, writer_dir(writer)), so)
+    return None
+
+
 def save(run_dir: str, ts: TrainState, meta: dict, keep_last: int, keep_snapshots: int | None,
-         storage_options: dict | None = None) -> None:
+         storage_options: dict | None = None, holder: Callable[[], str | None] | None = None) -> None:
     """Write, commit and prune one checkpoint and its snapshot at ``meta["step"]``. Collective:
     every rank writes its own rank file (and DeepSpeed partitions); rank 0 the rest, then commits.
     Snapshots are pruned only with ``keep_snapshots`` set, and never one that awaits evaluation or
-    is the best."""
+    is the best. ``holder`` names the lease's holder now (``make_room``); ``CommitRaced`` (on
+    every rank before anything is written, or on rank 0 at the commit) when another writer owns
+    the step."""
     from .. import dist
 
     so, step = storage_options, meta["step"]
@@ -390,9 +450,11 @@ def save(run_dir: str, ts: TrainState, meta: dict, keep_last: int, keep_snapshot
             positions.setdefault(stream, {}).update({str(k): list(p) for k, p in slots.items()})
     epochs = {stream: max((e for e, _ in slots.values()), default=0) for stream, slots in positions.items()}
     url = step_url(run_dir, CHECKPOINTS, step)
-    if ts.rank == 0:
-        clear(url, so)  # what an earlier, unfinished or broken write of this step left
-    dist.barrier()  # orders: the step's old directory is gone before any rank writes into it
+    mine_dir = io.join(url, writer_dir(ts.writer))
+    # Orders: what an earlier write of this step left is gone before any rank writes into it.
+    why = dist.broadcast_object(make_room(url, ts.writer, holder, so) if ts.rank == 0 else None)
+    if why:
+        raise CommitRaced(why)
     # Per rank: RNG, data positions, the family's state, and the rank's own running statistics
     # (the shared files hold their average), so a resumed rank continues bit for bit.
     mine = {"cpu_rng": torch.get_rng_state(), "fingerprints": prints,
@@ -402,49 +464,54 @@ def save(run_dir: str, ts: TrainState, meta: dict, keep_last: int, keep_snapshot
             "family_state": {k: v.detach().cpu().clone() for k, v in ts.family_state.items()}}
     if ts.device.type == "cuda":
         mine["cuda_rng"] = torch.cuda.get_rng_state(ts.device)
-    written = dist.gather_objects({f"rank-{ts.rank:03d}.pt": save_tensors(io.join(url, f"rank-{ts.rank:03d}.pt"),
-                                                                          mine, so)})
+    rank_file = f"rank-{ts.rank:03d}.pt"
+    written = dist.gather_objects({rank_file: save_tensors(io.join(mine_dir, rank_file), mine, so)})
     written = {name: entry for part in written for name, entry in part.items()}
     failpoints.reached("checkpoint.rank_file", step)
     if any(e.local_dir for e in ts.engines.values()):  # collective: every rank writes its own partitions
-        with staged_upload(io.join(url, ZERO_DIR), so) as local:
+        with staged_upload(io.join(mine_dir, ZERO_DIR), so) as local:
             for engine in ts.engines.values():
                 engine.save_local(local)
     if ts.rank == 0:
         for name, st in shared.items():
-            written[f"{name}.pt"] = save_tensors(io.join(url, f"{name}.pt"), st, so)
+            written[f"{name}.pt"] = save_tensors(io.join(mine_dir, f"{name}.pt"), st, so)
         for name, engine in ts.engines.items():
             for key, st in engine.state_dicts().items():
-                written[f"{key}_{name}.pt"] = save_tensors(io.join(url, f"{key}_{name}.pt"), st, so)  # opt_G.pt
+                written[f"{key}_{name}.pt"] = save_tensors(io.join(mine_dir, f"{key}_{name}.pt"), st, so)  # opt_G.pt
         state = {**ts.counters, "world_size": ts.world_size, "workers": ts.workers, "backend": ts.backend,
                  "epochs": epochs, "positions": positions, "handovers": ts.handovers}
-        written["state.json"] = _write(io.join(url, "state.json"), (json.dumps(state, indent=2) + "\n").encode(), so)
+        written["state.json"] = _write(io.join(mine_dir, "state.json"), (json.dumps(state, indent=2) + "\n").encode(),
+                                       so)
     dist.barrier()  # orders: every rank's file is written before rank 0 commits
     if ts.rank != 0:
         return
     failpoints.reached("checkpoint.files", step)
-    commit(url, meta, so, written)
+    commit(url, meta, so, written, ts.writer)
     failpoints.reached("checkpoint.commit", step)
     prune(run_dir, keep_last, CHECKPOINTS, so)
-    write_snapshot(run_dir, ts, shared, meta, so)
+    write_snapshot(run_dir, ts, shared, meta, so, holder)
     if keep_snapshots is not None:
         prune(run_dir, keep_snapshots, SNAPSHOTS, so, keep=snapshots_to_keep(run_dir, so))
 
 
-def write_snapshot(run_dir: str, ts: TrainState, shared: dict, meta: dict, storage_options: dict | None) -> None:
+def write_snapshot(run_dir: str, ts: TrainState, shared: dict, meta: dict, storage_options: dict | None,
+                   holder: Callable[[], str | None] | None = None) -> None:
     """The snapshot of ``meta["step"]`` from ``shared`` (averaged states by file stem), committed
-    with the file of each network to evaluate (rank 0)."""
+    with the file of each network to evaluate (rank 0; ``CommitRaced`` as for ``save``)."""
     so = storage_options
     snap = step_url(run_dir, SNAPSHOTS, meta["step"])
-    clear(snap, so)
+    why = make_room(snap, ts.writer, holder, so)
+    if why:
+        raise CommitRaced(why)
+    mine_dir = io.join(snap, writer_dir(ts.writer))
     files, written = {}, {}
     for name in ts.snapshot:
-        written[f"{name}.pt"] = save_tensors(io.join(snap, f"{name}.pt"), shared[name], so)
+        written[f"{name}.pt"] = save_tensors(io.join(mine_dir, f"{name}.pt"), shared[name], so)
         if name in ts.ema:
-            written[f"{name}_ema.pt"] = save_tensors(io.join(snap, f"{name}_ema.pt"), shared[f"{name}_ema"], so)
+            written[f"{name}_ema.pt"] = save_tensors(io.join(mine_dir, f"{name}_ema.pt"), shared[f"{name}_ema"], so)
         files[name] = f"{name}_ema.pt" if name in ts.ema else f"{name}.pt"
     failpoints.reached("snapshot.files", meta["step"])
-    commit(snap, {**meta, "networks": files}, so, written)
+    commit(snap, {**meta, "networks": files}, so, written, ts.writer)
 
 
 def ensure_snapshot(run_dir: str, ts: TrainState, found: Found, storage_options: dict | None = None) -> bool:
@@ -462,8 +529,11 @@ def ensure_snapshot(run_dir: str, ts: TrainState, found: Found, storage_options:
     shared = {name: dist.averaged_state(m) for name, m in ts.modules().items()}
     if ts.rank == 0:
         meta = {k: found.record[k] for k in ("step", "nimg", "kimg", "world_size", "config") if k in found.record}
-        write_snapshot(run_dir, ts, shared, meta, storage_options)
-        log.warning("checkpoint %s had no snapshot (interrupted before it was written): written now", found.url)
+        try:
+            write_snapshot(run_dir, ts, shared, meta, storage_options)
+            log.warning("checkpoint %s had no snapshot (interrupted before it was written): written now", found.url)
+        except CommitRaced as exc:  # another writer committed it meanwhile: there is one
+            log.warning("%s", exc)
     return True
 
 
@@ -512,7 +582,7 @@ def restore(found: Found, ts: TrainState, storage_options: dict | None = None) -
     """Load ``found`` into ``ts``; returns whether the per-rank part (RNG, data positions, family
     state, running statistics) was restored, which needs the same world size."""
     so = storage_options
-    saved = read_json(io.join(found.url, "state.json"), so)
+    saved = read_json(found.file("state.json"), so)
     if saved.get("backend", "ddp") != ts.backend:
         raise StateMismatch(f"{found.url} was written with distributed.backend={saved.get('backend', 'ddp')}; resume "
                             f"it with the same backend (this run uses {ts.backend})")
@@ -520,13 +590,13 @@ def restore(found: Found, ts: TrainState, storage_options: dict | None = None) -
         raise StateMismatch(f"{found.url} holds DeepSpeed ZeRO partitions for {saved['world_size']} processes; resume "
                             f"it with {saved['world_size']} processes (this run has {ts.world_size})")
     for name, module in ts.modules().items():
-        module.load_state_dict(load_tensors(io.join(found.url, f"{name}.pt"), so))
+        module.load_state_dict(load_tensors(found.file(f"{name}.pt"), so))
     if any(e.local_dir for e in ts.engines.values()):
-        with local_copy(io.join(found.url, ZERO_DIR), so) as local:
+        with local_copy(found.file(ZERO_DIR), so) as local:
             for engine in ts.engines.values():
                 engine.load_local(local)  # weights, fp32 master partitions, Adam state
     for name, engine in ts.engines.items():
-        engine.load_state_dicts(lambda key, name=name: load_tensors(io.join(found.url, f"{key}_{name}.pt"), so))
+        engine.load_state_dicts(lambda key, name=name: load_tensors(found.file(f"{key}_{name}.pt"), so))
     ts.counters.update({k: saved[k] for k in ts.counters if k in saved})
     ts.positions.clear()
     ts.family_state.clear()
@@ -538,7 +608,7 @@ def restore(found: Found, ts: TrainState, storage_options: dict | None = None) -
         log.warning("checkpoint %s was written by %d processes, this run has %d: per-rank state (RNG, the "
                     "family's, running statistics) starts anew", found.url, saved["world_size"], ts.world_size)
         return False
-    mine = load_tensors(io.join(found.url, f"rank-{ts.rank:03d}.pt"), so)
+    mine = load_tensors(found.file(f"rank-{ts.rank:03d}.pt"), so)
     for name, module in ts.modules().items():
         for key, buf in module.named_buffers():
             buf.copy_(mine["buffers"][name][key])

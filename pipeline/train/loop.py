@@ -264,8 +264,9 @@ def train(cfg: Config, command: str = "") -> int:
         source = f"read by the {family.name} family"
         if load is None:
             source = ckpt.resolve_init(cfg.model.init_from, so)
-            names = ckpt.verify(source, so)["files"]
-            load = lambda name: ckpt.load_tensors(io.join(source, f"{name}.pt"), so) if f"{name}.pt" in names else None
+            record = ckpt.verify(source, so)
+            load = lambda name: (ckpt.load_tensors(ckpt.member(source, record, f"{name}.pt"), so)
+                                 if f"{name}.pt" in record["files"] else None)
         (family.init_from or default_init_from)(nets, load)
         dist.main_print(f"initialised from {cfg.model.init_from} ({source})")
 
@@ -294,7 +295,7 @@ def train(cfg: Config, command: str = "") -> int:
     ts = ckpt.TrainState(nets=plain, ema=ema, engines=engines, counters={
         "step": 0, "nimg": 0, "skipped_steps": 0, "consecutive_bad": 0, "rollbacks": 0}, positions={},
         family_state=ctx.state, snapshot=family.snapshotted(), backend=backend, world_size=world, rank=rank,
-        workers=workers, device=device)
+        workers=workers, device=device, writer=dist.broadcast_object(lease.token if lease else None))
     state = ts.counters
 
     def restore_newest(candidates: list[ckpt.Found]) -> ckpt.Found | None:
@@ -393,8 +394,9 @@ def train(cfg: Config, command: str = "") -> int:
                 "config": to_dict(cfg)}
         raced = False
         try:
-            ckpt.save(run_dir, ts, meta, cfg.checkpoint.keep_last, cfg.checkpoint.keep_snapshots, so)
-        except ckpt.CommitRaced as exc:  # rank 0 only: another writer committed this step first
+            ckpt.save(run_dir, ts, meta, cfg.checkpoint.keep_last, cfg.checkpoint.keep_snapshots, so,
+                      holder=lease and (lambda: (lease.holder() or {}).get("token")))
+        except ckpt.CommitRaced as exc:  # another writer committed this step first
             log.error("%s", exc)
             raced = True
         if dist.any_rank([raced], device)[0]:
