@@ -47,6 +47,9 @@ class RunConfig:
     lease_wait_sec: float = bounded(120.0, 0.0, 86400.0)  # how long a second job waits for it, then refuses
     # Keys (comma-separated) a resume may change beyond those that never matter (SAFE_ON_RESUME).
     accept_changes: str = ""
+    # Experiment trackers beside TensorBoard, comma-separated: wandb, mlflow (train/trackers.py).
+    trackers: str = ""
+    project: str = "gan-pipeline"  # the trackers' project (W&B) or experiment (MLflow)
 
 
 @dataclass
@@ -402,6 +405,10 @@ def validate(cfg: Config) -> None:
                           "README says where to get it)")
     if cfg.distributed.backend == "deepspeed":
         deepspeed_limits(cfg)
+    from .train.trackers import check
+
+    if why := check(cfg.run.trackers):
+        raise ConfigError(why)
 
 
 def deepspeed_limits(cfg: Config) -> None:
@@ -442,7 +449,8 @@ def to_dict(cfg: Config) -> dict:
 
 # What a resumed run may change unasked: its length, logging, checkpointing, evaluation, data
 # loading and the job's plumbing. Any other difference changes the training that goes on.
-SAFE_ON_RESUME = ("name", "run.resume", "run.lease_sec", "run.lease_wait_sec", "run.accept_changes",
+SAFE_ON_RESUME = ("name", "run.resume", "run.lease_sec", "run.lease_wait_sec", "run.accept_changes", "run.trackers",
+                  "run.project",
                   "train.total_kimg", "train.log_every_kimg", "train.image_every_kimg", "train.num_images",
                   "train.progress", "train.histograms", "train.max_bad_steps", "checkpoint.", "eval.",
                   "data.workers", "data.storage_options", "data.max_bad_samples", "distributed.timeout_sec")

@@ -20,13 +20,14 @@ from dataclasses import dataclass, replace
 import torch
 
 from .. import dist, io
-from ..config import Config, from_dict
+from ..config import Config, from_dict, to_dict
 from ..data.manifest import load_manifest
 from ..data.stream import make_stream, slot_range
 from ..data.transforms import Augment
 from ..families import get_family
 from ..train import checkpoint as ckpt
 from ..train.family import DataInfo, Evaluation
+from ..train.trackers import TrackerError
 from . import metrics, paired
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ class Evaluator:
                                                    storage_options=opts.storage_options)
         self.lpips = paired.load_lpips(opts.lpips_weights, self.device) if opts.lpips_weights else None
         self.events = None
+        self.trackers_tried = False
         if dist.is_main():
             from ..train.stats import RunEvents
 
@@ -164,7 +166,7 @@ class Evaluator:
         # evaluated, so an evaluator stopped before it evaluates the snapshot again (each write
         # below replaces or repeats its own, never duplicates a line).
         self._append_jsonl(result)
-        self._write_events(result, grid)
+        self._write_events(result, grid, cfg)
         self._update_best(result)
         io.atomic_write_json(result_url(self.opts.run, step), result, so)
         log.info("step %d (kimg %.3f): %s", step, record["kimg"],
@@ -325,7 +327,13 @@ class Evaluator:
         lines.append(json.dumps({k: result[k] for k in ("step", "nimg", "kimg", "metrics", "standin")}))
         io.atomic_write_bytes(url, ("\n".join(lines) + "\n").encode(), so)
 
-    def _write_events(self, result: dict, grid) -> None:
+    def _write_events(self, result: dict, grid, cfg) -> None:
+        if cfg.run.trackers and self.events.trackers is None and not self.trackers_tried:
+            self.trackers_tried = True  # once: a tracker that cannot start is reported, not retried per snapshot
+            try:
+                self.events.attach_trackers(cfg.run.trackers, cfg.run.project, to_dict(cfg), "eval")
+            except TrackerError as exc:
+                log.error("%s; the metrics are in TensorBoard and eval/metrics.jsonl", exc)
         nimg = result["nimg"]
         for name, value in result["metrics"].items():
             if value is not None:

@@ -32,6 +32,7 @@ from .ema import ema_beta, make_ema, update_ema
 from .family import DataInfo, Family, Phase, StepContext, Stream, default_init_from
 from .lease import RunDirBusy, RunLease
 from .stats import Monitor, describe_run
+from .trackers import TrackerError
 
 log = logging.getLogger(__name__)
 
@@ -410,7 +411,16 @@ def train(cfg: Config, command: str = "") -> int:
     next_ckpt = (state["nimg"] // ckpt_every + 1) * ckpt_every
     exit_code = EXIT_OK
     first_nan = cfg.train.debug_nan_step if cfg.train.debug_nan_step is not None else -1
-    monitor.start(state["nimg"], total_nimg)
+    try:
+        monitor.start(state["nimg"], total_nimg)
+        why = None
+    except TrackerError as exc:  # the main rank's: every rank stops before the first step
+        why = str(exc)
+    if dist.any_rank([why is not None], device)[0]:
+        dist.main_print(f"gan-train: error: {why}", file=sys.stderr)
+        if lease:
+            lease.release()
+        return EXIT_CONFIG
     segment = (time.perf_counter(), state["nimg"])
     # The previous iteration's optimizer epoch, also after a resume: a reset falls on the same
     # iteration as in a run that was never stopped.

@@ -61,7 +61,8 @@ def tensorboard_url(run_dir: str) -> str:
 
 class RunEvents:
     """A TensorBoard writer for ``tensorboard_url(run_dir)``. Object stores cannot append, so for a
-    remote run the events go to a local folder that is uploaded on every flush."""
+    remote run the events go to a local folder that is uploaded on every flush. With trackers
+    attached (``run.trackers``), each flush also sends them the scalars added since the last."""
 
     def __init__(self, run_dir: str, storage_options: dict | None = None, suffix: str = ""):
         from torch.utils.tensorboard import SummaryWriter
@@ -72,9 +73,19 @@ class RunEvents:
         _, path = io.fs_for(self.url, storage_options)
         self.local = tempfile.mkdtemp(prefix="gan-tb-") if self.remote else path
         self.writer = SummaryWriter(self.local, filename_suffix=suffix)
+        self.trackers = None
+        self.pending: dict[int, dict[str, float]] = {}
+
+    def attach_trackers(self, spec: str, project: str, config: dict, kind: str) -> None:
+        """Start the trackers ``spec`` names (``trackers.TrackerError`` when one cannot start)."""
+        from .trackers import Trackers
+
+        self.trackers = Trackers(spec, project, self.run_dir, config, kind, self.so)
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
         self.writer.add_scalar(tag, value, step)
+        if self.trackers is not None:
+            self.pending.setdefault(step, {})[tag] = float(value)
 
     def add_image(self, tag: str, image: torch.Tensor, step: int) -> None:
         self.writer.add_image(tag, image, step)
@@ -84,6 +95,10 @@ class RunEvents:
 
     def flush(self) -> None:
         self.writer.flush()
+        if self.trackers is not None:
+            for step in sorted(self.pending):
+                self.trackers.log(self.pending[step], step)
+            self.pending.clear()
         if self.remote:
             for p in Path(self.local).iterdir():
                 io.atomic_upload(p, io.join(self.url, p.name), self.so)
@@ -91,6 +106,8 @@ class RunEvents:
     def close(self) -> None:
         self.flush()
         self.writer.close()
+        if self.trackers is not None:
+            self.trackers.finish()
 
 
 @contextlib.contextmanager
@@ -128,6 +145,10 @@ class Monitor:
         if not self.enabled:
             return
         self.writer = RunEvents(self.run_dir, self.cfg.data.storage_options or None)
+        if self.cfg.run.trackers:  # trackers.TrackerError when one cannot start
+            from ..config import to_dict
+
+            self.writer.attach_trackers(self.cfg.run.trackers, self.cfg.run.project, to_dict(self.cfg), "train")
         self.val_batch = self._fixed_batch()
         self.write_config()
         if self.cfg.train.progress:
