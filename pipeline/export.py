@@ -7,13 +7,17 @@ its data description and where the weights came from, so ``load_exported`` (and
 ``G.pt2``: a ``torch.export`` program of the network's forward, traced with the inputs the family's
 own evaluation passes to it (for a conditional family: its encoded inputs, e.g. one-hot label maps
 and instance edges), batch size free. It runs with torch alone: ``torch.export.load(path).module()``.
-``torch.export`` is the successor torch names for TorchScript, which torch 2.14 deprecates; an ONNX
-file is one ``torch.onnx.export`` of this program away.
+``torch.export`` is the successor torch names for TorchScript, which torch 2.14 deprecates.
+
+``G.onnx`` (``--onnx``, the ``onnx`` extra): that program as an ONNX model through torch's own
+exporter, weights inside the file, batch size free; for ONNX Runtime, TensorRT and the like.
+What the generator draws itself (SPADE's VAE style) is drawn in the graph by ONNX's RNG.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import inspect
 import io as _io
 import json
@@ -125,3 +129,21 @@ def export_program(net: nn.Module, args: tuple, kwargs: dict, url: str) -> torch
     torch.export.save(program, buf)
     io.atomic_write_bytes(url, buf.getvalue())
     return program
+
+
+def onnx_missing() -> str | None:
+    """Why an ONNX export cannot run here, or None."""
+    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"--onnx needs the {' and '.join(missing)} package(s): pip install -e '.[onnx]'"
+    return None
+
+
+def export_onnx(program: torch.export.ExportedProgram, url: str) -> None:
+    """``program`` as one self-contained ONNX file at ``url`` (its dynamic batch dimension kept).
+    ONNX's protobuf limit holds such a file to 2 GB of weights, far above these generators'."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        with contextlib.redirect_stdout(_io.StringIO()):  # the exporter's progress lines
+            torch.onnx.export(program, f=str(path), dynamo=True, external_data=False, verbose=False)
+        io.atomic_write_bytes(url, path.read_bytes())

@@ -215,11 +215,15 @@ def prepared_batches(snap: Snapshot, ev: Evaluation, batch_size: int) -> Iterato
         yield batch, snap.family.prepare({ev.inputs.name: batch}, _device(snap), cfg, snap.info)
 
 
-def export(snap: Snapshot, out: str, network: str | None = None) -> list[str]:
+def export(snap: Snapshot, out: str, network: str | None = None, onnx: bool = False) -> list[str]:
     """``network`` (default the family's first) as ``NAME.safetensors`` in ``out`` and, for a
     conditional family, as the ``torch.export`` program ``NAME.pt2`` traced on one batch of the
-    validation split (see ``pipeline.export``). The URLs written."""
-    from .export import captured_inputs, export_program, export_safetensors
+    validation split, and with ``onnx`` as that program's ONNX model ``NAME.onnx`` (see
+    ``pipeline.export``). The URLs written."""
+    from .export import captured_inputs, export_onnx, export_program, export_safetensors, onnx_missing
+
+    if onnx and (why := onnx_missing()):
+        raise ValueError(why)
 
     name = network or next(iter(snap.nets))
     if name not in snap.nets:
@@ -235,8 +239,15 @@ def export(snap: Snapshot, out: str, network: str | None = None) -> list[str]:
         except ValueError:  # this evaluation runs another network (CycleGAN's other direction)
             continue
         written.append(io.join(out, f"{name}.pt2"))
-        export_program(snap.nets[name], args, kwargs, written[-1])
+        program = export_program(snap.nets[name], args, kwargs, written[-1])
+        if onnx:
+            written.append(io.join(out, f"{name}.onnx"))
+            export_onnx(program, written[-1])
         break
+    else:
+        if onnx:
+            raise ValueError(f"--onnx: the {snap.family.name} family's generator takes no inputs to trace (ONNX export "
+                             f"is for the conditional families); its weights are in {written[0]}")
     return written
 
 
@@ -350,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--export", action="store_true",
                       help="write the generator as NAME.safetensors (with its config) and, for conditional "
                            "families, as the torch.export program NAME.pt2")
+    p.add_argument("--onnx", action="store_true", help="with --export, conditional families: also the ONNX model "
+                                                       "NAME.onnx (needs the onnx extra)")
     p.add_argument("--network", help="with --export: which network (default the family's first, e.g. G; "
                                      "CycleGAN: G_A or G_B)")
     p.add_argument("--max-samples", type=int, help="conditional: at most this many inputs")
@@ -370,9 +383,11 @@ def main(argv: list[str] | None = None) -> int:
 def _generate(a: argparse.Namespace) -> int:
     import torchvision
 
+    if a.onnx and not a.export:
+        raise ValueError("--onnx goes with --export")
     snap = load_snapshot(a.run, a.step, a.best, device=a.device)
     if a.export:
-        for url in export(snap, a.out, a.network):
+        for url in export(snap, a.out, a.network, onnx=a.onnx):
             print(f"wrote {url}")
         return 0
     out = Path(a.out)

@@ -83,6 +83,11 @@ def test_an_exported_generator_gives_the_same_images_without_its_run(stylegan2_r
     r = generate("--run", str(stylegan2_run), "--out", str(tmp_path / "export"), "--export")
     assert r.returncode == 0, explain(r)
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["G.safetensors"]  # no program: unconditional
+    for extra in (["--export", "--onnx"], ["--onnx", "--count", "1"]):
+        r = generate("--run", str(stylegan2_run), "--out", str(tmp_path / "onnx"), *extra)
+        assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, explain(r)
+        assert ("ONNX export is for the conditional families" if "--export" in extra else
+                "--onnx goes with --export") in r.stderr, explain(r)
     exported = tmp_path / "export" / "G.safetensors"
     G, snap = pipeline.load_generator(str(stylegan2_run))
     G2, snap2 = pipeline.load_generator(str(exported))
@@ -180,8 +185,9 @@ def test_a_conditional_run_translates_a_split_or_a_folder_and_refuses_seeds(demo
     assert "translates inputs: give --split" in r.stderr
     # Export: G's weights with its config, and its forward as a torch.export program that runs with
     # torch alone, for any batch size, as G does on the family's encoded inputs.
-    r = generate("--run", str(run_dir), "--out", str(tmp_path / "export"), "--export")
+    r = generate("--run", str(run_dir), "--out", str(tmp_path / "export"), "--export", "--onnx")
     assert r.returncode == 0, explain(r)
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["G.onnx", "G.pt2", "G.safetensors"]
     from pipeline.export import captured_inputs
     from pipeline.generate import prepared_batches
 
@@ -197,6 +203,12 @@ def test_a_conditional_run_translates_a_split_or_a_folder_and_refuses_seeds(demo
         assert len(args[0]) == n
         with torch.no_grad():
             torch.testing.assert_close(program(*args, **kwargs), G(*args, **kwargs), rtol=1e-5, atol=1e-5)
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(tmp_path / "export" / "G.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), args, strict=True)}
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(session.run(None, feeds)[0]), G(*args), rtol=1e-4, atol=1e-4)
 
 
 def test_a_directory_without_snapshots_is_one_line_that_says_what_it_expected(tmp_path):
@@ -253,6 +265,52 @@ def test_the_exported_program_of_pix2pixhd_and_spade_computes_what_g_computes(co
             with torch.no_grad():
                 outs.append(f(*args, **kwargs))
         torch.testing.assert_close(*outs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config, overrides", [
+    ("pix2pixhd_demo", ["data.load_size=128,64", "model.ngf=4", "model.n_blocks_global=1"]),
+    ("spade_demo", ["data.load_size=64,32", "model.ngf=2", "model.spade_hidden=4"]),
+    ("spade_demo", ["data.load_size=64,32", "model.ngf=2", "model.spade_hidden=4", "model.use_vae=true",
+                    "model.z_dim=16"]),
+])
+def test_the_onnx_model_computes_what_g_computes_in_onnx_runtime(config, overrides, demo_shards, tmp_path):
+    """``--onnx``: the program as an ONNX file, run by ONNX Runtime at the traced batch size and
+    another; with SPADE's VAE the style is drawn inside the graph, so two runs differ."""
+    ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    from pipeline.config import load_config
+    from pipeline.data.manifest import load_manifest
+    from pipeline.export import captured_inputs
+    from pipeline.families import get_family
+    from pipeline.generate import Snapshot, export, prepared_batches
+    from pipeline.train.family import DataInfo
+
+    cfg = load_config(config, [f"data.url={demo_shards}", *overrides])
+    m = load_manifest(demo_shards)
+    info = DataInfo(m.task, m.num_classes, tuple(m.fields))
+    family = get_family(cfg.model.family)
+    torch.manual_seed(0)
+    nets = {name: net.eval().requires_grad_(False) for name, net in family.build(cfg, info).items()}
+    snap = Snapshot(nets, cfg, family, info, str(tmp_path / "none"), 0)
+    written = export(snap, str(tmp_path / "export"), onnx=True)
+    assert [Path(u).name for u in written] == ["G.safetensors", "G.pt2", "G.onnx"]
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["G.onnx", "G.pt2", "G.safetensors"]
+    session = ort.InferenceSession(written[2], providers=["CPUExecutionProvider"])
+    (ev,) = snap.evaluations()
+    for n in (1, 3):
+        _, batch = next(prepared_batches(snap, ev, n))
+        args, kwargs = captured_inputs(nets["G"], ev.generate, snap.nets, batch)
+        tensors = [*args, *(v for v in kwargs.values() if torch.is_tensor(v))]
+        feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), tensors, strict=True)}
+        out = torch.from_numpy(session.run(None, feeds)[0])
+        with torch.no_grad():
+            ref = nets["G"](*args, **kwargs)
+        ref = ref if torch.is_tensor(ref) else ref[0]
+        assert out.shape == ref.shape and len(out) == n
+        if getattr(cfg.model, "use_vae", False):
+            again = torch.from_numpy(session.run(None, feeds)[0])
+            assert torch.isfinite(out).all() and not torch.equal(out, again)
+        else:
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_cyclegan_exports_either_direction_and_each_program_computes_what_its_g_computes(unpaired_shards, tmp_path):
