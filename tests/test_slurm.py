@@ -91,9 +91,13 @@ def job_env(tmp: Path, **extra: str) -> dict[str, str]:
             "MAIN_PROCESS_PORT": str(free_port()), **extra}
 
 
+# train.sbatch requests GPUs by default; these nodes have none (the documented CPU override).
+CPU_ONLY = ["--gpus-per-node=0", "--cpus-per-task=1"]
+
+
 def submit_train(cluster: SlurmCluster, tmp: Path, overrides: list[str], **env: str) -> int:
     env = job_env(tmp, CONFIG="pix2pix_demo", TORCH_ELASTIC_SHUTDOWN_TIMEOUT="120", **{"DEVICE": "cpu", **env})
-    return cluster.sbatch(["--time=15", f"--output={tmp}/%x-%j.out", str(TRAIN_SBATCH), *overrides],
+    return cluster.sbatch(["--time=15", f"--output={tmp}/%x-%j.out", *CPU_ONLY, str(TRAIN_SBATCH), *overrides],
                           cwd=REPO, env=env)
 
 
@@ -306,5 +310,9 @@ def test_a_failure_is_not_requeued_requeues_are_capped_and_no_gpu_stops(cluster,
     assert "preempted, but already requeued 0 times (MAX_REQUEUES=0)" in batch, job_report(cluster, capped)
     assert (capped / "run" / "PREEMPTED.json").exists() and not (capped / "run" / "DONE.json").exists()
     batch = (nogpu / f"gan-train-{cpu_only}.out").read_text()
-    assert "train.sbatch: no GPU visible on" in batch and "or set DEVICE=cpu" in batch, job_report(cluster, nogpu)
+    assert "train.sbatch: no GPU visible on" in batch and "and DEVICE=cpu" in batch, job_report(cluster, nogpu)
     assert not (nogpu / "run").exists() and not (nogpu / "logs").exists()
+    # Without the override, the script's own requests: GPUs, which this cluster does not have.
+    r = subprocess.run(["sbatch", "--parsable", "--time=15", str(TRAIN_SBATCH)], capture_output=True, text=True,
+                       timeout=60, cwd=REPO, env=cluster.env(**job_env(nogpu)))
+    assert r.returncode == 1 and "Invalid generic resource (gres) specification" in r.stderr, r.stdout + r.stderr
