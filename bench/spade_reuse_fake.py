@@ -53,7 +53,7 @@ def l1_curve(run_dir: Path, shards: str) -> dict[int, float]:
 
     cfg = load_config("spade_demo", [f"data.url={shards}"])
     m = load_manifest(shards)
-    info = DataInfo(m.task, m.num_classes, tuple(m.fields))
+    info = DataInfo.of(m)
     fields = spade.streams(cfg, info, "val")[0].fields
     batches = [spade.prepare({"data": torch.utils.data.default_collate([s])}, torch.device("cpu"), cfg, info)
                for s in make_stream(shards, "val", train=False, fields=fields,

@@ -460,7 +460,7 @@ def child(args) -> int:
     cfg = load_config(spec.config, [f"data.url={args.shards}", *spec.overrides, f"run.dir={args.run_dir}",
                                     f"train.total_kimg={total_kimg!r}", "train.progress=false"])
     manifest = load_manifest(cfg.data.url)
-    info = DataInfo(manifest.task, manifest.num_classes, tuple(manifest.fields))
+    info = DataInfo.of(manifest)
     family = noop_family() if spec.family == "noop" else get_family(cfg.model.family)
     rec = Record()
     prof = Profilers() if args.profile else None

@@ -44,7 +44,8 @@ def export_safetensors(snap, network: str, url: str) -> None:
     info = snap.info
     meta = {"format": FORMAT, "family": snap.family.name, "network": network, "step": snap.step,
             "source": snap.url, "config": to_dict(snap.cfg),
-            "info": {"task": info.task, "num_classes": info.num_classes, "fields": list(info.fields)}}
+            "info": {"task": info.task, "num_classes": info.num_classes, "fields": list(info.fields),
+                     "palette": [list(c) for c in info.palette] if info.palette else None}}
     io.atomic_write_bytes(url, save(state, metadata={META_KEY: json.dumps(meta)}))
 
 
@@ -79,7 +80,9 @@ def load_exported(url: str, device: str | torch.device = "cpu", storage_options:
         state = load_file(path)
     cfg = from_dict(meta["config"])
     family = get_family(meta["family"])
-    info = DataInfo(meta["info"]["task"], meta["info"]["num_classes"], tuple(meta["info"]["fields"]))
+    own = meta["info"].get("palette")
+    info = DataInfo(meta["info"]["task"], meta["info"]["num_classes"], tuple(meta["info"]["fields"]),
+                    tuple(map(tuple, own)) if own else None)
     net = family.build(cfg, info)[meta["network"]]
     net.load_state_dict(state)
     net = net.eval().requires_grad_(False).to(device)

@@ -82,7 +82,7 @@ def load_snapshot(url: str, step: int | None = None, best: bool = False, storage
     cfg = from_dict(record["config"])
     family = get_family(cfg.model.family)
     manifest = load_manifest(cfg.data.url, cfg.data.storage_options or so)
-    info = DataInfo(manifest.task, manifest.num_classes, tuple(manifest.fields))
+    info = DataInfo.of(manifest)
     built = family.build(cfg, info)
     nets = {}
     for name, file in ckpt.snapshot_networks(record).items():

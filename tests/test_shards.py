@@ -186,9 +186,29 @@ def test_cli_write_verify_inspect_on_a_cityscapes_tree(tmp_path):
     r = run_cli("inspect", str(out), "--samples", "3", "--sheet", str(sheet))
     assert r.returncode == 0 and "4 samples in 2 shards" in r.stdout, r.stdout + r.stderr
     assert Image.open(sheet).size[1] == 3 * (128 + 4)
+    # Label maps in the dataset's own colours: a frame of "car" (26) as its _gtFine_color.png has it.
+    assert len(m["palette"]) == 35 and m["palette"][7] == [128, 64, 128] and m["palette"][26] == [0, 0, 142]
+    photo_width = 8 * 128 // 4  # the 8x4 photo at the sheet's tile height
+    assert Image.open(sheet).convert("RGB").getpixel((photo_width + 4 + 10, 10)) == (0, 0, 142)
     r = run_cli("write", "cityscapes", "--root", str(root), "--out", str(tmp_path / "s2"), "--strict", "--quiet")
     assert r.returncode == 1 and "--strict: [missing_partner]" in r.stderr
     assert not (tmp_path / "s2" / "manifest.json").exists()
+
+
+def test_image_grids_show_label_maps_in_the_datasets_colours():
+    import torch
+
+    from pipeline.data.sources.cityscapes import CITYSCAPES_PALETTE
+    from pipeline.families.labelmaps import colourised
+    from pipeline.train.family import DataInfo
+
+    label = torch.tensor([[[7, 26], [23, 200]]])  # road, car, sky, an id beyond the palette
+    own = colourised(label, DataInfo("label2image", 35, ("image", "label"), CITYSCAPES_PALETTE))
+    rgb = ((own[0] + 1) * 127.5).round().int().permute(1, 2, 0).tolist()
+    assert rgb[0] == [[128, 64, 128], [0, 0, 142]] and rgb[1][0] == [70, 130, 180]
+    generated = colourised(label, DataInfo("label2image", 35, ("image", "label")))
+    assert torch.equal(generated[0, :, 1, 1], own[0, :, 1, 1])  # ids past the palette: the generated colours
+    assert not torch.equal(generated[0, :, 0, 0], own[0, :, 0, 0])
 
 
 def test_cli_verify_reports_a_damaged_shard(tmp_path):

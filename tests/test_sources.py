@@ -162,6 +162,12 @@ def test_ade20k_class_names_follow_object_info_150():
         "unlabeled", "wall", "building", "sky", "person")
     assert (names[45], names[59], names[131], names[137], names[150]) == (
         "chest of drawers", "screen door", "screen", "traffic light", "flag")
+    # The benchmark's colours, one per id (its table gives road and skyscraper the same grey):
+    colours = info.palette
+    assert len(colours) == 151 and len(set(colours)) == 150 and colours[0] == (0, 0, 0)
+    assert colours[7] == colours[49] == (140, 140, 140)
+    assert (colours[1], colours[2], colours[3], colours[13], colours[150]) == (
+        (120, 120, 120), (180, 120, 120), (6, 230, 230), (150, 5, 61), (92, 0, 255))
 
 
 def test_ade20k_errors_name_paths_and_splits(tmp_path):

@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .. import io
 
 MANIFEST_NAME = "manifest.json"
@@ -66,6 +68,13 @@ class Manifest:
     @property
     def num_classes(self) -> int | None:
         return self.data.get("num_classes")
+
+    @property
+    def palette(self) -> np.ndarray | None:
+        """``[num_classes, 3]`` uint8: the dataset's own colour of each class id, when its source
+        has them (Cityscapes, ADE20K)."""
+        colours = self.data.get("palette")
+        return np.asarray(colours, dtype=np.uint8).reshape(-1, 3) if colours else None
 
     def members(self, field: str) -> tuple[str, ...]:
         """The member suffixes that may hold ``field`` in a sample, in order of preference

@@ -497,6 +497,7 @@ def write_dataset(source: Source, out: str, splits: list[str], opts: WriteOption
         "fields": fields,
         "num_classes": info.num_classes,
         "class_names": list(info.class_names) if info.class_names else None,
+        "palette": [list(c) for c in info.palette] if info.palette else None,
         "splits": split_entries,
         "totals": {
             "samples": sum(e["samples"] for e in split_entries.values()),

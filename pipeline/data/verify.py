@@ -108,14 +108,25 @@ def palette(n: int) -> np.ndarray:
     return colours
 
 
-def colourise(ids: np.ndarray) -> np.ndarray:
-    """``[H, W]`` integer ids -> ``[H, W, 3]`` uint8 colours (instance ids hashed to a colour)."""
+def colourise(ids: np.ndarray, own: np.ndarray | None = None) -> np.ndarray:
+    """``[H, W]`` integer ids -> ``[H, W, 3]`` uint8 colours (instance ids hashed to a colour);
+    ``own`` ``[n, 3]``: the dataset's colours of ids below n (a label map's classes)."""
     ids = ids.astype(np.int64)
     uniq, inverse = np.unique(ids, return_inverse=True)
     if uniq.max(initial=0) < 256:
-        return palette(256)[ids]
+        return with_own_colours(palette(256), own)[ids]
     pal = palette(len(uniq) + 1)[1:]
     return pal[inverse.reshape(ids.shape)]
+
+
+def with_own_colours(generated: np.ndarray, own: np.ndarray | None) -> np.ndarray:
+    """``generated`` with its first rows replaced by the dataset's own colours, where it has them."""
+    if own is None:
+        return generated
+    out = generated.copy()
+    n = min(len(own), len(out))
+    out[:n] = own[:n]
+    return out
 
 
 def contact_sheet(manifest: Manifest, split: str, count: int = 8,
@@ -132,7 +143,8 @@ def contact_sheet(manifest: Manifest, split: str, count: int = 8,
                         continue
                     img = decode_field(spec["kind"], raw[member])
                     if spec["kind"] != "image":
-                        img = Image.fromarray(colourise(map_array(img)))
+                        own = manifest.palette if spec["kind"] == "label" else None
+                        img = Image.fromarray(colourise(map_array(img), own))
                     w = max(1, round(img.width * tile_height / img.height))
                     tiles.append(img.resize((w, tile_height), Image.Resampling.NEAREST))
                 rows.append(tiles)

@@ -129,7 +129,7 @@ class Evaluator:
             return self._invalid(step, url, exc)
         family = get_family(cfg.model.family)
         manifest = load_manifest(cfg.data.url, so)
-        info = DataInfo(manifest.task, manifest.num_classes, tuple(manifest.fields))
+        info = DataInfo.of(manifest)
         built = family.build(cfg, info)
         try:
             for name, state in states.items():

@@ -176,7 +176,7 @@ def evaluations(cfg: Config, info: DataInfo, split: str) -> tuple[Evaluation, ..
 def visualize(nets: dict, b: dict, info: DataInfo) -> list[torch.Tensor]:
     """Columns: input | G(A, μ(E(B))) | G(A, z) for fixed random z, one column each | target."""
     G, a = nets["G"], b["input"]
-    shown = colourised(b["label"], info.num_classes) if b["label"] is not None else a.float()
+    shown = colourised(b["label"], info) if b["label"] is not None else a.float()
     columns = [shown, G(a, nets["E"](b["image"])[0]).float()]
     for k in range(3):
         z = torch.randn(len(a), G.nz, generator=torch.Generator().manual_seed(k)).to(a.device)

@@ -29,11 +29,16 @@ def instance_edges(instance: torch.Tensor) -> torch.Tensor:
     return edge.float()
 
 
-def colourised(label: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """``label`` [N, H, W] int64 -> [N, 3, H, W] in [-1, 1], the shard inspector's palette."""
-    from ..data.verify import palette
+def colourised(label: torch.Tensor, info) -> torch.Tensor:
+    """``label`` [N, H, W] int64 -> [N, 3, H, W] in [-1, 1]: the dataset's own colours
+    (``info.palette``) where it has them, else the shard inspector's palette."""
+    import numpy as np
 
-    pal = torch.from_numpy(palette(max(256, num_classes))).to(label.device).float() / 127.5 - 1
+    from ..data.verify import palette, with_own_colours
+
+    own = np.asarray(info.palette, dtype=np.uint8) if info.palette else None
+    colours = with_own_colours(palette(max(256, info.num_classes or 0)), own)
+    pal = torch.from_numpy(colours).to(label.device).float() / 127.5 - 1
     return pal[label].permute(0, 3, 1, 2)
 
 

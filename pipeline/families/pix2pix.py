@@ -135,7 +135,7 @@ def evaluations(cfg: Config, info: DataInfo, split: str) -> tuple[Evaluation, ..
 def visualize(nets: dict, b: dict, info: DataInfo) -> list[torch.Tensor]:
     """Columns of the image grid: input | output | target, each [N, 3, H, W] in [-1, 1]."""
     out = nets["G"](b["input"]).float()
-    shown = colourised(b["label"], info.num_classes) if b["label"] is not None else b["input"].float()
+    shown = colourised(b["label"], info) if b["label"] is not None else b["input"].float()
     return [shown, out, b["image"].float()]
 
 

@@ -204,7 +204,7 @@ def evaluations(cfg: Config, info: DataInfo, split: str) -> tuple[Evaluation, ..
 @torch.no_grad()
 def visualize(nets: dict, b: dict, info: DataInfo) -> list[torch.Tensor]:
     """Columns: label map (colourised) | output | target, [N, 3, H, W] in [-1, 1]."""
-    return [colourised(b["label"], info.num_classes), generate(nets, b).float(), b["image"].float()]
+    return [colourised(b["label"], info), generate(nets, b).float(), b["image"].float()]
 
 
 FAMILY = Family(

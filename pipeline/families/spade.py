@@ -182,7 +182,7 @@ def visualize(nets: dict, b: dict, info: DataInfo) -> list[torch.Tensor]:
         gen = torch.Generator().manual_seed(0)
         zs = [torch.randn(b["input"].shape[0], G.net.z_dim, generator=gen) for _ in range(3)]
         outputs = [G(b["input"], z=z.to(b["input"].device))[0].float() for z in zs]
-    return [colourised(b["label"], info.num_classes), *outputs, b["image"].float()]
+    return [colourised(b["label"], info), *outputs, b["image"].float()]
 
 
 def _phases(cfg: Config) -> tuple[Phase, ...]:

@@ -58,7 +58,7 @@ def dry_run(cfg) -> int:
             print(f"  changed, REFUSED (run.accept_changes or a new run.dir): {change}")
     try:
         manifest = load_manifest(cfg.data.url, cfg.data.storage_options or None)
-        info = DataInfo(manifest.task, manifest.num_classes, tuple(manifest.fields))
+        info = DataInfo.of(manifest)
     except ManifestError as exc:
         print(f"(no shards at data.url yet: {exc}; sizes shown for 35 label classes)")
         info = DataInfo("label2image", 35, ("image", "label"))

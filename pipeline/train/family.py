@@ -25,11 +25,20 @@ from ..config import Config
 
 @dataclass(frozen=True)
 class DataInfo:
-    """What a family needs to know about the shards it trains on."""
+    """What a family needs to know about the shards it trains on. ``palette``: the dataset's own
+    colour of each class id (``(r, g, b)`` tuples) for image grids, where its source has one."""
 
     task: str
     num_classes: int | None
     fields: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...] | None = None
+
+    @classmethod
+    def of(cls, manifest) -> DataInfo:
+        """The shards' description from their ``Manifest``."""
+        own = manifest.palette
+        return cls(manifest.task, manifest.num_classes, tuple(manifest.fields),
+                   tuple(map(tuple, own.tolist())) if own is not None else None)
 
 
 @dataclass(frozen=True)

@@ -214,7 +214,7 @@ def train(cfg: Config, command: str = "") -> int:
     # ------------------------------------------------------------ the family and its networks
     manifest = load_manifest(cfg.data.url, so)
     family = get_family(cfg.model.family)
-    info = DataInfo(manifest.task, manifest.num_classes, tuple(manifest.fields))
+    info = DataInfo.of(manifest)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     nets = family.build(cfg, info)
     check_declarations(family, nets, cfg, precision, backend)

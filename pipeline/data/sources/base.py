@@ -64,6 +64,9 @@ class SourceInfo:
     num_classes: int | None = None
     class_names: tuple[str, ...] | None = None
     default_splits: tuple[str, ...] = ("train", "val")
+    # The dataset's own colour of each class id (Cityscapes', ADE20K's), for contact sheets and
+    # image grids; None: the inspector's generated palette.
+    palette: tuple[tuple[int, int, int], ...] | None = None
 
     def kind_of(self, field_name: str) -> str:
         for spec in self.fields:

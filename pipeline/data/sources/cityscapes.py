@@ -29,6 +29,16 @@ CITYSCAPES_CLASSES = (
     "trailer", "train", "motorcycle", "bicycle", "license plate",
 )
 
+# The colour of each id above, as cityscapesScripts' labels.py gives it ("license plate" there
+# has the colour of "car").
+CITYSCAPES_PALETTE = (
+    (0, 0, 0), (0, 0, 0), (0, 0, 0), (0, 0, 0), (0, 0, 0), (111, 74, 0), (81, 0, 81), (128, 64, 128),
+    (244, 35, 232), (250, 170, 160), (230, 150, 140), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+    (180, 165, 180), (150, 100, 100), (150, 120, 90), (153, 153, 153), (153, 153, 153), (250, 170, 30),
+    (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142),
+    (0, 0, 70), (0, 60, 100), (0, 0, 90), (0, 0, 110), (0, 80, 100), (0, 0, 230), (119, 11, 32), (0, 0, 142),
+)
+
 PHOTO_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
 INSTANCE_SUFFIX = "_gtFine_instanceIds.png"
@@ -63,6 +73,7 @@ class CityscapesSource:
         num_classes=len(CITYSCAPES_CLASSES),
         class_names=CITYSCAPES_CLASSES,
         default_splits=("train", "val"),
+        palette=CITYSCAPES_PALETTE,
     )
 
     def __init__(self, root: Path | None) -> None:
