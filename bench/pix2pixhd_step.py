@@ -128,6 +128,8 @@ VARIANTS = {
     "ours-adam-fused": Variant("OURS fp32 Adam fused", "ours", adam="fused", default=False),
     "ours-compile": Variant("OURS fp32 compiled", "ours", compile=True, default=False),
     "ours-cl": Variant("OURS fp32 channels_last", "ours", channels_last=True, default=False),
+    "ours-bf16-cl": Variant("OURS bf16 channels_last", "ours", "bf16", channels_last=True, default=False),
+    "ours-bf16-compile": Variant("OURS bf16 compiled", "ours", "bf16", compile=True, default=False),
 }
 OVERRIDES = [
     "model.family=pix2pixhd", "model.generator=global", "model.ngf=32", "model.ndf=32",
