@@ -424,3 +424,15 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 def stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def make_tracker(tracker: str, project: str, /, **kwargs):
+    """accelerate's experiment tracker ``tracker`` (``wandb``, ``mlflow``) for ``project``, not yet
+    started. Its methods ask accelerate's process state which process is the main one: an
+    evaluator of one process has none yet, so it is made here (with more processes the process
+    group already made it, and this is a no-op)."""
+    from accelerate.state import PartialState
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    PartialState()
+    return LOGGER_TYPE_TO_CLASS[tracker](project, **kwargs)

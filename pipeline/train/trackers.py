@@ -46,14 +46,8 @@ class Trackers:
 
     def __init__(self, spec: str, project: str, run_dir: str, config: dict, kind: str = "train",
                  storage_options: dict | None = None):
-        from accelerate.state import PartialState
-        from accelerate.tracking import LOGGER_TYPE_TO_CLASS
-
         from ..config import _flatten
-
-        # The tracker classes ask accelerate's process state who is main: an evaluator of one
-        # process has none yet (with more, the process group already made it; this is a no-op).
-        PartialState()
+        from ..dist import make_tracker
 
         self.run_dir, self.kind, self.so = run_dir, kind, storage_options
         run_name = run_dir.rstrip("/").rsplit("/", 1)[-1]
@@ -74,7 +68,7 @@ class Trackers:
         self.active = []
         for tracker_name in names(spec):
             try:
-                tracker = LOGGER_TYPE_TO_CLASS[tracker_name](project, **kwargs[tracker_name])
+                tracker = make_tracker(tracker_name, project, **kwargs[tracker_name])
                 tracker.start()
                 if tracker_name == "mlflow" and saved.get("run_id"):
                     _continue_params(tracker, flat)
