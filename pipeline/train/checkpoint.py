@@ -113,8 +113,6 @@ def load_tensors(url: str, storage_options: dict | None = None) -> Any:
 
 def fingerprint(state: dict[str, torch.Tensor]) -> str:
     """SHA-256 of a state dict (parameters and buffers, bit for bit), for comparing ranks."""
-    import hashlib
-
     h = hashlib.sha256()
     for name, t in sorted(state.items()):
         h.update(name.encode())
