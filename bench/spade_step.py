@@ -44,29 +44,35 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import io
 import json
 import math
 import os
 import platform
-import resource
-import statistics
-import subprocess
 import sys
 import time
 import types
-from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+import loop_iteration
+import torch
+import torch.nn.functional as F
+from loop_iteration import (
+    REPO,
+    RESULT_TAG,
+    LoopIteration,
+    Stamper,
+    Variant,
+    child_measure,
+    run_child,
+    run_rounds,
+    stamp_forwards,
+    stamp_optimizers,
+)
+from torch import nn
+
 sys.path.insert(0, str(REPO))  # runnable from a checkout; the official child imports nothing from it
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-RESULT_TAG = "RESULT "
 TARGETS = {"ours": 0.75, "ours-no-reuse": 0.95}  # CPU time / official's (peak RSS: <= 1 for both)
 EXTERNAL_SEC = 2.152  # the issue: official code, this config, this machine type, 1 thread, same torch
 H, W, LABEL_NC, SEED = 128, 256, 35, 0
@@ -86,19 +92,11 @@ OURS_ARGS = [
 ]
 
 
-@dataclass(frozen=True)
-class Variant:
-    label: str
-    kind: str  # "ours" or "official"
-    precision: str = "fp32"
-    reuse_fake: bool = True
-
-
 VARIANTS = {
     "official": Variant("OFFICIAL fp32", "official"),
-    "ours": Variant("OURS fp32", "ours"),
-    "ours-no-reuse": Variant("OURS fp32 no-reuse", "ours", reuse_fake=False),
-    "ours-bf16": Variant("OURS bf16", "ours", "bf16"),
+    "ours": Variant("OURS fp32", "ours", overrides=("model.reuse_fake=true",)),
+    "ours-no-reuse": Variant("OURS fp32 no-reuse", "ours", overrides=("model.reuse_fake=false",)),
+    "ours-bf16": Variant("OURS bf16", "ours", "bf16", ("model.reuse_fake=true",)),
 }
 
 
@@ -115,41 +113,6 @@ def make_batch(seed: int = SEED) -> dict:
         instance[:, y:y + h, x:x + w] = cls * 1000 + k
     image = torch.randint(0, 256, (1, 3, H, W), generator=g, dtype=torch.uint8)
     return {"label": label, "instance": instance.to(torch.uint16), "image": image}
-
-
-class Stamper:
-    """Process-CPU time per named section of an iteration; ``phase`` names the current phase."""
-
-    def __init__(self):
-        self.sections: dict[str, list[float]] = {}
-        self.current: dict[str, float] = {}
-        self.phase, self.last = "", time.process_time()
-
-    def start(self) -> None:
-        self.current, self.last = {}, time.process_time()
-
-    def __call__(self, name: str) -> None:
-        now = time.process_time()
-        self.current[name] = self.current.get(name, 0.0) + now - self.last
-        self.last = now
-
-    def keep(self) -> None:
-        for k, v in self.current.items():
-            self.sections.setdefault(k, []).append(v)
-
-
-REST = "rest (inputs, cat, losses)"
-
-
-def stamp_forwards(stamper: Stamper, nets: dict[str, nn.Module]) -> None:
-    """Forward hooks: what precedes a net's forward is its phase's rest, the forward its own."""
-    for name, net in nets.items():
-        net.register_forward_pre_hook(lambda m, a: stamper(f"{stamper.phase} phase: {REST}"))
-        net.register_forward_hook(lambda m, a, o, name=name: stamper(f"{stamper.phase} phase: {name} forward"))
-
-
-def count(net: nn.Module) -> int:
-    return sum(p.numel() for p in net.parameters())
 
 
 # ============================================================================= OFFICIAL: NVlabs/SPADE
@@ -203,9 +166,7 @@ class Official:
 
     def hook(self, stamper: Stamper) -> None:
         stamp_forwards(stamper, self.nets)
-        for name, opt in self.optimizers.items():
-            opt.register_step_pre_hook(lambda o, a, k, name=name: stamper(f"{name} phase: backward"))
-            opt.register_step_post_hook(lambda o, a, k, name=name: stamper(f"{name} phase: step"))
+        stamp_optimizers(stamper, self.optimizers)
 
     def iteration(self, raw: dict, stamper: Stamper) -> None:
         data = {"label": raw["label"].unsqueeze(1).float(), "instance": raw["instance"].unsqueeze(1).int(),
@@ -220,131 +181,17 @@ class Official:
         return {k: float(v.detach().mean()) for k, v in self.trainer.get_latest_losses().items()}
 
 
-# ============================================================================= OURS: the loop's iteration
-
-
-class StampedEngine:
-    """A ``dist.DDPEngine`` as the loop drives it, stamping after its backward and its step; in the
-    numerics child it keeps the gradients each step is about to apply."""
-
-    def __init__(self, engine, owner: Ours):
-        self.engine, self.owner, self.capture = engine, owner, None
-
-    def __getattr__(self, name: str):  # name, modules, param_groups, sync_context, check
-        return getattr(self.engine, name)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
-        self.owner.stamper(f"{self.engine.name} phase: backward")
-
-    def step(self, skip: bool) -> torch.Tensor:
-        if skip:
-            raise RuntimeError(f"non-finite {self.engine.name} step in the benchmark")
-        if self.capture is not None:
-            self.capture[self.engine.name] = [p.grad.detach().clone() for m in self.engine.modules.values()
-                                              for p in m.parameters()]
-        norm = self.engine.step(skip)
-        self.owner.stamper(f"{self.engine.name} phase: step")
-        return norm
-
-
-class Ours:
-    """The spade family driven by the loop's own ``run_iteration`` (world size 1, no DDP)."""
-
-    def __init__(self, precision: str, reuse_fake: bool):
-        from pipeline import dist
-        from pipeline.config import load_config
-        from pipeline.families import get_family
-        from pipeline.train.family import DataInfo, StepContext
-        from pipeline.train.loop import adam_kwargs
-        from pipeline.train.stats import Monitor
-
-        self.cfg = cfg = load_config(None, [*OURS_ARGS, f"model.reuse_fake={str(reuse_fake).lower()}"])
-        self.info = info = DataInfo("label2image", LABEL_NC, ("image", "label", "instance"))
-        self.family = get_family("spade")
-        torch.manual_seed(SEED)
-        self.nets = nets = self.family.build(cfg, info)
-        self.stamper, self.engines, self.outs = Stamper(), {}, {}
-        for spec in self.family.optimizers(cfg):  # as loop.train (through dist.make_engine) makes them
-            modules = {name: nets[name] for name in spec.nets}
-            optimizer = torch.optim.Adam(spec.param_groups(modules), lr=spec.lr, betas=spec.betas,
-                                         **adam_kwargs(cfg.optim.adam))
-            for group in optimizer.param_groups:
-                group.setdefault("initial_lr", group["lr"])
-            self.engines[spec.name] = StampedEngine(
-                dist.DDPEngine(spec.name, modules, optimizer, None, cfg.optim.grad_clip), self)
-        self.phases = tuple(dataclasses.replace(p, fn=self.stamped(p)) for p in self.family.phases(cfg))
-        self.stream = self.family.streams(cfg, info, cfg.data.split)[0].name
-        autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" \
-            else contextlib.nullcontext
-        self.ctx = StepContext(nets=nets, plain=nets, cfg=cfg, info=info, mean_over_ranks=dist.mean_over_ranks,
-                               reuse_fake=True, autocast=autocast)
-        self.monitor = Monitor(cfg, cfg.run.dir, self.family, info, torch.device("cpu"), enabled=False)
-        self.agree = lambda ok: not dist.any_rank([not ok, False, False], "cpu")[0]  # the loop's agree
-
-    def stamped(self, phase):
-        def fn(ctx, b, scratch):
-            self.stamper("loop: requires_grad_, monitor.add")
-            self.stamper.phase = phase.name
-            out = phase.fn(ctx, b, scratch)
-            self.stamper(f"{phase.name} phase: {REST}")
-            self.outs[phase.name] = {k: v.detach() for k, v in out.items()}
-            return out
-
-        return fn
-
-    def hook(self, stamper: Stamper) -> None:
-        self.stamper = stamper
-        stamp_forwards(stamper, self.nets)
-
-    def iteration(self, raw: dict, stamper: Stamper) -> None:
-        from pipeline.train.loop import lr_factor, run_iteration
-
-        for engine in self.engines.values():  # the loop's lr line
-            for group in engine.param_groups:
-                group["lr"] = group["initial_lr"] * lr_factor(self.cfg, self.ctx.nimg)
-        def fetch() -> dict:
-            b = self.family.prepare({self.stream: raw}, torch.device("cpu"), self.cfg, self.info)
-            stamper("prepare / loader handover")
-            return b
-
-        run_iteration(self.phases, self.ctx, self.engines, fetch, 1, self.agree, self.monitor)
-        stamper("loop: requires_grad_, monitor.add")
-        self.ctx.step += 1
-        self.ctx.nimg += self.cfg.train.batch_size
-
-    def losses(self) -> dict[str, float]:
-        return {k: float(v) for out in self.outs.values() for k, v in out.items() if k != "loss"}
-
-
 # ============================================================================= children
 
 
 def make_runner(key: str, official: str):
     v = VARIANTS[key]
-    return Official(official) if v.kind == "official" else Ours(v.precision, v.reuse_fake)
+    if v.kind == "official":
+        return Official(official)
+    from pipeline.train.family import DataInfo
 
-
-def rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-
-
-def child_measure(key: str, warmup: int, measure: int, official: str) -> dict:
-    runner = make_runner(key, official)
-    built_rss, raw, stamper = rss_gb(), make_batch(), Stamper()
-    runner.hook(stamper)
-    cpu, wall = [], []
-    for i in range(warmup + measure):
-        stamper.start()
-        c0, w0 = time.process_time(), time.perf_counter()
-        runner.iteration(raw, stamper)
-        if i >= warmup:
-            cpu.append(time.process_time() - c0)
-            wall.append(time.perf_counter() - w0)
-            stamper.keep()
-    return {"cpu": cpu, "wall": wall, "sections": stamper.sections, "losses": runner.losses(),
-            "params": {n: count(net) for n, net in runner.nets.items()}, "built_rss_gb": built_rss,
-            "peak_rss_gb": rss_gb(), "threads": torch.get_num_threads()}
+    info = DataInfo("label2image", LABEL_NC, ("image", "label", "instance"))
+    return LoopIteration("spade", [*OURS_ARGS, *v.overrides], info, v.precision, SEED)
 
 
 @torch.no_grad()
@@ -412,62 +259,13 @@ def child_numerics(official: str, keys: list[str]) -> dict:
 # ============================================================================= the parent
 
 
-def run_child(args_list: list[str], timeout: float) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    r = subprocess.run([sys.executable, __file__, *args_list], capture_output=True, text=True, env=env,
-                       timeout=timeout)
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith(RESULT_TAG)]
-    if r.returncode != 0 or not lines:
-        sys.stderr.write(f"--- child {args_list} failed (exit {r.returncode})\n{r.stdout[-4000:]}\n"
-                         f"{r.stderr[-6000:]}\n")
-        raise SystemExit(1)
-    return json.loads(lines[-1][len(RESULT_TAG):])
-
-
-def pooled(rounds: list[dict], name: str) -> list[float]:
-    return [v for r in rounds for v in r[name]]
-
-
 def report(results: dict[str, list[dict]]) -> None:
-    med = {k: statistics.median(pooled(r, "cpu")) for k, r in results.items()}
-    rss = {k: max(x["peak_rss_gb"] for x in r) for k, r in results.items()}
-    base = med.get("official")
-    print(f"\n{'variant':<20} {'iters':>5} {'CPU s/iter':>10} {'min-max':>13} {'rounds':>6} {'wall s/it':>9} "
-          f"{'/official':>9} {'RSS built':>9} {'peak RSS GB':>11}   params G / D")
-    for key, rounds in results.items():
-        cpu, meds = pooled(rounds, "cpu"), [statistics.median(r["cpu"]) for r in rounds]
-        params = rounds[0]["params"]
-        spread, wall = (max(meds) - min(meds)) / statistics.median(meds), statistics.median(pooled(rounds, "wall"))
-        print(f"{VARIANTS[key].label:<20} {len(cpu):>5} {med[key]:>10.3f} {min(cpu):>6.3f}-{max(cpu):<6.3f} "
-              f"{spread:>6.1%} {wall:>9.3f} {f'{med[key] / base:.3f}x' if base else '-':>9} "
-              f"{max(r['built_rss_gb'] for r in rounds):>9.3f} "
-              f"{rss[key]:>11.3f}   {params['G']:,} / {params['D']:,}")
-    print("(rounds: spread of per-round medians; RSS built: peak after building networks and optimizers; "
-          f"threads in the children: {sorted({r['threads'] for rounds in results.values() for r in rounds})})")
-
-    sections: dict[str, dict[str, float]] = {}
-    for key, rounds in results.items():
-        for name in {n for r in rounds for n in r["sections"]}:
-            values = [v for r in rounds for v in r["sections"].get(name, [])]
-            sections.setdefault(name, {})[key] = statistics.median(values)
     order = ["prepare", "G phase: G forward", "G phase: D forward", "G phase: rest", "G phase: backward",
              "G phase: step", "D phase: G forward", "D phase: D forward", "D phase: rest", "D phase: backward",
              "D phase: step", "loop"]
-    print("\nwhere the time goes (median process CPU s per section; 'step' is Adam, for ours with the engine's grad "
-          "norm, checks, agreement and zero_grad):")
-    print(f"  {'section':<36}" + "".join(f"{VARIANTS[k].label:>20}" for k in results))
-    for name in sorted(sections, key=lambda n: next(i for i, o in enumerate(order + [""]) if n.startswith(o))):
-        print(f"  {name:<36}" + "".join(f"{sections[name][k]:>20.4f}" if k in sections[name] else f"{'-':>20}"
-                                        for k in results))
-
-    print("\nratios (same run):")
-    for key, target in TARGETS.items():
-        if key in med and base:
-            ratio, mem = med[key] / base, rss[key] / rss["official"]
-            print(f"  {VARIANTS[key].label} / OFFICIAL fp32: CPU time {ratio:.3f}x (target <= {target}: "
-                  f"{'MET' if ratio <= target else 'NOT MET'}), peak RSS {mem:.3f}x (target <= 1: "
-                  f"{'MET' if mem <= 1 else 'NOT MET'}; {rss[key]:.3f} vs {rss['official']:.3f} GB)")
+    med = loop_iteration.report(results, VARIANTS, TARGETS, order)
     if "ours-bf16" in med and "ours" in med:
+        rss = {k: max(x["peak_rss_gb"] for x in r) for k, r in results.items()}
         print(f"  OURS bf16 / OURS fp32: CPU time {med['ours-bf16'] / med['ours']:.1f}x, peak RSS "
               f"{rss['ours-bf16'] / rss['ours']:.3f}x")
     print(f"\nEXTERNAL reference, not measured here (the issue: official code, this config, this machine type, "
@@ -519,7 +317,7 @@ def main(argv=None) -> int:
         if args.child == "numerics":
             result = child_numerics(args.official, [v for v in args.variants if v in ("ours", "ours-no-reuse")])
         else:
-            result = child_measure(args.child, args.warmup, args.measure, args.official)
+            result = child_measure(make_runner(args.child, args.official), make_batch(), args.warmup, args.measure)
         print(RESULT_TAG + json.dumps(result), flush=True)
         return 0
     common = ["--official", args.official]
@@ -533,21 +331,12 @@ def main(argv=None) -> int:
     per = math.ceil(args.measure / args.rounds)
     print(f"a fresh child process per variant and round, 1 thread; {args.rounds} round(s) of {args.warmup} warm-up + "
           f"{per} measured iterations (bf16: {args.bf16_warmup} + {args.bf16_measure}, first round only)")
-    results: dict[str, list[dict]] = {k: [] for k in args.variants}
-    for r in range(args.rounds):
-        k = r % len(args.variants)
-        for key in args.variants[k:] + args.variants[:k]:
-            bf16 = VARIANTS[key].precision == "bf16"
-            if bf16 and r > 0:
-                continue
-            warmup, measure = (args.bf16_warmup, args.bf16_measure) if bf16 else (args.warmup, per)
-            t0 = time.perf_counter()
-            results[key].append(run_child(["--child", key, "--warmup", str(warmup), "--measure", str(measure),
-                                           *common], 3600))
-            print(f"  round {r + 1}: {VARIANTS[key].label:<20} {time.perf_counter() - t0:6.1f} s wall", flush=True)
+    results = run_rounds(__file__, VARIANTS, args.variants, args.rounds, args.warmup, per, common,
+                         (args.bf16_warmup, args.bf16_measure))
     report(results)
     if not args.no_numerics and "official" in args.variants:
-        report_numerics(run_child(["--child", "numerics", "--variants", ",".join(args.variants), *common], 1800))
+        numerics = ["--child", "numerics", "--variants", ",".join(args.variants), *common]
+        report_numerics(run_child(__file__, numerics, 1800))
     print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
           f"total {time.perf_counter() - start:.0f} s")
     return 0

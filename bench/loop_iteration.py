@@ -1,0 +1,277 @@
+"""What the side-by-side iteration benchmarks against official code share (``spade_step.py``,
+``pix2pix_step.py``): our training loop's iteration for any family, section stamping, the child
+processes and the report.
+
+Every variant runs in a fresh child process (the benchmark's own file with ``--child``), 1
+thread, so peak RSS is the variant's own and an official child imports nothing of ``pipeline``.
+Times are ``time.process_time()`` per iteration; medians pool the rounds; ratios are taken against
+the official code measured in the same run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parent.parent
+RESULT_TAG = "RESULT "
+REST = "rest (inputs, cat, losses)"
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    kind: str  # "ours" or "official"
+    precision: str = "fp32"
+    overrides: tuple[str, ...] = ()  # config overrides of ours on top of the benchmark's
+
+
+class Stamper:
+    """Process-CPU time per named section of an iteration; ``phase`` names the current phase."""
+
+    def __init__(self):
+        self.sections: dict[str, list[float]] = {}
+        self.current: dict[str, float] = {}
+        self.phase, self.last = "", time.process_time()
+
+    def start(self) -> None:
+        self.current, self.last = {}, time.process_time()
+
+    def __call__(self, name: str) -> None:
+        now = time.process_time()
+        self.current[name] = self.current.get(name, 0.0) + now - self.last
+        self.last = now
+
+    def keep(self) -> None:
+        for k, v in self.current.items():
+            self.sections.setdefault(k, []).append(v)
+
+
+def stamp_forwards(stamper: Stamper, nets: dict[str, nn.Module]) -> None:
+    """Forward hooks: what precedes a net's forward is its phase's rest, the forward its own."""
+    for name, net in nets.items():
+        net.register_forward_pre_hook(lambda m, a: stamper(f"{stamper.phase} phase: {REST}"))
+        net.register_forward_hook(lambda m, a, o, name=name: stamper(f"{stamper.phase} phase: {name} forward"))
+
+
+def stamp_optimizers(stamper: Stamper, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+    """Step hooks on an official code's optimizers: before the step ends its phase's backward."""
+    for name, opt in optimizers.items():
+        opt.register_step_pre_hook(lambda o, a, k, name=name: stamper(f"{name} phase: backward"))
+        opt.register_step_post_hook(lambda o, a, k, name=name: stamper(f"{name} phase: step"))
+
+
+def count(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+class StampedEngine:
+    """A ``dist.DDPEngine`` as the loop drives it, stamping after its backward and its step; in a
+    numerics child it keeps the gradients each step is about to apply (``capture``)."""
+
+    def __init__(self, engine, owner: LoopIteration):
+        self.engine, self.owner, self.capture = engine, owner, None
+
+    def __getattr__(self, name: str):  # name, modules, param_groups, sync_context, check
+        return getattr(self.engine, name)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        self.owner.stamper(f"{self.engine.name} phase: backward")
+
+    def step(self, skip: bool) -> torch.Tensor:
+        if skip:
+            raise RuntimeError(f"non-finite {self.engine.name} step in the benchmark")
+        if self.capture is not None:
+            self.capture[self.engine.name] = [p.grad.detach().clone() for m in self.engine.modules.values()
+                                              for p in m.parameters()]
+        norm = self.engine.step(skip)
+        self.owner.stamper(f"{self.engine.name} phase: step")
+        return norm
+
+
+class LoopIteration:
+    """A family driven by the loop's own ``run_iteration`` (world size 1, so no DDP wrapper): its
+    ``phases(cfg)``, its ``optimizers(cfg)`` as ``dist.DDPEngine`` engines made as ``loop.train``
+    makes them, ``prepare`` as the fetch, the loop's agreement, the loop's lr line, and a
+    ``stats.Monitor`` that writes nothing. Not included: EMA, ``monitor.step``, checkpoints, data
+    loading. ``precision`` bf16 runs the phases under CPU bf16 autocast."""
+
+    def __init__(self, family: str, overrides: list[str], info, precision: str, seed: int):
+        from pipeline import dist
+        from pipeline.config import load_config
+        from pipeline.families import get_family
+        from pipeline.train.family import StepContext
+        from pipeline.train.loop import adam_kwargs
+        from pipeline.train.stats import Monitor
+
+        self.cfg = cfg = load_config(None, [f"model.family={family}", *overrides])
+        self.info = info
+        self.family = get_family(family)
+        torch.manual_seed(seed)
+        self.nets = nets = self.family.build(cfg, info)
+        self.stamper, self.engines, self.outs = Stamper(), {}, {}
+        for spec in self.family.optimizers(cfg):  # as loop.train (through dist.make_engine) makes them
+            modules = {name: nets[name] for name in spec.nets}
+            optimizer = torch.optim.Adam(spec.param_groups(modules), lr=spec.lr, betas=spec.betas,
+                                         **adam_kwargs(cfg.optim.adam))
+            for group in optimizer.param_groups:
+                group.setdefault("initial_lr", group["lr"])
+            self.engines[spec.name] = StampedEngine(
+                dist.DDPEngine(spec.name, modules, optimizer, None, cfg.optim.grad_clip), self)
+        self.phases = tuple(dataclasses.replace(p, fn=self.stamped(p)) for p in self.family.phases(cfg))
+        self.stream = self.family.streams(cfg, info, cfg.data.split)[0].name
+        autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" \
+            else contextlib.nullcontext
+        self.ctx = StepContext(nets=nets, plain=nets, cfg=cfg, info=info, mean_over_ranks=dist.mean_over_ranks,
+                               reuse_fake=True, autocast=autocast)
+        self.monitor = Monitor(cfg, cfg.run.dir, self.family, info, torch.device("cpu"), enabled=False)
+        self.agree = lambda ok: not dist.any_rank([not ok, False, False], "cpu")[0]  # the loop's agree
+
+    def stamped(self, phase):
+        def fn(ctx, b, scratch):
+            self.stamper("loop: requires_grad_, monitor.add")
+            self.stamper.phase = phase.name
+            out = phase.fn(ctx, b, scratch)
+            self.stamper(f"{phase.name} phase: {REST}")
+            self.outs[phase.name] = {k: v.detach() for k, v in out.items()}
+            return out
+
+        return fn
+
+    def hook(self, stamper: Stamper) -> None:
+        self.stamper = stamper
+        stamp_forwards(stamper, self.nets)
+
+    def iteration(self, raw: dict, stamper: Stamper) -> None:
+        from pipeline.train.loop import lr_factor, run_iteration
+
+        for engine in self.engines.values():  # the loop's lr line
+            for group in engine.param_groups:
+                group["lr"] = group["initial_lr"] * lr_factor(self.cfg, self.ctx.nimg)
+
+        def fetch() -> dict:
+            b = self.family.prepare({self.stream: raw}, torch.device("cpu"), self.cfg, self.info)
+            stamper("prepare / loader handover")
+            return b
+
+        run_iteration(self.phases, self.ctx, self.engines, fetch, 1, self.agree, self.monitor)
+        stamper("loop: requires_grad_, monitor.add")
+        self.ctx.step += 1
+        self.ctx.nimg += self.cfg.train.batch_size
+
+    def losses(self) -> dict[str, float]:
+        return {k: float(v) for out in self.outs.values() for k, v in out.items() if k != "loss"}
+
+
+def child_measure(runner, batch: dict, warmup: int, measure: int) -> dict:
+    """``warmup`` then ``measure`` iterations of ``runner`` on ``batch``: per-iteration CPU and
+    wall time, the sections, the last losses, parameter counts and peak RSS."""
+    built_rss, stamper = rss_gb(), Stamper()
+    runner.hook(stamper)
+    cpu, wall = [], []
+    for i in range(warmup + measure):
+        stamper.start()
+        c0, w0 = time.process_time(), time.perf_counter()
+        runner.iteration(batch, stamper)
+        if i >= warmup:
+            cpu.append(time.process_time() - c0)
+            wall.append(time.perf_counter() - w0)
+            stamper.keep()
+    return {"cpu": cpu, "wall": wall, "sections": stamper.sections, "losses": runner.losses(),
+            "params": {n: count(net) for n, net in runner.nets.items()}, "built_rss_gb": built_rss,
+            "peak_rss_gb": rss_gb(), "threads": torch.get_num_threads()}
+
+
+def run_child(script: str, args_list: list[str], timeout: float) -> dict:
+    """``script --child ...`` in a fresh process with 1 thread; its ``RESULT`` line, parsed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run([sys.executable, script, *args_list], capture_output=True, text=True, env=env,
+                       timeout=timeout)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith(RESULT_TAG)]
+    if r.returncode != 0 or not lines:
+        sys.stderr.write(f"--- child {args_list} failed (exit {r.returncode})\n{r.stdout[-4000:]}\n"
+                         f"{r.stderr[-6000:]}\n")
+        raise SystemExit(1)
+    return json.loads(lines[-1][len(RESULT_TAG):])
+
+
+def run_rounds(script: str, variants: dict[str, Variant], keys: list[str], rounds: int, warmup: int, measure: int,
+               common: list[str], bf16: tuple[int, int] | None = None) -> dict[str, list[dict]]:
+    """Every variant once per round in a child, the order rotated each round; ``bf16``
+    (warm-up, measured) runs bf16 variants in the first round only, where they are slow."""
+    results: dict[str, list[dict]] = {k: [] for k in keys}
+    for r in range(rounds):
+        k = r % len(keys)
+        for key in keys[k:] + keys[:k]:
+            is_bf16 = bf16 is not None and variants[key].precision == "bf16"
+            if is_bf16 and r > 0:
+                continue
+            w, m = bf16 if is_bf16 else (warmup, measure)
+            t0 = time.perf_counter()
+            results[key].append(run_child(script, ["--child", key, "--warmup", str(w), "--measure", str(m),
+                                                   *common], 3600))
+            print(f"  round {r + 1}: {variants[key].label:<20} {time.perf_counter() - t0:6.1f} s wall", flush=True)
+    return results
+
+
+def pooled(rounds: list[dict], name: str) -> list[float]:
+    return [v for r in rounds for v in r[name]]
+
+
+def report(results: dict[str, list[dict]], variants: dict[str, Variant], targets: dict[str, float],
+           order: list[str]) -> dict[str, float]:
+    """The table of medians and ratios against ``official``, the sections (sorted by ``order``,
+    prefixes), and each target's verdict. Returns the medians."""
+    med = {k: statistics.median(pooled(r, "cpu")) for k, r in results.items()}
+    rss = {k: max(x["peak_rss_gb"] for x in r) for k, r in results.items()}
+    base = med.get("official")
+    print(f"\n{'variant':<20} {'iters':>5} {'CPU s/iter':>10} {'min-max':>13} {'rounds':>6} {'wall s/it':>9} "
+          f"{'/official':>9} {'RSS built':>9} {'peak RSS GB':>11}   params G / D")
+    for key, rounds in results.items():
+        cpu, meds = pooled(rounds, "cpu"), [statistics.median(r["cpu"]) for r in rounds]
+        params = rounds[0]["params"]
+        spread, wall = (max(meds) - min(meds)) / statistics.median(meds), statistics.median(pooled(rounds, "wall"))
+        print(f"{variants[key].label:<20} {len(cpu):>5} {med[key]:>10.3f} {min(cpu):>6.3f}-{max(cpu):<6.3f} "
+              f"{spread:>6.1%} {wall:>9.3f} {f'{med[key] / base:.3f}x' if base else '-':>9} "
+              f"{max(r['built_rss_gb'] for r in rounds):>9.3f} "
+              f"{rss[key]:>11.3f}   {params['G']:,} / {params['D']:,}")
+    print("(rounds: spread of per-round medians; RSS built: peak after building networks and optimizers; "
+          f"threads in the children: {sorted({r['threads'] for rounds in results.values() for r in rounds})})")
+
+    sections: dict[str, dict[str, float]] = {}
+    for key, rounds in results.items():
+        for name in {n for r in rounds for n in r["sections"]}:
+            values = [v for r in rounds for v in r["sections"].get(name, [])]
+            sections.setdefault(name, {})[key] = statistics.median(values)
+    print("\nwhere the time goes (median process CPU s per section; 'step' is Adam, for ours with the engine's grad "
+          "norm, checks, agreement and zero_grad):")
+    print(f"  {'section':<36}" + "".join(f"{variants[k].label:>20}" for k in results))
+    for name in sorted(sections, key=lambda n: next(i for i, o in enumerate(order + [""]) if n.startswith(o))):
+        print(f"  {name:<36}" + "".join(f"{sections[name][k]:>20.4f}" if k in sections[name] else f"{'-':>20}"
+                                        for k in results))
+
+    print("\nratios (same run):")
+    for key, target in targets.items():
+        if key in med and base:
+            ratio, mem = med[key] / base, rss[key] / rss["official"]
+            print(f"  {variants[key].label} / {variants['official'].label}: CPU time {ratio:.3f}x (target <= "
+                  f"{target}: {'MET' if ratio <= target else 'NOT MET'}), peak RSS {mem:.3f}x (target <= 1: "
+                  f"{'MET' if mem <= 1 else 'NOT MET'}; {rss[key]:.3f} vs {rss['official']:.3f} GB)")
+    return med
