@@ -185,23 +185,34 @@ def child_measure(runner, batch: dict, warmup: int, measure: int) -> dict:
     wall time, the sections, the last losses, parameter counts and peak RSS."""
     built_rss, stamper = rss_gb(), Stamper()
     runner.hook(stamper)
-    cpu, wall = [], []
+    cpu, wall, sys_cpu, faults = [], [], [], []
     for i in range(warmup + measure):
         stamper.start()
-        c0, w0 = time.process_time(), time.perf_counter()
+        u0, c0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.perf_counter()
         runner.iteration(batch, stamper)
         if i >= warmup:
             cpu.append(time.process_time() - c0)
             wall.append(time.perf_counter() - w0)
+            u1 = resource.getrusage(resource.RUSAGE_SELF)
+            sys_cpu.append(u1.ru_stime - u0.ru_stime)
+            faults.append(u1.ru_minflt - u0.ru_minflt)
             stamper.keep()
-    return {"cpu": cpu, "wall": wall, "sections": stamper.sections, "losses": runner.losses(),
+    return {"cpu": cpu, "wall": wall, "sys": sys_cpu, "faults": faults, "sections": stamper.sections,
+            "losses": runner.losses(),
             "params": {n: count(net) for n, net in runner.nets.items()}, "built_rss_gb": built_rss,
             "peak_rss_gb": rss_gb(), "threads": torch.get_num_threads()}
 
 
-def run_child(script: str, args_list: list[str], timeout: float) -> dict:
-    """``script --child ...`` in a fresh process with 1 thread; its ``RESULT`` line, parsed."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+# glibc malloc's tunables that keep freed memory in the process: no mmap for large blocks, no trim
+# of the heap's top (see docs/performance.md, "Page faults")
+NO_HEAP_TRIM = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+
+
+def run_child(script: str, args_list: list[str], timeout: float, no_heap_trim: bool = False) -> dict:
+    """``script --child ...`` in a fresh process with 1 thread; its ``RESULT`` line, parsed.
+    ``no_heap_trim``: glibc's heap keeps what it frees (``NO_HEAP_TRIM``)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           **(NO_HEAP_TRIM if no_heap_trim else {})}
     r = subprocess.run([sys.executable, script, *args_list], capture_output=True, text=True, env=env,
                        timeout=timeout)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith(RESULT_TAG)]
@@ -213,7 +224,8 @@ def run_child(script: str, args_list: list[str], timeout: float) -> dict:
 
 
 def run_rounds(script: str, variants: dict[str, Variant], keys: list[str], rounds: int, warmup: int, measure: int,
-               common: list[str], bf16: tuple[int, int] | None = None) -> dict[str, list[dict]]:
+               common: list[str], bf16: tuple[int, int] | None = None, no_heap_trim: bool = False
+               ) -> dict[str, list[dict]]:
     """Every variant once per round in a child, the order rotated each round; ``bf16``
     (warm-up, measured) runs bf16 variants in the first round only, where they are slow."""
     results: dict[str, list[dict]] = {k: [] for k in keys}
@@ -226,7 +238,7 @@ def run_rounds(script: str, variants: dict[str, Variant], keys: list[str], round
             w, m = bf16 if is_bf16 else (warmup, measure)
             t0 = time.perf_counter()
             results[key].append(run_child(script, ["--child", key, "--warmup", str(w), "--measure", str(m),
-                                                   *common], 3600))
+                                                   *common], 3600, no_heap_trim))
             print(f"  round {r + 1}: {variants[key].label:<20} {time.perf_counter() - t0:6.1f} s wall", flush=True)
     return results
 
@@ -243,16 +255,19 @@ def report(results: dict[str, list[dict]], variants: dict[str, Variant], targets
     rss = {k: max(x["peak_rss_gb"] for x in r) for k, r in results.items()}
     base = med.get("official")
     print(f"\n{'variant':<20} {'iters':>5} {'CPU s/iter':>10} {'min-max':>13} {'rounds':>6} {'wall s/it':>9} "
-          f"{'/official':>9} {'RSS built':>9} {'peak RSS GB':>11}   params G / D")
+          f"{'/official':>9} {'sys s/it':>8} {'faults/it':>9} {'RSS built':>9} {'peak RSS GB':>11}   params G / D")
     for key, rounds in results.items():
         cpu, meds = pooled(rounds, "cpu"), [statistics.median(r["cpu"]) for r in rounds]
         params = rounds[0]["params"]
         spread, wall = (max(meds) - min(meds)) / statistics.median(meds), statistics.median(pooled(rounds, "wall"))
         print(f"{variants[key].label:<20} {len(cpu):>5} {med[key]:>10.3f} {min(cpu):>6.3f}-{max(cpu):<6.3f} "
               f"{spread:>6.1%} {wall:>9.3f} {f'{med[key] / base:.3f}x' if base else '-':>9} "
+              f"{statistics.median(pooled(rounds, 'sys')):>8.3f} {statistics.median(pooled(rounds, 'faults')):>9.0f} "
               f"{max(r['built_rss_gb'] for r in rounds):>9.3f} "
               f"{rss[key]:>11.3f}   {params['G']:,} / {params['D']:,}")
-    print("(rounds: spread of per-round medians; RSS built: peak after building networks and optimizers; "
+    print("(rounds: spread of per-round medians; sys: the kernel's share of the CPU time, mostly minor page faults "
+          "(faults/it) on memory the allocator gave back to the system; RSS built: peak after building networks and "
+          "optimizers; "
           f"threads in the children: {sorted({r['threads'] for rounds in results.values() for r in rounds})})")
 
     sections: dict[str, dict[str, float]] = {}

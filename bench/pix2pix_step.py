@@ -49,6 +49,7 @@ from pathlib import Path
 import loop_iteration
 import torch
 from loop_iteration import (
+    NO_HEAP_TRIM,
     REPO,
     RESULT_TAG,
     LoopIteration,
@@ -223,6 +224,9 @@ def parse_args(argv=None):
     p.add_argument("--variants", default=None, help="comma-separated, from: " + ", ".join(VARIANTS)
                    + " (default: official, ours, and ours-bf16 where the CPU has native bf16)")
     p.add_argument("--no-numerics", action="store_true", help="skip the one-iteration numerics check")
+    p.add_argument("--no-heap-trim", action="store_true",
+                   help="every child with glibc's heap keeping what it frees (MALLOC_MMAP_THRESHOLD_, "
+                        "MALLOC_TRIM_THRESHOLD_): no page faults on re-grown memory, for both sides alike")
     p.add_argument("--child", choices=[*VARIANTS, "numerics"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -258,7 +262,10 @@ def main(argv=None) -> int:
     per = math.ceil(args.measure / args.rounds)
     print(f"a fresh child process per variant and round, 1 thread; {args.rounds} round(s) of {args.warmup} warm-up + "
           f"{per} measured iterations")
-    results = run_rounds(__file__, VARIANTS, args.variants, args.rounds, args.warmup, per, common)
+    if args.no_heap_trim:
+        print("glibc malloc: " + " ".join(f"{k}={v}" for k, v in NO_HEAP_TRIM.items()) + " in every child")
+    results = run_rounds(__file__, VARIANTS, args.variants, args.rounds, args.warmup, per, common,
+                         no_heap_trim=args.no_heap_trim)
     report(results)
     if not args.no_numerics and "official" in args.variants:
         numerics = ["--child", "numerics", "--variants", ",".join(args.variants), *common]

@@ -211,6 +211,53 @@ def test_spectral_norm_wraps_every_conv():
         assert abs(sigma.item() - 1) < 0.05
 
 
+@pytest.mark.parametrize("make", [lambda: nn.Conv2d(24, 12, 3), lambda: nn.ConvTranspose2d(12, 6, 4),
+                                  lambda: nn.Linear(20, 30), lambda: nn.Embedding(10, 7)],
+                         ids=["conv", "transposed", "linear", "embedding"])
+def test_spectral_norm_is_torchs_with_a_closed_form_backward(make):
+    from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
+
+    from pipeline.models.layers import spectral_norm_weight
+
+    def built(wrap):
+        torch.manual_seed(0)
+        layer = make()
+        torch.manual_seed(1)  # the power-iteration start vectors
+        return wrap(layer)
+
+    theirs, ours = built(torch_spectral_norm), built(spectral_norm_weight)
+    assert theirs.state_dict().keys() == ours.state_dict().keys()  # checkpoints load either way
+    shape = theirs.parametrizations.weight.original.shape  # (reading .weight would iterate)
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    for _ in range(3):  # training forwards: one power iteration each, the buffers updated alike
+        weights = [layer.weight for layer in (theirs, ours)]
+        torch.testing.assert_close(weights[1], weights[0], rtol=0, atol=0)
+        for w in weights:
+            (w * g).sum().backward()
+        for key, value in theirs.state_dict().items():
+            torch.testing.assert_close(ours.state_dict()[key], value, rtol=0, atol=0, msg=key)
+        original = [layer.parametrizations.weight.original.grad for layer in (theirs, ours)]
+        torch.testing.assert_close(original[1], original[0], rtol=1e-5, atol=1e-7)
+        assert (original[0] - g / torch.linalg.matrix_norm(theirs.parametrizations.weight.original.flatten(1), 2)
+                ).abs().max() > 1e-3  # σ's own gradient is there, not just g / σ
+    ours.eval()
+    u = ours.parametrizations.weight[0]._u.clone()
+    ours.weight
+    assert torch.equal(ours.parametrizations.weight[0]._u, u)  # evaluation does not iterate
+
+
+def test_spectral_norm_keeps_sigma_in_fp32_under_autocast():
+    from pipeline.models.layers import spectral_norm_weight
+
+    layer = spectral_norm_weight(nn.Conv2d(64, 64, 3))
+    layer.eval()
+    exact = layer.weight.detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w = layer.weight
+    assert w.dtype == torch.float32
+    torch.testing.assert_close(w.detach(), exact, rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- gradients
 
 

@@ -12,9 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.parametrizations import spectral_norm as _torch_spectral_norm
 
-from pipeline.models.layers import SelfAttention, check_norm, init_weights, norm_layer
+from pipeline.models.layers import SelfAttention, check_norm, init_weights, norm_layer, spectral_norm_weight
 from pipeline.models.layers import spectral_norm as apply_spectral_norm
 
 IMAGE_SIZES = (32, 64, 128)
@@ -204,7 +203,7 @@ class DCGANDiscriminator(nn.Module):
         if spectral_norm:
             apply_spectral_norm(self)
             if self.conditioning == "projection":
-                _torch_spectral_norm(self.embed)  # the official SNEmbedID: σ of the [classes, C] matrix
+                spectral_norm_weight(self.embed)  # the official SNEmbedID: σ of the [classes, C] matrix
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None):
         """``x`` [N, in_channels, image_size, image_size] → logits [N].

@@ -5,6 +5,7 @@ self-attention block.
 
 from __future__ import annotations
 
+import contextlib
 from typing import TypeVar
 
 import torch
@@ -12,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
-from torch.nn.utils.parametrizations import spectral_norm as _torch_spectral_norm
 
 NORM_KINDS = ("batch", "instance", "layer", "none")
 INIT_KINDS = ("normal", "xavier", "kaiming", "orthogonal")
@@ -106,17 +106,92 @@ def init_weights(module: M, kind: str = "normal", gain: float = 0.02) -> M:
     return module
 
 
-def spectral_norm(module: M) -> M:
-    """Apply spectral normalization (Miyato et al. 2018) to every conv and linear layer in
-    ``module`` (``module`` itself included), in place; returns ``module``.
+class _SpectralScale(torch.autograd.Function):
+    """``W / σ`` with ``σ = uᵀ W v`` (``u``, ``v`` constants), for a weight whose matrix is its
+    ``dim`` moved first and the rest flattened. Its backward is the closed form
+    ``∂L/∂W = (g − ⟨g, W⟩/σ · u vᵀ) / σ``: one reduction and one rank-1 update, where autograd
+    through the division and ``σ`` makes about nine passes over the weight."""
 
-    Uses ``torch.nn.utils.parametrizations.spectral_norm``: one power iteration per training
-    forward. Layers whose weight is already parametrized are left alone, so applying it twice
-    is harmless.
-    """
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int) -> torch.Tensor:
+        device = weight.device.type
+        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) \
+                else contextlib.nullcontext():  # σ in the weight's precision
+            sigma = torch.vdot(u, torch.mv(_weight_matrix(weight, dim), v))
+        ctx.dim = dim
+        ctx.save_for_backward(weight, u, v, sigma)
+        return weight / sigma
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, u, v, sigma = ctx.saved_tensors
+        grad = grad.contiguous()
+        scale = -torch.vdot(grad.view(-1), weight.reshape(-1)) / sigma  # a tensor: no host sync
+        if ctx.dim == 0:
+            out = torch.addr(grad.view(grad.shape[0], -1), u * scale, v).view(grad.shape)
+        else:
+            order = [ctx.dim, *(d for d in range(grad.ndim) if d != ctx.dim)]
+            rank1 = torch.outer(u * scale, v).view([grad.shape[d] for d in order])
+            out = grad + rank1.permute([order.index(d) for d in range(grad.ndim)])
+        return out.div_(sigma), None, None, None
+
+
+def _weight_matrix(weight: torch.Tensor, dim: int) -> torch.Tensor:
+    if dim != 0:
+        weight = weight.permute(dim, *(d for d in range(weight.ndim) if d != dim))
+    return weight.flatten(1)
+
+
+class SpectralNorm(nn.Module):
+    """Spectral normalization (Miyato et al. 2018) as a parametrization of a weight: ``W / σ(W)``,
+    σ estimated by one power iteration per training forward. Buffers, initialisation (15 power
+    iterations), ``dim`` (1 for transposed convs, else 0) and state-dict names are those of
+    ``torch.nn.utils.parametrizations.spectral_norm``, so checkpoints load either way and the
+    forward is the same computation; the backward is ``_SpectralScale``'s, and under autocast σ
+    stays in the weight's precision."""
+
+    def __init__(self, weight: torch.Tensor, dim: int = 0, n_power_iterations: int = 1, eps: float = 1e-12):
+        super().__init__()
+        if weight.ndim < 2:
+            raise ValueError(f"spectral norm needs a weight matrix or tensor, got {weight.ndim} dimension(s)")
+        self.dim, self.n_power_iterations, self.eps = dim, n_power_iterations, eps
+        mat = _weight_matrix(weight, dim)
+        u = F.normalize(mat.new_empty(mat.shape[0]).normal_(0, 1), dim=0, eps=eps)
+        v = F.normalize(mat.new_empty(mat.shape[1]).normal_(0, 1), dim=0, eps=eps)
+        self.register_buffer("_u", u)
+        self.register_buffer("_v", v)
+        self._power_method(mat, 15)
+
+    @torch.no_grad()
+    def _power_method(self, mat: torch.Tensor, iterations: int) -> None:
+        for _ in range(iterations):
+            F.normalize(torch.mv(mat, self._v), dim=0, eps=self.eps, out=self._u)
+            F.normalize(torch.mv(mat.H, self._u), dim=0, eps=self.eps, out=self._v)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self._power_method(_weight_matrix(weight.detach(), self.dim), self.n_power_iterations)
+        # Copies: the next forward updates the buffers in place, and these are saved for backward.
+        return _SpectralScale.apply(weight, self._u.clone(), self._v.clone(), self.dim)
+
+    def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+
+def spectral_norm_weight(module: M) -> M:
+    """Spectral normalization of ``module.weight`` alone (``SpectralNorm``); returns ``module``."""
+    dim = 1 if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0
+    parametrize.register_parametrization(module, "weight", SpectralNorm(module.weight, dim))
+    return module
+
+
+def spectral_norm(module: M) -> M:
+    """Apply spectral normalization (``SpectralNorm``) to every conv and linear layer in
+    ``module`` (``module`` itself included), in place; returns ``module``. Layers whose weight is
+    already parametrized are left alone, so applying it twice is harmless."""
     for m in list(module.modules()):
         if isinstance(m, _WEIGHTED) and not parametrize.is_parametrized(m, "weight"):
-            _torch_spectral_norm(m)
+            spectral_norm_weight(m)
     return module
 
 
