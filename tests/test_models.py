@@ -241,9 +241,12 @@ def test_spectral_norm_is_torchs_with_a_closed_form_backward(make):
         assert (original[0] - g / torch.linalg.matrix_norm(theirs.parametrizations.weight.original.flatten(1), 2)
                 ).abs().max() > 1e-3  # σ's own gradient is there, not just g / σ
     ours.eval()
-    u = ours.parametrizations.weight[0]._u.clone()
-    ours.weight
-    assert torch.equal(ours.parametrizations.weight[0]._u, u)  # evaluation does not iterate
+    sn = ours.parametrizations.weight[0]
+    u, v = sn._u.clone(), sn._v.clone()
+    original = ours.parametrizations.weight.original.detach()
+    sigma = u @ original.movedim(sn.dim, 0).flatten(1) @ v
+    torch.testing.assert_close(ours.weight.detach(), original / sigma)
+    assert torch.equal(sn._u, u) and torch.equal(sn._v, v)  # evaluation does not iterate
 
 
 def test_spectral_norm_keeps_sigma_in_fp32_under_autocast():
