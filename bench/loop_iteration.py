@@ -10,10 +10,13 @@ the official code measured in the same run.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -290,3 +293,65 @@ def report(results: dict[str, list[dict]], variants: dict[str, Variant], targets
                   f"{target}: {'MET' if ratio <= target else 'NOT MET'}), peak RSS {mem:.3f}x (target <= 1: "
                   f"{'MET' if mem <= 1 else 'NOT MET'}; {rss[key]:.3f} vs {rss['official']:.3f} GB)")
     return med
+
+
+def add_arguments(p, variants: dict[str, Variant], official: tuple[str, str, str], default_variants: str | None):
+    """The arguments both benchmarks take; ``official``: (environment variable, default path, what)."""
+    env, path, what = official
+    p.add_argument("--official", default=os.environ.get(env, path),
+                   help=f"an export of {what} (default: ${env} or {path})")
+    p.add_argument("--rounds", type=int, default=2, help="every variant runs once per round, order rotated")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up iterations per child")
+    p.add_argument("--measure", type=int, default=8, help="measured iterations over all rounds")
+    p.add_argument("--quick", action="store_true", help="1 round, 1 warm-up + 2 measured")
+    p.add_argument("--variants", default=default_variants, help="comma-separated, from: " + ", ".join(variants))
+    p.add_argument("--no-numerics", action="store_true", help="skip the one-iteration numerics check")
+    p.add_argument("--no-heap-trim", action="store_true",
+                   help="every child with glibc's heap keeping what it frees (MALLOC_MMAP_THRESHOLD_, "
+                        "MALLOC_TRIM_THRESHOLD_): no page faults on re-grown memory, for both sides alike")
+    p.add_argument("--child", choices=[*variants, "numerics"], help=argparse.SUPPRESS)
+
+
+def checked(p, args, variants: dict[str, Variant]):
+    """``args`` after ``--quick`` and with ``variants`` as a list of known keys."""
+    if args.quick:
+        args.rounds, args.warmup, args.measure = 1, 1, 2
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if unknown := [v for v in args.variants if v not in variants]:
+        p.error(f"unknown variants {unknown}; choose from {', '.join(variants)}")
+    return args
+
+
+def drive(args, script: str, title: str, config: str, variants: dict[str, Variant], make_runner, make_batch,
+          child_numerics, report, report_numerics, bf16: tuple[int, int] | None = None) -> int:
+    """A benchmark's main: as a ``--child``, measure one variant (or the numerics) and print the
+    result; as the parent, the header, the rounds, the report and the numerics."""
+    if args.child:
+        torch.set_num_threads(1)
+        if args.child == "numerics":
+            result = child_numerics(args.official, [v for v in args.variants if variants[v].kind == "ours"])
+        else:
+            result = child_measure(make_runner(args.child, args.official), make_batch(), args.warmup, args.measure)
+        print(RESULT_TAG + json.dumps(result), flush=True)
+        return 0
+    common = ["--official", args.official]
+    start_load, start = os.getloadavg(), time.perf_counter()  # load before this benchmark adds its own
+    print(f"{title} ({Path(script).relative_to(REPO)})")
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in start_load)}   cpus: {os.cpu_count()}   torch "
+          f"{torch.__version__}   python {platform.python_version()}   cpu capability "
+          f"{torch.backends.cpu.get_cpu_capability()}   official code: {args.official}")
+    print(f"config: {config}")
+    per = math.ceil(args.measure / args.rounds)
+    print(f"a fresh child process per variant and round, 1 thread; {args.rounds} round(s) of {args.warmup} warm-up + "
+          f"{per} measured iterations" + (f" (bf16: {bf16[0]} + {bf16[1]}, first round only)" if bf16 else ""))
+    if args.no_heap_trim:
+        print("glibc malloc: " + " ".join(f"{k}={v}" for k, v in NO_HEAP_TRIM.items()) + " in every child")
+    results = run_rounds(script, variants, args.variants, args.rounds, args.warmup, per, common, bf16,
+                         args.no_heap_trim)
+    report(results)
+    if not args.no_numerics and "official" in args.variants:
+        numerics = ["--child", "numerics", "--variants", ",".join(args.variants), *common]
+        report_numerics(run_child(script, numerics, 1800))
+    print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+          f"total {time.perf_counter() - start:.0f} s")
+    return 0

@@ -38,26 +38,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import math
-import os
-import platform
 import sys
-import time
 from pathlib import Path
 
 import loop_iteration
 import torch
 from loop_iteration import (
-    NO_HEAP_TRIM,
     REPO,
-    RESULT_TAG,
     LoopIteration,
     Stamper,
     Variant,
-    child_measure,
-    run_child,
-    run_rounds,
     stamp_forwards,
     stamp_optimizers,
 )
@@ -214,65 +205,21 @@ def report_numerics(n: dict) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--official", default=os.environ.get("PIX2PIX_OFFICIAL", "/work/p2p-official"),
-                   help="an export of junyanz/pytorch-CycleGAN-and-pix2pix (default: $PIX2PIX_OFFICIAL or "
-                        "/work/p2p-official)")
-    p.add_argument("--rounds", type=int, default=2, help="every variant runs once per round, order rotated")
-    p.add_argument("--warmup", type=int, default=2, help="warm-up iterations per child")
-    p.add_argument("--measure", type=int, default=8, help="measured iterations over all rounds")
-    p.add_argument("--quick", action="store_true", help="1 round, 1 warm-up + 2 measured")
-    p.add_argument("--variants", default=None, help="comma-separated, from: " + ", ".join(VARIANTS)
-                   + " (default: official, ours, and ours-bf16 where the CPU has native bf16)")
-    p.add_argument("--no-numerics", action="store_true", help="skip the one-iteration numerics check")
-    p.add_argument("--no-heap-trim", action="store_true",
-                   help="every child with glibc's heap keeping what it frees (MALLOC_MMAP_THRESHOLD_, "
-                        "MALLOC_TRIM_THRESHOLD_): no page faults on re-grown memory, for both sides alike")
-    p.add_argument("--child", choices=[*VARIANTS, "numerics"], help=argparse.SUPPRESS)
+    loop_iteration.add_arguments(p, VARIANTS, ("PIX2PIX_OFFICIAL", "/work/p2p-official",
+                                               "junyanz/pytorch-CycleGAN-and-pix2pix"), None)
     args = p.parse_args(argv)
-    if args.quick:
-        args.rounds, args.warmup, args.measure = 1, 1, 2
-    if args.variants is None:
+    if args.variants is None:  # bf16 only where the CPU computes it natively
         from pipeline.train.loop import native_bf16
 
         args.variants = "official,ours" + (",ours-bf16" if native_bf16("cpu") else "")
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if unknown := [v for v in args.variants if v not in VARIANTS]:
-        p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    return args
+    return loop_iteration.checked(p, args, VARIANTS)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.child:
-        torch.set_num_threads(1)
-        if args.child == "numerics":
-            result = child_numerics(args.official, [v for v in args.variants if v != "official"])
-        else:
-            result = child_measure(make_runner(args.child, args.official), make_batch(), args.warmup, args.measure)
-        print(RESULT_TAG + json.dumps(result), flush=True)
-        return 0
-    common = ["--official", args.official]
-    start_load, start = os.getloadavg(), time.perf_counter()  # load before this benchmark adds its own
-    print("pix2pix training-iteration benchmark (bench/pix2pix_step.py)")
-    print(f"load average at start: {' '.join(f'{x:.2f}' for x in start_load)}   cpus: {os.cpu_count()}   torch "
-          f"{torch.__version__}   python {platform.python_version()}   cpu capability "
-          f"{torch.backends.cpu.get_cpu_capability()}   official code: {args.official}")
-    print(f"config: unet_256 + batch norm + dropout, basic PatchGAN, vanilla GAN + 100 L1, {SIZE}x{SIZE}, batch 1, "
-          "Adam(2e-4, 0.5, 0.999), no image pool")
-    per = math.ceil(args.measure / args.rounds)
-    print(f"a fresh child process per variant and round, 1 thread; {args.rounds} round(s) of {args.warmup} warm-up + "
-          f"{per} measured iterations")
-    if args.no_heap_trim:
-        print("glibc malloc: " + " ".join(f"{k}={v}" for k, v in NO_HEAP_TRIM.items()) + " in every child")
-    results = run_rounds(__file__, VARIANTS, args.variants, args.rounds, args.warmup, per, common,
-                         no_heap_trim=args.no_heap_trim)
-    report(results)
-    if not args.no_numerics and "official" in args.variants:
-        numerics = ["--child", "numerics", "--variants", ",".join(args.variants), *common]
-        report_numerics(run_child(__file__, numerics, 1800))
-    print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
-          f"total {time.perf_counter() - start:.0f} s")
-    return 0
+    config = (f"unet_256 + batch norm + dropout, basic PatchGAN, vanilla GAN + 100 L1, {SIZE}x{SIZE}, batch 1, "
+              "Adam(2e-4, 0.5, 0.999), no image pool")
+    return loop_iteration.drive(parse_args(argv), __file__, "pix2pix training-iteration benchmark", config, VARIANTS,
+                                make_runner, make_batch, child_numerics, report, report_numerics)
 
 
 if __name__ == "__main__":

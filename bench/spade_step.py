@@ -45,12 +45,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import math
-import os
-import platform
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -58,15 +54,10 @@ import loop_iteration
 import torch
 import torch.nn.functional as F
 from loop_iteration import (
-    NO_HEAP_TRIM,
     REPO,
-    RESULT_TAG,
     LoopIteration,
     Stamper,
     Variant,
-    child_measure,
-    run_child,
-    run_rounds,
     stamp_forwards,
     stamp_optimizers,
 )
@@ -221,6 +212,7 @@ def load_official_state(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
 def child_numerics(official: str, keys: list[str]) -> dict:
     """One iteration of the official code (from converged and from perturbed weights) and of each
     of ``keys`` (from the official weights): losses, and each step's gradients against official."""
+    keys = [k for k in keys if VARIANTS[k].precision == "fp32"]
     state: dict = {}
     losses, grads = {}, {}
     for key in ["official", "official-perturbed", *keys]:
@@ -291,61 +283,20 @@ def report_numerics(n: dict) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--official", default=os.environ.get("SPADE_OFFICIAL", "/work/spade-official"),
-                   help="an export of NVlabs/SPADE (default: $SPADE_OFFICIAL or /work/spade-official)")
-    p.add_argument("--rounds", type=int, default=2, help="every variant runs once per round, order rotated")
-    p.add_argument("--warmup", type=int, default=2, help="warm-up iterations per child")
-    p.add_argument("--measure", type=int, default=8, help="measured iterations over all rounds")
+    loop_iteration.add_arguments(p, VARIANTS, ("SPADE_OFFICIAL", "/work/spade-official", "NVlabs/SPADE"),
+                                 ",".join(VARIANTS))
     p.add_argument("--bf16-warmup", type=int, default=1, help="bf16 (first round only): warm-up iterations")
     p.add_argument("--bf16-measure", type=int, default=1, help="bf16 (first round only): measured iterations")
-    p.add_argument("--quick", action="store_true", help="1 round, 1 warm-up + 2 measured")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
-    p.add_argument("--no-numerics", action="store_true", help="skip the one-iteration numerics check")
-    p.add_argument("--no-heap-trim", action="store_true",
-                   help="every child with glibc's heap keeping what it frees (MALLOC_MMAP_THRESHOLD_, "
-                        "MALLOC_TRIM_THRESHOLD_): no page faults on re-grown memory, for both sides alike")
-    p.add_argument("--child", choices=[*VARIANTS, "numerics"], help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.quick:
-        args.rounds, args.warmup, args.measure = 1, 1, 2
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if unknown := [v for v in args.variants if v not in VARIANTS]:
-        p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    return args
+    return loop_iteration.checked(p, p.parse_args(argv), VARIANTS)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.child:
-        torch.set_num_threads(1)
-        if args.child == "numerics":
-            result = child_numerics(args.official, [v for v in args.variants if v in ("ours", "ours-no-reuse")])
-        else:
-            result = child_measure(make_runner(args.child, args.official), make_batch(), args.warmup, args.measure)
-        print(RESULT_TAG + json.dumps(result), flush=True)
-        return 0
-    common = ["--official", args.official]
-    start_load, start = os.getloadavg(), time.perf_counter()  # load before this benchmark adds its own
-    print("SPADE training-iteration benchmark (bench/spade_step.py)")
-    print(f"load average at start: {' '.join(f'{x:.2f}' for x in start_load)}   cpus: {os.cpu_count()}   torch "
-          f"{torch.__version__}   python {platform.python_version()}   cpu capability "
-          f"{torch.backends.cpu.get_cpu_capability()}   official code: {args.official}")
-    print(f"config: label_nc {LABEL_NC} + edges, {W}x{H}, ngf 32, ndf 32, more, spectral SPADE + batch norm, num_D 2, "
-          "n_layers_D 4, spectralinstance D, hinge, FM 10, no VGG, no VAE, batch 1, TTUR Adam (1e-4, 4e-4, 0, 0.9)")
-    per = math.ceil(args.measure / args.rounds)
-    print(f"a fresh child process per variant and round, 1 thread; {args.rounds} round(s) of {args.warmup} warm-up + "
-          f"{per} measured iterations (bf16: {args.bf16_warmup} + {args.bf16_measure}, first round only)")
-    if args.no_heap_trim:
-        print("glibc malloc: " + " ".join(f"{k}={v}" for k, v in NO_HEAP_TRIM.items()) + " in every child")
-    results = run_rounds(__file__, VARIANTS, args.variants, args.rounds, args.warmup, per, common,
-                         (args.bf16_warmup, args.bf16_measure), args.no_heap_trim)
-    report(results)
-    if not args.no_numerics and "official" in args.variants:
-        numerics = ["--child", "numerics", "--variants", ",".join(args.variants), *common]
-        report_numerics(run_child(__file__, numerics, 1800))
-    print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
-          f"total {time.perf_counter() - start:.0f} s")
-    return 0
+    config = (f"label_nc {LABEL_NC} + edges, {W}x{H}, ngf 32, ndf 32, more, spectral SPADE + batch norm, num_D 2, "
+              "n_layers_D 4, spectralinstance D, hinge, FM 10, no VGG, no VAE, batch 1, TTUR Adam (1e-4, 4e-4, 0, 0.9)")
+    return loop_iteration.drive(args, __file__, "SPADE training-iteration benchmark", config, VARIANTS, make_runner,
+                                make_batch, child_numerics, report, report_numerics,
+                                (args.bf16_warmup, args.bf16_measure))
 
 
 if __name__ == "__main__":
