@@ -355,3 +355,23 @@ def drive(args, script: str, title: str, config: str, variants: dict[str, Varian
     print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
           f"total {time.perf_counter() - start:.0f} s")
     return 0
+
+
+def load_official_state(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """An official state dict into ours, paired by order and shape (the names may differ)."""
+    pairs = list(zip(state.items(), net.state_dict().items(), strict=True))
+    for (k_off, v_off), (k_ours, v_ours) in pairs:
+        if v_off.shape != v_ours.shape:
+            raise RuntimeError(f"state dicts do not line up: {k_off} {tuple(v_off.shape)} vs {k_ours}")
+    net.load_state_dict({k_ours: v_off for (_, v_off), (k_ours, _) in pairs})
+
+
+def grad_rel(grads: dict[str, dict[str, list[torch.Tensor]]], keys: list[str]) -> dict[str, float]:
+    """``||g - g_official|| / ||g_official||`` over all of G's and of D's gradients, per key."""
+    rel = {}
+    for key in keys:
+        for net in ("G", "D"):
+            ref, mine = grads["official"][net], grads[key][net]
+            diff = torch.cat([(a - b).flatten() for a, b in zip(ref, mine, strict=True)]).norm()
+            rel[f"{key}/{net}"] = float(diff / torch.cat([a.flatten() for a in ref]).norm())
+    return rel

@@ -49,10 +49,11 @@ from loop_iteration import (
     LoopIteration,
     Stamper,
     Variant,
+    grad_rel,
+    load_official_state,
     stamp_forwards,
     stamp_optimizers,
 )
-from torch import nn
 
 sys.path.insert(0, str(REPO))  # runnable from a checkout; the official child imports nothing from it
 
@@ -141,15 +142,6 @@ def make_runner(key: str, official: str):
     return LoopIteration("pix2pix", [*OURS_ARGS, *v.overrides], info, v.precision, SEED)
 
 
-def load_official_state(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """The official state dict into ours, paired by order and shape."""
-    pairs = list(zip(state.items(), net.state_dict().items(), strict=True))
-    for (k_off, v_off), (k_ours, v_ours) in pairs:
-        if v_off.shape != v_ours.shape:
-            raise RuntimeError(f"state dicts do not line up: {k_off} {tuple(v_off.shape)} vs {k_ours}")
-    net.load_state_dict({k_ours: v_off for (_, v_off), (k_ours, _) in pairs})
-
-
 def child_numerics(official: str, keys: list[str]) -> dict:
     """One iteration of the official code and of each of ``keys`` from the official initial
     weights, same batch, same seed: losses, and each step's gradients against the official ones."""
@@ -172,13 +164,7 @@ def child_numerics(official: str, keys: list[str]) -> dict:
         torch.manual_seed(SEED + 1)  # the dropout masks
         runner.iteration(make_batch(), Stamper())
         losses[key] = runner.losses()
-    rel = {}
-    for key in keys:
-        for net in ("G", "D"):
-            ref, mine = grads["official"][net], grads[key][net]
-            diff = torch.cat([(a - b).flatten() for a, b in zip(ref, mine, strict=True)]).norm()
-            rel[f"{key}/{net}"] = float(diff / torch.cat([a.flatten() for a in ref]).norm())
-    return {"losses": losses, "grad_rel": rel}
+    return {"losses": losses, "grad_rel": grad_rel(grads, keys)}
 
 
 # ============================================================================= the parent

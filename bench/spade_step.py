@@ -58,6 +58,8 @@ from loop_iteration import (
     LoopIteration,
     Stamper,
     Variant,
+    grad_rel,
+    load_official_state,
     stamp_forwards,
     stamp_optimizers,
 )
@@ -200,15 +202,6 @@ def converge_spectral(net: nn.Module, iters: int = 300) -> None:
             m.weight_v.copy_(v)
 
 
-def load_official_state(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """The official state dict into ours, paired by order and shape (spectral norm's names differ)."""
-    pairs = list(zip(state.items(), net.state_dict().items(), strict=True))
-    for (k_off, v_off), (k_ours, v_ours) in pairs:
-        if v_off.shape != v_ours.shape:
-            raise RuntimeError(f"state dicts do not line up: {k_off} {tuple(v_off.shape)} vs {k_ours}")
-    net.load_state_dict({k_ours: v_off for (_, v_off), (k_ours, _) in pairs})
-
-
 def child_numerics(official: str, keys: list[str]) -> dict:
     """One iteration of the official code (from converged and from perturbed weights) and of each
     of ``keys`` (from the official weights): losses, and each step's gradients against official."""
@@ -240,13 +233,7 @@ def child_numerics(official: str, keys: list[str]) -> dict:
                 engine.capture = grads[key]
         runner.iteration(make_batch(), Stamper())
         losses[key] = runner.losses()
-    rel = {}
-    for key in ["official-perturbed", *keys]:
-        for net in ("G", "D"):
-            ref, mine = grads["official"][net], grads[key][net]
-            diff = torch.cat([(a - b).flatten() for a, b in zip(ref, mine, strict=True)]).norm()
-            rel[f"{key}/{net}"] = float(diff / torch.cat([a.flatten() for a in ref]).norm())
-    return {"losses": losses, "grad_rel": rel}
+    return {"losses": losses, "grad_rel": grad_rel(grads, ["official-perturbed", *keys])}
 
 
 # ============================================================================= the parent
