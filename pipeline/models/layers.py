@@ -113,11 +113,13 @@ class _SpectralScale(torch.autograd.Function):
     through the division and ``σ`` makes about nine passes over the weight."""
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int) -> torch.Tensor:
+    def forward(ctx, weight: torch.Tensor, mat: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                dim: int) -> torch.Tensor:
+        """``mat``: the weight's matrix (detached), which the power iteration used too."""
         device = weight.device.type
         with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) \
                 else contextlib.nullcontext():  # σ in the weight's precision
-            sigma = torch.vdot(u, torch.mv(_weight_matrix(weight, dim), v))
+            sigma = torch.vdot(u, torch.mv(mat, v))
         ctx.dim = dim
         ctx.save_for_backward(weight, u, v, sigma)
         return weight / sigma
@@ -133,7 +135,7 @@ class _SpectralScale(torch.autograd.Function):
             order = [ctx.dim, *(d for d in range(grad.ndim) if d != ctx.dim)]
             rank1 = torch.outer(u * scale, v).view([grad.shape[d] for d in order])
             out = grad + rank1.permute([order.index(d) for d in range(grad.ndim)])
-        return out.div_(sigma), None, None, None
+        return out.div_(sigma), None, None, None, None
 
 
 def _weight_matrix(weight: torch.Tensor, dim: int) -> torch.Tensor:
@@ -169,10 +171,11 @@ class SpectralNorm(nn.Module):
             F.normalize(torch.mv(mat.H, self._u), dim=0, eps=self.eps, out=self._v)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        mat = _weight_matrix(weight.detach(), self.dim)  # a copy for transposed convs: made once
         if self.training:
-            self._power_method(_weight_matrix(weight.detach(), self.dim), self.n_power_iterations)
+            self._power_method(mat, self.n_power_iterations)
         # Copies: the next forward updates the buffers in place, and these are saved for backward.
-        return _SpectralScale.apply(weight, self._u.clone(), self._v.clone(), self.dim)
+        return _SpectralScale.apply(weight, mat, self._u.clone(), self._v.clone(), self.dim)
 
     def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
         return value
