@@ -109,43 +109,57 @@ class StampedEngine:
         return norm
 
 
+def loop_engines(family, cfg, nets: dict[str, nn.Module], wrap) -> dict:
+    """The family's ``optimizers(cfg)`` as ``dist.DDPEngine`` engines, made as ``loop.train``
+    (through ``dist.make_engine``) makes them at world size 1, each passed through ``wrap``."""
+    from pipeline import dist
+    from pipeline.train.loop import adam_kwargs
+
+    engines = {}
+    for spec in family.optimizers(cfg):
+        modules = {name: nets[name] for name in spec.nets}
+        optimizer = torch.optim.Adam(spec.param_groups(modules), lr=spec.lr, betas=spec.betas,
+                                     **adam_kwargs(cfg.optim.adam))
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        engines[spec.name] = wrap(dist.DDPEngine(spec.name, modules, optimizer, None, cfg.optim.grad_clip))
+    return engines
+
+
+def loop_context(family, cfg, info, nets: dict[str, nn.Module], precision: str):
+    """What ``run_iteration`` takes besides phases and engines, as the loop makes it on CPU:
+    the step context (bf16 autocast for ``precision`` bf16), a ``stats.Monitor`` that writes
+    nothing, and the any-rank agreement."""
+    from pipeline import dist
+    from pipeline.train.family import StepContext
+    from pipeline.train.stats import Monitor
+
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+    ctx = StepContext(nets=nets, plain=nets, cfg=cfg, info=info, mean_over_ranks=dist.mean_over_ranks,
+                      reuse_fake=True, autocast=autocast)
+    monitor = Monitor(cfg, cfg.run.dir, family, info, torch.device("cpu"), enabled=False)
+    return ctx, monitor, lambda ok: not dist.any_rank([not ok, False, False], "cpu")[0]
+
+
 class LoopIteration:
     """A family driven by the loop's own ``run_iteration`` (world size 1, so no DDP wrapper): its
-    ``phases(cfg)``, its ``optimizers(cfg)`` as ``dist.DDPEngine`` engines made as ``loop.train``
-    makes them, ``prepare`` as the fetch, the loop's agreement, the loop's lr line, and a
-    ``stats.Monitor`` that writes nothing. Not included: EMA, ``monitor.step``, checkpoints, data
-    loading. ``precision`` bf16 runs the phases under CPU bf16 autocast."""
+    ``phases(cfg)``, its engines (``loop_engines``), ``prepare`` as the fetch, the loop's lr line
+    and ``loop_context``. Not included: EMA, ``monitor.step``, checkpoints, data loading."""
 
     def __init__(self, family: str, overrides: list[str], info, precision: str, seed: int):
-        from pipeline import dist
         from pipeline.config import load_config
         from pipeline.families import get_family
-        from pipeline.train.family import StepContext
-        from pipeline.train.loop import adam_kwargs
-        from pipeline.train.stats import Monitor
 
         self.cfg = cfg = load_config(None, [f"model.family={family}", *overrides])
         self.info = info
         self.family = get_family(family)
         torch.manual_seed(seed)
         self.nets = nets = self.family.build(cfg, info)
-        self.stamper, self.engines, self.outs = Stamper(), {}, {}
-        for spec in self.family.optimizers(cfg):  # as loop.train (through dist.make_engine) makes them
-            modules = {name: nets[name] for name in spec.nets}
-            optimizer = torch.optim.Adam(spec.param_groups(modules), lr=spec.lr, betas=spec.betas,
-                                         **adam_kwargs(cfg.optim.adam))
-            for group in optimizer.param_groups:
-                group.setdefault("initial_lr", group["lr"])
-            self.engines[spec.name] = StampedEngine(
-                dist.DDPEngine(spec.name, modules, optimizer, None, cfg.optim.grad_clip), self)
+        self.stamper, self.outs = Stamper(), {}
+        self.engines = loop_engines(self.family, cfg, nets, lambda engine: StampedEngine(engine, self))
         self.phases = tuple(dataclasses.replace(p, fn=self.stamped(p)) for p in self.family.phases(cfg))
         self.stream = self.family.streams(cfg, info, cfg.data.split)[0].name
-        autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" \
-            else contextlib.nullcontext
-        self.ctx = StepContext(nets=nets, plain=nets, cfg=cfg, info=info, mean_over_ranks=dist.mean_over_ranks,
-                               reuse_fake=True, autocast=autocast)
-        self.monitor = Monitor(cfg, cfg.run.dir, self.family, info, torch.device("cpu"), enabled=False)
-        self.agree = lambda ok: not dist.any_rank([not ok, False, False], "cpu")[0]  # the loop's agree
+        self.ctx, self.monitor, self.agree = loop_context(self.family, cfg, info, nets, precision)
 
     def stamped(self, phase):
         def fn(ctx, b, scratch):

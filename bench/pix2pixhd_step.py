@@ -93,6 +93,7 @@ sys.path.insert(0, str(REPO))  # runnable from a checkout
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from loop_iteration import Stamper  # noqa: E402
 from torch import nn  # noqa: E402
 
 from pipeline.data.device import float_image  # noqa: E402
@@ -469,28 +470,6 @@ def make_runner(key: str, cfg, info, G: nn.Module, D: nn.Module):
 
 
 # ============================================================================= children
-
-
-class Stamper:
-    """Process-CPU time per named section of an iteration."""
-
-    def __init__(self):
-        self.sections: dict[str, list[float]] = {}
-        self.last = time.process_time()
-        self.current: dict[str, float] = {}
-
-    def start(self) -> None:
-        self.current = {}
-        self.last = time.process_time()
-
-    def __call__(self, name: str) -> None:
-        now = time.process_time()
-        self.current[name] = self.current.get(name, 0.0) + now - self.last
-        self.last = now
-
-    def keep(self) -> None:
-        for k, v in self.current.items():
-            self.sections.setdefault(k, []).append(v)
 
 
 def child_measure(key: str, warmup: int, measure: int, profile: bool) -> dict:

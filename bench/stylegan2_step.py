@@ -57,7 +57,6 @@ from those weights: its loss terms, and the gradients it hands to Adam against t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import json
@@ -76,6 +75,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # runnable from a checkout; the official child imports nothing from it
 
 import torch  # noqa: E402
+from loop_iteration import loop_context, loop_engines  # noqa: E402
 from torch import nn  # noqa: E402
 
 RESULT_TAG = "RESULT "
@@ -305,40 +305,24 @@ class Ours:
     """The stylegan2 family through the loop's ``run_iteration``, one phase at a time (world size 1)."""
 
     def __init__(self, precision: str, ada: bool):
-        from pipeline import dist
         from pipeline.config import load_config
         from pipeline.families import get_family
         from pipeline.train.ema import make_ema
-        from pipeline.train.family import DataInfo, StepContext
-        from pipeline.train.loop import adam_kwargs
-        from pipeline.train.stats import Monitor
+        from pipeline.train.family import DataInfo
 
         self.cfg = cfg = load_config("stylegan2_demo", [*OURS_ARGS, *(ADA_ARGS if ada else ["model.aug=noaug"])])
         self.info = info = DataInfo("image", None, ("image",))
         self.family = get_family("stylegan2")
         torch.manual_seed(SEED)
         self.nets = nets = self.family.build(cfg, info)
-        self.engines = {}
-        for spec in self.family.optimizers(cfg):  # as loop.train (through dist.make_engine) makes them
-            modules = {name: nets[name] for name in spec.nets}
-            optimizer = torch.optim.Adam(spec.param_groups(modules), lr=spec.lr, betas=spec.betas,
-                                         **adam_kwargs(cfg.optim.adam))
-            for group in optimizer.param_groups:
-                group.setdefault("initial_lr", group["lr"])
-            self.engines[spec.name] = CapturingEngine(dist.DDPEngine(spec.name, modules, optimizer, None,
-                                                                     cfg.optim.grad_clip))
+        self.engines = loop_engines(self.family, cfg, nets, CapturingEngine)
         self.ema = {n.name: make_ema(nets[n.name]) for n in self.family.networks if n.ema}
         # every=1: the bench runs each phase once per round and weighs it by its interval afterwards
         self.phases = {p.name: dataclasses.replace(p, every=1) for p in self.family.phases(cfg)}
         if tuple(self.phases) != PHASES or any(p.every != INTERVALS[p.name] for p in self.family.phases(cfg)):
             raise RuntimeError(f"the family's phases changed: {self.family.phases(cfg)}")
         self.stream = self.family.streams(cfg, info, cfg.data.split)[0].name
-        autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" \
-            else contextlib.nullcontext
-        self.ctx = StepContext(nets=nets, plain=nets, cfg=cfg, info=info, mean_over_ranks=dist.mean_over_ranks,
-                               reuse_fake=True, autocast=autocast)
-        self.monitor = Monitor(cfg, cfg.run.dir, self.family, info, torch.device("cpu"), enabled=False)
-        self.agree = lambda ok: not dist.any_rank([not ok, False, False], "cpu")[0]  # the loop's agree
+        self.ctx, self.monitor, self.agree = loop_context(self.family, cfg, info, nets, precision)
         self.batch, self.refetch = None, True
         self.G, self.D = nets["G"], nets["D"]
 
