@@ -1,6 +1,7 @@
 """Faults that used to lose data, each injected: every checkpoint broken, a checkpoint that
 verifies but cannot be loaded, retention among broken checkpoints, a launcher killed under its
-ranks, two jobs on one run directory, a lease taken over, files unreadable to others."""
+ranks, two jobs on one run directory, a lease taken over, files unreadable to others, a
+preemption notice before torch is imported and after the run is done."""
 
 from __future__ import annotations
 
@@ -406,6 +407,68 @@ def test_sigterm_during_a_lease_wait_ends_the_job_at_once(demo_shards, tmp_path)
     assert "interrupted while waiting" in log.read_text().strip().splitlines()[-1]
     assert json.loads((run_dir / LEASE).read_text()) == lease
     assert sorted(p.name for p in run_dir.iterdir()) == [LEASE]
+
+
+
+def catches(pid: int, sig: int) -> bool:
+    """Whether the process has a handler for ``sig`` (its SigCgt mask in /proc)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(mask >> (sig - 1) & 1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads signal masks from /proc (Linux)")
+def test_a_notice_while_the_job_is_still_importing_is_kept_and_saved(demo_shards, tmp_path):
+    # A requeued job can be preempted again before its ranks have even imported torch; the batch
+    # script requeues only a job that saved, so a rank that died of that notice would end the run.
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(launch_cmd(1, [f"data.url={demo_shards}", f"run.dir={run_dir}", *ONE]),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(),
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while not catches(proc.pid, signal.SIGTERM):
+            assert proc.poll() is None and time.time() < deadline, "the trainer never handled SIGTERM"
+            time.sleep(0.005)
+        torch_loaded = "libtorch" in Path(f"/proc/{proc.pid}/maps").read_text()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert not torch_loaded, "the notice handler came only after torch was imported"
+    assert proc.returncode == 75, out[-4000:]
+    assert "preempted: saved at kimg" in out
+    marker = json.loads((run_dir / "PREEMPTED.json").read_text())
+    assert ckpt.latest(str(run_dir)).step == marker["step"] >= 1
+
+
+def test_a_notice_after_the_run_is_done_leaves_exit_code_0(demo_shards, tmp_path):
+    # SLURM's notice can come while a finished rank is closing down; Python gives back the default
+    # action (death) to handled signals as it exits, which once turned a finished run into -15.
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(launch_cmd(1, [f"data.url={demo_shards}", f"run.dir={run_dir}", "train.total_kimg=0.008",
+                                           *ONE]),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(),
+                            start_new_session=True)
+    lines, sent = [], 0
+    try:
+        deadline = time.time() + 240
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("gan-train: done"):
+                break
+            assert time.time() < deadline, "".join(lines[-50:])
+        while proc.poll() is None:  # notices until the process has gone
+            proc.send_signal(signal.SIGTERM)
+            sent += 1
+            time.sleep(0.002)
+        lines += proc.stdout.readlines()
+    finally:
+        proc.kill()
+    out = "".join(lines)
+    assert sent > 0 and "gan-train: done" in out, out[-4000:]
+    assert proc.returncode == 0, f"exit {proc.returncode} after {sent} notices\n{out[-4000:]}"
+    assert (run_dir / "DONE.json").exists() and not (run_dir / "PREEMPTED.json").exists()
 
 
 # ---------------------------------------------------------------- another world size

@@ -14,6 +14,7 @@ import traceback
 
 from .. import io
 from ..config import ConfigError, deepspeed_limits, launcher_precision, load_config, to_dict
+from .preemption import Preemption
 
 CONFIG_ERROR_PAUSE_S = 5.0  # how long a rank other than 0 waits for rank 0 to report a config error
 EXIT_PEER_FAILED = 7  # a collective failed or timed out because of another rank
@@ -69,6 +70,16 @@ def dry_run(cfg) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before anything slow, so that a notice during start-up is kept rather than fatal; and once
+    # the outcome is decided, notices are ignored so that the exit code stays the outcome's.
+    preemption = Preemption.listen()
+    try:
+        return _main(argv)
+    finally:
+        preemption.settle()
+
+
+def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="gan-train", description=__doc__)
     p.add_argument("--config", required=True, help="a shipped config's name, a .yaml path, or a run's config.json")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and network sizes")

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import pickle
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from . import checkpoint as ckpt
 from .ema import ema_beta, make_ema, update_ema
 from .family import DataInfo, Family, Phase, StepContext, Stream, default_init_from
 from .lease import RunDirBusy, RunLease
+from .preemption import Preemption, ignore_preemption_signals
 from .stats import Monitor, describe_run
 from .trackers import TrackerError
 
@@ -47,26 +47,6 @@ LOAD_ERRORS = (ckpt.CheckpointInvalid, pickle.UnpicklingError, RuntimeError, Val
                OSError, EOFError)
 PREEMPTED_MARKER = "PREEMPTED.json"
 DONE_MARKER = "DONE.json"  # the evaluator's signal that no more snapshots will come
-
-
-class Preemption:
-    """SIGTERM / SIGUSR1 (SLURM's notice) only set a flag; the loop acts at a step boundary."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.signal = signum
-
-
-def ignore_preemption_signals(worker_id: int) -> None:
-    """DataLoader worker init: SLURM signals every process of a job step, workers included; a
-    worker killed by SIGTERM would crash its rank before the rank could save. The rank's main
-    process decides, and ends its workers itself."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
 
 
 def native_bf16(device_type: str) -> bool:
@@ -185,9 +165,9 @@ def run_iteration(phases: tuple[Phase, ...], ctx: StepContext, engines: dict, fe
 
 
 def train(cfg: Config, command: str = "") -> int:
-    # First of all: a preemption notice that arrives during start-up must not kill the rank, and a
-    # rank must not outlive its launcher.
-    preemption = Preemption()
+    # First of all (if the entry point has not already): a preemption notice that arrives during
+    # start-up must not kill the rank, and a rank must not outlive its launcher.
+    preemption = Preemption.listen()
     dist.exit_with_launcher(EXIT_ORPHANED)
     # ------------------------------------------------------------ processes, devices, precision
     precision, why = resolve_precision(cfg.train.precision, "cuda" if torch.cuda.is_available() else "cpu")
