@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -330,6 +331,30 @@ def test_a_follower_stops_once_its_trainer_is_gone_after_evaluating_what_was_com
     assert [json.loads(line)["step"] for line in (run_dir / "eval" / "metrics.jsonl").read_text().splitlines()] \
         == [2, 4]
     assert not (run_dir / "eval" / "FINISHED.json").exists()
+
+
+
+def test_a_sigterm_while_a_finished_evaluator_exits_leaves_exit_code_0(trained_run, inception, tmp_path):
+    # SLURM's SIGTERM as the job ends can meet an evaluator that has finished and is exiting,
+    # when Python has given the default action (death) back to the signals it handled.
+    run_dir = copy_run(trained_run, tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, EVALUATE, "--run", str(run_dir), "--poll-sec", "0.2",
+                             "--inception-weights", inception, *FAST_EVAL],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), start_new_session=True)
+    finished, sent = run_dir / "eval" / "FINISHED.json", 0
+    try:
+        deadline = time.time() + 300
+        while not finished.exists():
+            assert proc.poll() is None and time.time() < deadline, f"exit {proc.returncode} before FINISHED.json"
+            time.sleep(0.01)
+        while proc.poll() is None:  # notices until the process has gone
+            proc.send_signal(signal.SIGTERM)
+            sent += 1
+            time.sleep(0.002)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, f"exit {proc.returncode} after {sent} SIGTERMs"
+    assert sent > 0
 
 
 def test_missing_inception_weights_says_how_to_get_them(trained_run, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -71,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    finally:
+        # Finished: a SIGTERM from now on (SLURM's, as the job ends) must leave the exit code as
+        # it is. The evaluator's own handler would not: Python gives back the default action,
+        # death, to the signals it handled as the interpreter exits; SIG_IGN survives that.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for name in ("botocore", "aiobotocore", "s3fs", "fsspec"):
