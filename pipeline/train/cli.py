@@ -98,10 +98,16 @@ def _main(argv: list[str] | None) -> int:
             cfg.model.check_files()
     except ConfigError as exc:
         if not _is_first_process():
-            # Rank 0 says it once, and when it exits the launcher stops this rank. Leaving first
-            # would let the launcher stop rank 0 before it has said anything; a rank that is still
-            # here after the pause (rank 0 elsewhere, on another node) says it too.
-            time.sleep(CONFIG_ERROR_PAUSE_S)
+            # Rank 0 says it once, and when it exits the launcher stops this rank (its SIGTERM,
+            # which this rank now only records, ends the pause silently). Leaving first would let
+            # the launcher stop rank 0 before it has said anything; a rank that is still here
+            # after the pause (rank 0 elsewhere, on another node) says it too.
+            notices = Preemption.listen()
+            deadline = time.monotonic() + CONFIG_ERROR_PAUSE_S
+            while notices.signal is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if notices.signal is not None:
+                return 2
         print(f"gan-train: config error: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
