@@ -99,7 +99,7 @@ def _main(argv: list[str] | None) -> int:
     except ConfigError as exc:
         if not _is_first_process():
             # Rank 0 says it once, and when it exits the launcher stops this rank (its SIGTERM,
-            # which this rank now only records, ends the pause silently). Leaving first would let
+            # recorded as a notice, ends the pause silently). Leaving first would let
             # the launcher stop rank 0 before it has said anything; a rank that is still here
             # after the pause (rank 0 elsewhere, on another node) says it too.
             notices = Preemption.listen()
