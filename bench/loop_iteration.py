@@ -371,6 +371,15 @@ def drive(args, script: str, title: str, config: str, variants: dict[str, Varian
     return 0
 
 
+def put_official_on_path(path: str, marker: str, how: str) -> None:
+    """Make an official implementation's export at ``path`` importable; if ``marker`` (a file
+    inside it) is missing, stop with ``how`` (how to make the export)."""
+    if not (Path(path) / marker).is_file():
+        raise SystemExit(f"--official {path}: no {marker} there. {how}")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+
 def load_official_state(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """An official state dict into ours, paired by order and shape (the names may differ)."""
     pairs = list(zip(state.items(), net.state_dict().items(), strict=True))

@@ -40,7 +40,6 @@ import contextlib
 import io
 import math
 import sys
-from pathlib import Path
 
 import loop_iteration
 import torch
@@ -51,6 +50,7 @@ from loop_iteration import (
     Variant,
     grad_rel,
     load_official_state,
+    put_official_on_path,
     stamp_forwards,
     stamp_optimizers,
 )
@@ -81,11 +81,8 @@ def make_batch(seed: int = SEED) -> dict:
 
 
 def import_official(path: str) -> None:
-    if not (Path(path) / "models" / "pix2pix_model.py").is_file():
-        raise SystemExit(f"--official {path}: no pytorch-CycleGAN-and-pix2pix export there. Make one with: mkdir -p "
+    put_official_on_path(path, "models/pix2pix_model.py", "Make a pytorch-CycleGAN-and-pix2pix export with: mkdir -p "
                          f"{path} && git -C <its git dir> archive HEAD models options util data | tar -x -C {path}")
-    if path not in sys.path:
-        sys.path.insert(0, path)
 
 
 class Official:

@@ -48,7 +48,6 @@ import io
 import math
 import sys
 import types
-from pathlib import Path
 
 import loop_iteration
 import torch
@@ -60,6 +59,7 @@ from loop_iteration import (
     Variant,
     grad_rel,
     load_official_state,
+    put_official_on_path,
     stamp_forwards,
     stamp_optimizers,
 )
@@ -114,11 +114,8 @@ def make_batch(seed: int = SEED) -> dict:
 
 def import_official(path: str) -> None:
     """Make the official modules importable from ``path``, with the two stubs of the docstring."""
-    if not (Path(path) / "trainers" / "pix2pix_trainer.py").is_file():
-        raise SystemExit(f"--official {path}: no NVlabs/SPADE export there. Make one with: mkdir -p {path} && "
+    put_official_on_path(path, "trainers/pix2pix_trainer.py", f"Make an NVlabs/SPADE export with: mkdir -p {path} && "
                          f"git -C <SPADE git dir> archive HEAD models options trainers util data | tar -x -C {path}")
-    if path not in sys.path:
-        sys.path.insert(0, path)
 
     def data_parallel(*args, **kwargs):
         raise RuntimeError("DataParallelWithCallback (GPUs only) is stubbed out in this benchmark")

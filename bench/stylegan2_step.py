@@ -75,7 +75,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # runnable from a checkout; the official child imports nothing from it
 
 import torch  # noqa: E402
-from loop_iteration import loop_context, loop_engines  # noqa: E402
+from loop_iteration import loop_context, loop_engines, put_official_on_path  # noqa: E402
 from torch import nn  # noqa: E402
 
 RESULT_TAG = "RESULT "
@@ -195,12 +195,9 @@ def count(net: nn.Module) -> int:
 
 
 def import_official(path: str) -> None:
-    if not (Path(path) / "training" / "loss.py").is_file():
-        raise SystemExit(f"--official {path}: no NVlabs/stylegan2-ada-pytorch there (training/loss.py). Unpack it "
-                         f"outside this repository, e.g. git clone https://github.com/NVlabs/stylegan2-ada-pytorch "
-                         f"{path}, or pass --official / set $SG2_OFFICIAL")
-    if path not in sys.path:
-        sys.path.insert(0, path)
+    put_official_on_path(path, "training/loss.py", "Unpack NVlabs/stylegan2-ada-pytorch outside this repository, "
+                         f"e.g. git clone https://github.com/NVlabs/stylegan2-ada-pytorch {path}, or pass --official "
+                         "/ set $SG2_OFFICIAL")
 
 
 class Official:
